@@ -1,0 +1,30 @@
+"""openalign: the ALIGN dual encoder (EfficientNet image tower + BERT text tower) in PyTorch."""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names and the module that defines each; imported on first use so `import openalign` stays cheap.
+_EXPORTS = {
+    "AlignConfig": "openalign.configs",
+    "AlignTextConfig": "openalign.configs",
+    "AlignVisionConfig": "openalign.configs",
+    "get_preset": "openalign.configs",
+    "AlignModel": "openalign.models.align",
+    "AlignTextModel": "openalign.models.bert",
+    "AlignVisionModel": "openalign.models.efficientnet",
+    "AlignProcessor": "openalign.processing.processor",
+    "CheckpointError": "openalign.errors",
+    "ConfigError": "openalign.errors",
+    "ImageLoadError": "openalign.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'openalign' has no attribute {name!r}")

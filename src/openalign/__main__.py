@@ -1,0 +1,5 @@
+import sys
+
+from openalign.cli import main
+
+sys.exit(main())

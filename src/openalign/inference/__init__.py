@@ -1,0 +1,1 @@
+"""Using a trained model: fast inference paths, embedding at scale, export."""

@@ -1,0 +1,1 @@
+"""From files and arrays to model inputs: image loading, image transforms, tokenizer, processor."""

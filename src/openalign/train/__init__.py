@@ -1,0 +1,1 @@
+"""Training: optimisers, schedules, gradient caching, checkpoints and the training loop."""
