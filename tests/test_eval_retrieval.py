@@ -1,0 +1,94 @@
+"""Retrieval metrics against a brute force: sort every candidate list, find the first correct one."""
+
+import numpy as np
+import pytest
+
+from openalign.eval.retrieval import RetrievalInputError, retrieval_metrics, retrieval_ranks
+
+
+def _reference_ranks(images, texts, text_to_image):
+    """Full score matrix; per query a sort that breaks ties in favour of correct candidates (optimistic)."""
+    scores = images.astype(np.float64) @ texts.astype(np.float64).T  # (N_images, N_texts)
+    image_ranks = []
+    for image_index in range(len(images)):
+        correct = text_to_image == image_index
+        # lexsort: last key is primary. Sort by descending score, then correct before wrong.
+        order = np.lexsort((~correct, -scores[image_index]))
+        image_ranks.append(1 + int(np.nonzero(correct[order])[0][0]))
+    text_ranks = []
+    for text_index in range(len(texts)):
+        correct = np.arange(len(images)) == text_to_image[text_index]
+        order = np.lexsort((~correct, -scores[:, text_index]))
+        text_ranks.append(1 + int(np.nonzero(correct[order])[0][0]))
+    return np.array(image_ranks), np.array(text_ranks)
+
+
+def _reference_recall(ranks, k):
+    return 100.0 * sum(rank <= k for rank in ranks) / len(ranks)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_ranks_match_brute_force_with_ties_and_multiple_captions(chunk_size):
+    rng = np.random.default_rng(0)
+    num_images, dim = 40, 3
+    # Small integer embeddings make exact ties common and dot products exact in float32.
+    images = rng.integers(-2, 3, size=(num_images, dim)).astype(np.float32)
+    captions_per_image = rng.integers(1, 6, size=num_images)  # 1 to 5 captions each
+    text_to_image = np.repeat(np.arange(num_images), captions_per_image)
+    rng.shuffle(text_to_image)
+    texts = rng.integers(-2, 3, size=(len(text_to_image), dim)).astype(np.float32)
+
+    image_ranks, text_ranks = retrieval_ranks(
+        images, texts, text_to_image, chunk_size=chunk_size, normalize=False
+    )
+    expected_image_ranks, expected_text_ranks = _reference_ranks(images, texts, text_to_image)
+    scores = images @ texts.T
+    assert (scores[:, :, None] == scores[:, None, :]).sum() > scores.size * 3  # the set really has many ties
+    np.testing.assert_array_equal(image_ranks, expected_image_ranks)
+    np.testing.assert_array_equal(text_ranks, expected_text_ranks)
+
+    metrics = retrieval_metrics(images, texts, text_to_image, chunk_size=chunk_size, normalize=False)
+    for k in (1, 5, 10):
+        assert metrics[f"image_to_text_r{k}"] == pytest.approx(_reference_recall(expected_image_ranks, k))
+        assert metrics[f"text_to_image_r{k}"] == pytest.approx(_reference_recall(expected_text_ranks, k))
+    assert metrics["image_to_text_median_rank"] == pytest.approx(np.median(expected_image_ranks))
+    assert metrics["text_to_image_mean_rank"] == pytest.approx(np.mean(expected_text_ranks))
+
+
+def test_random_float_embeddings_normalized_match_reference():
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((30, 16)).astype(np.float32)
+    text_to_image = np.repeat(np.arange(30), 5)
+    texts = (images[text_to_image] + 1.5 * rng.standard_normal((150, 16))).astype(np.float32)
+    image_ranks, text_ranks = retrieval_ranks(images, texts, text_to_image, chunk_size=8)
+    unit_images = images / np.linalg.norm(images, axis=1, keepdims=True)
+    unit_texts = texts / np.linalg.norm(texts, axis=1, keepdims=True)
+    expected_image_ranks, expected_text_ranks = _reference_ranks(unit_images, unit_texts, text_to_image)
+    np.testing.assert_array_equal(image_ranks, expected_image_ranks)
+    np.testing.assert_array_equal(text_ranks, expected_text_ranks)
+
+
+def test_tie_rule_is_optimistic():
+    # Every caption scores the same against every image: each query's correct answer ties with all others.
+    images = np.ones((3, 2), dtype=np.float32)
+    texts = np.ones((6, 2), dtype=np.float32)
+    text_to_image = np.array([0, 0, 1, 1, 2, 2])
+    image_ranks, text_ranks = retrieval_ranks(images, texts, text_to_image, normalize=False)
+    assert image_ranks.tolist() == [1, 1, 1]
+    assert text_ranks.tolist() == [1] * 6
+    # One wrong candidate strictly higher pushes the correct one to rank 2; a tie alongside it does not.
+    images = np.array([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    texts = np.array([[1.0, 0.0]] * 3, dtype=np.float32)
+    _, text_ranks = retrieval_ranks(images, texts, np.array([0, 1, 2]), normalize=False)
+    assert text_ranks.tolist() == [2, 1, 2]
+
+
+def test_bad_inputs_name_the_offender():
+    images = np.zeros((2, 4), dtype=np.float32)
+    texts = np.zeros((3, 4), dtype=np.float32)
+    with pytest.raises(RetrievalInputError, match="image 1 has no caption"):
+        retrieval_ranks(images, texts, np.array([0, 0, 0]))
+    with pytest.raises(RetrievalInputError, match="image index 5"):
+        retrieval_ranks(images, texts, np.array([0, 1, 5]))
+    with pytest.raises(RetrievalInputError, match="dim 3"):
+        retrieval_ranks(images, np.zeros((3, 3)), np.array([0, 1, 1]))
