@@ -62,7 +62,7 @@ class AlignImageProcessor:
 
     @classmethod
     def from_dict(cls, settings: dict) -> AlignImageProcessor:
-        """Build from a preprocessor_config.json dictionary; unknown keys (e.g. `image_processor_type`) are ignored."""
+        """Build from a preprocessor_config.json dictionary, ignoring keys that are not settings."""
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in settings.items() if key in names})
 
@@ -85,7 +85,8 @@ class AlignImageProcessor:
         shapes = {tuple(array.shape) for array in arrays}
         if len(shapes) > 1:
             raise ValueError(
-                f"processed images have different shapes {sorted(shapes)}; enable do_center_crop or a fixed size"
+                f"processed images have different shapes {sorted(shapes)}; "
+                "enable do_center_crop or use a fixed size"
             )
         return torch.stack(arrays)
 
@@ -135,7 +136,7 @@ class AlignImageProcessor:
 
 
 def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
-    """Crop (H, W, C) around the centre; a side smaller than the crop is zero padded, centred (ceil before)."""
+    """Crop (H, W, C) around the centre; a side shorter than the crop is zero padded (odd pixel before)."""
     height, width = pixels.shape[:2]
     top = (height - crop_height) // 2
     left = (width - crop_width) // 2
@@ -176,7 +177,9 @@ def _size_dict(size: Any, field_name: str) -> dict:
             return {"height": int(size["height"]), "width": int(size["width"])}
         if "shortest_edge" in size:
             return {"shortest_edge": int(size["shortest_edge"])}
-    raise ConfigError(f"{field_name} must be an int or hold 'height' and 'width' (or 'shortest_edge'), got {size}")
+    raise ConfigError(
+        f"{field_name} must be an int or hold 'height' and 'width' (or 'shortest_edge'), got {size}"
+    )
 
 
 def _per_channel(values: float | Sequence[float], field_name: str) -> list:

@@ -6,17 +6,17 @@ PIL image with EXIF orientation applied. Mode rules (transformers converts none 
 
 - RGB: unchanged. L and 1: grey replicated to three channels.
 - Anything with alpha (RGBA, LA, PA, RGBa, La) and P or L/RGB with a `transparency` entry: composited on a
-  WHITE background, because transparent regions of logos and product photos are meant to be seen on a page, and
-  dark line art on transparency disappears on black.
+  WHITE background, because transparent regions of logos and product photos are meant to be seen on a page,
+  and dark line art on transparency disappears on black.
 - CMYK, YCbCr, LAB, HSV: PIL's own `convert("RGB")` (CMYK uses PIL's naive formula, no ICC profile).
 - I;16 (all byte orders) and I: read as 16-bit intensities, clipped to [0, 65535] and divided by 257 with
   rounding (65535 -> 255).
 - F: values on the 0-1 scale when all lie in [0, 1], else on the 0-255 scale; clipped to [0, 255] and rounded.
 
-Arrays and tensors: uint8 as is; bool refused; other integers must lie in [0, 255] (uint16 is read as 16-bit as
-above); floats must be finite, and are read on the 0-1 scale when all lie in [0, 1] and on the 0-255 scale when
-all lie in [0, 255], else refused (an already normalised tensor is a bug, not an image). One channel is grey,
-two grey + alpha, three RGB, four RGBA.
+Arrays and tensors: uint8 as is; bool refused; other integers must lie in [0, 255] (uint16 is read as
+16-bit as above); floats must be finite, and are read on the 0-1 scale when all lie in [0, 1] and on the
+0-255 scale when all lie in [0, 255], else refused (an already normalised tensor is a bug, not an image).
+One channel is grey, two grey + alpha, three RGB, four RGBA.
 
 Files are opened lazily and their header size checked against `max_pixels` before any pixel is decoded, so a
 decompression bomb costs a few bytes of reading. Every failure is an `ImageLoadError` naming the source.
@@ -59,7 +59,9 @@ def describe_source(source: Any) -> str:
     return type(source).__name__
 
 
-def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_image(
+    source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
     """Load one image from any supported source as an RGB PIL image (rules in the module docstring).
 
     `max_pixels` (None for no limit) refuses images whose header declares more pixels, before decoding.
@@ -119,8 +121,10 @@ def batch_item_name(index: int, source: Any) -> str:
     return f"item {index} ({describe_source(source)})"
 
 
-def map_in_threads(function: Callable[[int, Any], Any], items: Sequence[Any], *, num_workers: int | None = None):
-    """`[function(i, item) for i, item in enumerate(items)]` on a thread pool; the first error is re-raised."""
+def map_in_threads(
+    function: Callable[[int, Any], Any], items: Sequence[Any], *, num_workers: int | None = None
+) -> list:
+    """`[function(i, item) for i, item in enumerate(items)]` on a thread pool, in order; errors re-raised."""
     num_workers = num_workers or os.cpu_count() or 1
     if num_workers <= 1 or len(items) <= 1:
         return [function(index, item) for index, item in enumerate(items)]
@@ -193,7 +197,7 @@ def _image_from_array(array: np.ndarray | torch.Tensor, label: str) -> Image.Ima
     if values.ndim == 3 and values.shape[-1] == 1:
         values = values[..., 0]
     if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[-1] not in (2, 3, 4)):
-        raise ImageLoadError(f"{label}: expected an image of shape (H, W), (H, W, C) or (C, H, W) with C <= 4")
+        raise ImageLoadError(f"{label}: expected an image of shape (H, W), (H, W, C) or (C, H, W), C <= 4")
     height, width = values.shape[:2]
     if height == 0 or width == 0:
         raise ImageLoadError(f"{label}: image has zero width or height ({width}x{height})")

@@ -1,7 +1,7 @@
 """BERT WordPiece text tokenizer on the Rust `tokenizers` library, and WordPiece vocabulary training.
 
-A folder is read from `tokenizer.json` when present, else built from `vocab.txt`; in both cases the lower-casing,
-accent stripping and Chinese-character settings of `tokenizer_config.json` win, as in transformers. Unlike
+A folder is read from `tokenizer.json` when present, else built from `vocab.txt`; in both cases the
+lower-casing, accent stripping and Chinese-character settings of `tokenizer_config.json` win. Unlike
 transformers, truncation to `max_length` is on by default, so one long caption cannot break a batch.
 """
 
@@ -50,7 +50,7 @@ class AlignTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | pathlib.Path, *, max_length: int = 64) -> AlignTokenizer:
-        """Load from a folder with `tokenizer.json` and/or `vocab.txt` (+ optional `tokenizer_config.json`)."""
+        """Load a folder holding `tokenizer.json` and/or `vocab.txt` (+ optional `tokenizer_config.json`)."""
         folder = pathlib.Path(folder)
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
@@ -86,9 +86,9 @@ class AlignTokenizer:
     ) -> dict[str, Any]:
         """Tokenize one text or a batch.
 
-        `padding`: "max_length" (pad to `max_length`, transformers' ALIGN default), "longest" / True (pad to the
-        longest in the batch), "do_not_pad" / False. `max_length` defaults to 64. With `return_tensors="pt"`
-        values are int64 tensors (B, T); with None, lists of lists.
+        `padding`: "max_length" (pad to `max_length`, transformers' ALIGN default), "longest" / True (pad
+        to the longest in the batch), "do_not_pad" / False. `max_length` defaults to 64. With
+        `return_tensors="pt"` values are int64 tensors (B, T); with None, lists of lists.
         """
         texts = validate_texts(text)
         max_length = self.max_length if max_length is None else int(max_length)
@@ -117,7 +117,8 @@ class AlignTokenizer:
             lengths = {len(ids) for ids in batch["input_ids"]}
             if len(lengths) > 1:
                 raise ValueError(
-                    f"texts have different token counts {sorted(lengths)}; use padding='longest' or 'max_length'"
+                    f"texts have different token counts {sorted(lengths)}; "
+                    "use padding='longest' or 'max_length'"
                 )
             return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
         if return_tensors is not None:
@@ -148,7 +149,7 @@ class AlignTokenizer:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
     def save(self, folder: str | pathlib.Path) -> None:
-        """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json (BERT layout)."""
+        """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json."""
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(folder / "tokenizer.json"))
@@ -177,7 +178,7 @@ class AlignTokenizer:
 
 
 def validate_texts(text: Any) -> list[str]:
-    """A single string or a non-empty list/tuple of strings as a list; anything else is a ValueError naming it."""
+    """One string or a non-empty list/tuple of strings, as a list; anything else is a ValueError naming it."""
     if isinstance(text, str):
         return [text]
     if not isinstance(text, (list, tuple)):
@@ -222,11 +223,13 @@ def train_wordpiece(
     """Train a BERT WordPiece vocabulary, as the ALIGN paper does on its own captions.
 
     `files_or_texts` is a text file path (one caption a line), a list of paths, or an iterator of captions.
-    When `out_dir` is given, the result is saved there in the folder layout both openalign and transformers load.
+    When `out_dir` is given, the result is saved there in a layout both openalign and transformers load.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
-    config = {**SPECIAL_TOKENS, "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True}
+    config = {
+        **SPECIAL_TOKENS, "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True
+    }
     tokenizer = Tokenizer(WordPiece(unk_token=config["unk_token"], max_input_chars_per_word=100))
     tokenizer.normalizer = _bert_normalizer(config)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
