@@ -1,0 +1,142 @@
+"""Caption text for the synthetic dataset: templates and synonyms for clean captions, and the kinds of noise
+real alt-text carries (boilerplate, junk tokens, too-short and too-long texts).
+
+Every clean caption names the colour and the shape of the object (through a synonym at most), so a model can
+learn both from the text. The canonical word is drawn most often, because evaluation prompts use it
+("a red circle")."""
+
+from __future__ import annotations
+
+import random
+
+# Canonical word first; it is drawn with probability CANONICAL_WEIGHT, the synonyms share the rest.
+COLOUR_WORDS = {
+    "red": ["red", "crimson", "scarlet"],
+    "green": ["green", "emerald", "grass-green"],
+    "blue": ["blue", "azure", "cobalt"],
+    "yellow": ["yellow", "golden", "lemon"],
+    "purple": ["purple", "violet", "plum"],
+    "orange": ["orange", "tangerine", "amber"],
+    "pink": ["pink", "rose", "magenta"],
+    "brown": ["brown", "chocolate", "chestnut"],
+}
+
+# (singular, plural) per synonym.
+SHAPE_WORDS = {
+    "circle": [("circle", "circles"), ("disc", "discs"), ("round shape", "round shapes")],
+    "square": [("square", "squares"), ("box", "boxes"), ("four-sided block", "four-sided blocks")],
+    "triangle": [("triangle", "triangles"), ("three-sided shape", "three-sided shapes")],
+    "star": [("star", "stars"), ("five-pointed star", "five-pointed stars")],
+    "cross": [("cross", "crosses"), ("plus sign", "plus signs")],
+    "hexagon": [("hexagon", "hexagons"), ("six-sided shape", "six-sided shapes")],
+}
+
+CANONICAL_WEIGHT = 0.6
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["medium", "mid-sized"],
+              "large": ["large", "big"]}
+BACKGROUND_WORDS = {"light": ["light grey", "white", "pale"], "mid": ["grey", "gray"],
+                    "dark": ["dark", "black"]}
+POSITION_WORDS = {
+    "center": "in the center", "left": "on the left", "right": "on the right",
+    "top": "at the top", "bottom": "at the bottom",
+}
+
+# {a} is the article fitted to the next word, {colour}/{shape} singular, {shapes} plural, {count} a number
+# word. Single-object templates; each is 3 to 20 words long once filled.
+SINGLE_TEMPLATES = [
+    "{a} {colour} {shape}",
+    "a photo of {a} {colour} {shape}",
+    "an image of {a} {colour} {shape}",
+    "a picture of {a} {colour} {shape} on a {background} background",
+    "{a} {size} {colour} {shape}",
+    "{a} {size} {colour} {shape} {position}",
+    "a drawing of {a} {colour} {shape} {position}",
+    "there is {a} {colour} {shape} on a {background} background",
+    "{a} {colour} {shape} drawn on a {background} background",
+    "close-up of {a} {colour} {shape}",
+    "a simple {colour} {shape} icon",
+    "a {shape} painted {colour}",
+    "illustration of {a} {size} {colour} {shape}",
+]
+MULTI_TEMPLATES = [
+    "{count} {colour} {shapes}",
+    "{count} {size} {colour} {shapes}",
+    "a photo of {count} {colour} {shapes}",
+    "{count} {colour} {shapes} on a {background} background",
+    "a group of {count} {colour} {shapes}",
+]
+
+# A small pool, so that each string is shared by many images (as the paper's caption-sharing rule expects).
+BOILERPLATE = [
+    "click to enlarge", "IMG_0423.jpg", "1920x1080", "image not found", "view larger image",
+    "stock photo royalty free", "DSC_1187.JPG", "no description available",
+]
+
+# Words that are common in real alt-text; long captions pad with them, so that only the length rule
+# (not the rare-token rule) catches a long caption.
+FILLER_WORDS = (
+    "best quality free shipping buy now online shop new high resolution wallpaper download hd "
+    "cheap sale discount premium design art vector graphic background template modern style"
+).split()
+
+JUNK_ALPHABET = "bcdfghjklmnpqrstvwxz0123456789"
+
+
+def article_for(word: str) -> str:
+    """'an' before a vowel sound (approximated by the first letter), 'a' otherwise."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def pick_synonym(rng: random.Random, words: list):
+    """The canonical (first) word with probability CANONICAL_WEIGHT, otherwise one of the others."""
+    if len(words) == 1 or rng.random() < CANONICAL_WEIGHT:
+        return words[0]
+    return rng.choice(words[1:])
+
+
+def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
+                  background: str) -> str:
+    """A caption that names the colour and shape of the image's objects (and sometimes count, size,
+    position or background)."""
+    colour_word = pick_synonym(rng, COLOUR_WORDS[colour])
+    singular, plural = pick_synonym(rng, SHAPE_WORDS[shape])
+    fields = {
+        "colour": colour_word, "shape": singular, "shapes": plural,
+        "count": COUNT_WORDS.get(count, str(count)), "size": rng.choice(SIZE_WORDS[size]),
+        "position": POSITION_WORDS[position], "background": rng.choice(BACKGROUND_WORDS[background]),
+    }
+    template = rng.choice(MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES)
+    # The article agrees with the word right after "{a}", which is the size or the colour word.
+    following = template.split("{a} ", 1)[1] if "{a} " in template else "{colour}"
+    next_word = following.split()[0].format(**fields)
+    return template.format(a=article_for(next_word), **fields)
+
+
+def boilerplate_caption(rng: random.Random) -> str:
+    """One of a small pool of strings that many images share."""
+    return rng.choice(BOILERPLATE)
+
+
+def junk_caption(rng: random.Random) -> str:
+    """Random letter-digit tokens (camera names, hashes, SEO spam): each token is rare in the corpus."""
+    number_of_tokens = rng.randint(3, 8)
+    return " ".join(
+        "".join(rng.choice(JUNK_ALPHABET) for _ in range(rng.randint(4, 9))) for _ in range(number_of_tokens)
+    )
+
+
+def short_caption(rng: random.Random, colour: str, shape: str) -> str:
+    """One or two words: under the paper's 3-unigram minimum."""
+    options = [colour, shape, f"{colour} {shape}", "image", "photo", "untitled picture"]
+    return rng.choice(options)
+
+
+def long_caption(rng: random.Random, base_caption: str) -> str:
+    """A clean caption padded with common filler words to 21-40 words: over the paper's 20-unigram
+    maximum, yet made only of frequent tokens."""
+    words = base_caption.split()
+    target = rng.randint(21, 40)
+    while len(words) < target:
+        words.append(rng.choice(FILLER_WORDS))
+    return " ".join(words)

@@ -1,0 +1,147 @@
+"""The synthetic dataset generator: determinism by seed, exact noise proportions, held-out pairs, ground truth."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from openalign.data import captions, sources
+from openalign.data.synth import NOISE_KINDS, SynthConfig, generate, heldout_pairs
+from openalign.errors import ConfigError
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by relative path."""
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """One dataset of 400 pairs with every noise kind at 5%, generated once for the module."""
+    out = tmp_path_factory.mktemp("synth")
+    config = SynthConfig(**{f"{kind}_rate": 0.05 for kind in NOISE_KINDS})
+    summary = generate(out, 400, config, seed=3, workers=1)
+    return out, config, summary
+
+
+def test_same_seed_gives_byte_identical_output_whatever_the_workers(tmp_path):
+    config = SynthConfig()
+    generate(tmp_path / "a", 1200, config, seed=7, workers=1, heldout_n=20)
+    generate(tmp_path / "b", 1200, config, seed=7, workers=2, heldout_n=20)  # 3 chunks over 2 processes
+    generate(tmp_path / "c", 1200, config, seed=8, workers=1, heldout_n=20)
+    first, second, other = (tree_digest(tmp_path / name) for name in "abc")
+    assert len(first) == 1200 + 20 + 3  # images, two manifests, dataset.json
+    assert first == second
+    changed = [name for name in first if first[name] != other.get(name)]
+    assert len(changed) > 1000  # a different seed changes nearly every image
+
+
+def test_noise_proportions_are_exact(generated):
+    out, config, summary = generated
+    rows = read_rows(out / "train" / "manifest.jsonl")
+    counts = Counter(row["noise"] for row in rows)
+    assert counts == {**{kind: 20 for kind in NOISE_KINDS}, "clean": 400 - 20 * len(NOISE_KINDS)}
+    assert summary["noise_counts"] == dict(counts)
+
+
+def test_noise_kinds_look_like_their_names(generated):
+    out, config, _ = generated
+    rows = read_rows(out / "train" / "manifest.jsonl")
+    words = {row["key"]: len(row["caption"].split()) for row in rows}
+    for row in rows:
+        with Image.open(out / "train" / row["image_path"]) as image:
+            assert image.size == (row["width"], row["height"])
+        short_side, long_side = sorted((row["width"], row["height"]))
+        if row["noise"] == "undersized":
+            assert long_side <= 0.6 * config.image_size
+        elif row["noise"] == "extreme_aspect":
+            assert short_side == config.image_size and long_side / short_side >= 3.2
+        else:
+            assert (row["width"], row["height"]) == (config.image_size, config.image_size), row
+        if row["noise"] == "short":
+            assert words[row["key"]] < 3
+        elif row["noise"] == "long":
+            assert words[row["key"]] > 20
+        elif row["noise"] == "boilerplate":
+            assert row["caption"] in captions.BOILERPLATE
+        elif row["noise"] == "junk":
+            assert all(re.fullmatch(f"[{captions.JUNK_ALPHABET}]+", token) for token in row["caption"].split())
+        elif row["noise"] in ("clean", "undersized", "extreme_aspect"):
+            assert 3 <= words[row["key"]] <= 20
+            assert names_pair(row["caption"], row["colour"], row["shape"]), row
+        elif row["noise"] == "mismatch":
+            assert not names_pair(row["caption"], row["colour"], row["shape"]), row
+
+
+def names_pair(caption: str, colour: str, shape: str) -> bool:
+    """Whether the caption names this colour (or a synonym) and this shape (or a synonym)."""
+    has_colour = any(re.search(rf"\b{word}\b", caption) for word in captions.COLOUR_WORDS[colour])
+    has_shape = any(re.search(rf"\b{singular}\b|\b{plural}\b", caption)
+                    for singular, plural in captions.SHAPE_WORDS[shape])
+    return has_colour and has_shape
+
+
+def test_heldout_pairs_never_appear_in_training_and_every_colour_and_shape_still_does(generated):
+    out, config, summary = generated
+    held = {tuple(pair) for pair in summary["heldout_pairs"]}
+    assert len(held) == config.num_heldout_pairs == 10
+    train_rows = read_rows(out / "train" / "manifest.jsonl")
+    heldout_rows = read_rows(out / "heldout" / "manifest.jsonl")
+    train_pairs = {(row["colour"], row["shape"]) for row in train_rows}
+    assert not train_pairs & held
+    assert {colour for colour, _ in train_pairs} == set(config.colours)
+    assert {shape for _, shape in train_pairs} == set(config.shapes)
+    assert {(row["colour"], row["shape"]) for row in heldout_rows} == held
+    assert len(heldout_rows) == 40 and {row["noise"] for row in heldout_rows} == {"clean"}
+    assert {row["split"] for row in heldout_rows} == {"heldout"}
+    # Mismatched captions describe training pairs only: no held-out combination leaks through the text.
+    for row in train_rows:
+        for colour, shape in held:
+            assert not names_pair(row["caption"], colour, shape) or row["noise"] != "mismatch"
+
+
+def test_heldout_pairs_depend_on_heldout_seed_only():
+    config = SynthConfig()
+    assert heldout_pairs(config) == heldout_pairs(SynthConfig())
+    assert heldout_pairs(config) != heldout_pairs(SynthConfig(heldout_seed=1))
+    per_colour = Counter(colour for colour, _ in heldout_pairs(config))
+    assert max(per_colour.values()) <= 2
+
+
+def test_manifest_reads_back_through_sources(generated):
+    out, _, _ = generated
+    records = list(sources.iter_records(out / "heldout" / "manifest.jsonl"))
+    assert len(records) == 40
+    assert records[0].image_path.is_file() and records[0].extra["split"] == "heldout"
+
+
+def test_shards_hold_the_same_records(tmp_path):
+    generate(tmp_path, 30, SynthConfig(), seed=1, heldout_n=10, shards=True, samples_per_shard=16,
+             manifest_format="parquet")
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [
+        "heldout-00000.tar", "train-00000.tar", "train-00001.tar"]
+    manifest = list(sources.iter_records(tmp_path / "train" / "manifest.parquet"))
+    sharded = list(sources.iter_records(str(tmp_path / "shards" / "train-{00000..00001}.tar")))
+    assert [r.caption for r in sharded] == [r.caption for r in manifest]
+    assert [r.image_bytes for r in sharded] == [r.open_image_bytes() for r in manifest]
+    assert [r.extra["noise"] for r in sharded] == [r.extra["noise"] for r in manifest]
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ConfigError, match="junk_rate"):
+        SynthConfig(junk_rate=1.5).validate()
+    with pytest.raises(ConfigError, match="'teal'"):
+        SynthConfig(colours=("red", "teal")).validate()
+    with pytest.raises(ConfigError, match="sum"):
+        SynthConfig(mismatch_rate=0.6, junk_rate=0.6).validate()
