@@ -1,0 +1,151 @@
+"""Zero-shot classification: class embeddings from prompt-template ensembles, then nearest class.
+
+Written against plain embeddings and an `encode_texts(list[str]) -> (N, D)` callable, so any text tower
+(AlignModel.get_text_features behind a tokenizer, or a test double) can build the classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openalign.errors import OpenAlignError
+from openalign.eval.templates import check_templates
+
+
+class ZeroShotInputError(OpenAlignError, ValueError):
+    """Labels, embeddings or the classifier have inconsistent shapes or values."""
+
+
+def _as_float_tensor(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach().float()
+    return torch.as_tensor(np.asarray(array), dtype=torch.float32)
+
+
+@torch.no_grad()
+def build_classifier(
+    encode_texts: Callable[[list[str]], torch.Tensor], labels: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """Class embeddings (C, D): per class, the mean of its L2-normalised prompt embeddings, renormalised.
+
+    Each class's prompts (one per template) are encoded in one call, so a batch holds len(templates) texts.
+    """
+    templates = check_templates(templates)
+    if not labels:
+        raise ZeroShotInputError("labels is empty: a classifier needs at least one class")
+    class_embeddings = []
+    for label in labels:
+        prompts = [template.format(label) for template in templates]
+        embeddings = _as_float_tensor(encode_texts(prompts))  # (T, D)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
+            raise ZeroShotInputError(
+                f"encode_texts returned shape {tuple(embeddings.shape)} "
+                f"for {len(prompts)} prompts of {label!r}"
+            )
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        class_embeddings.append(torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1))
+    return torch.stack(class_embeddings)
+
+
+def class_logits(image_embeds, classifier, temperature: float | None = None) -> torch.Tensor:
+    """Cosine similarity of each (normalised) image to each class, divided by temperature where given."""
+    images = torch.nn.functional.normalize(_as_float_tensor(image_embeds), dim=-1)
+    classes = _as_float_tensor(classifier)
+    if images.ndim != 2 or classes.ndim != 2 or images.shape[1] != classes.shape[1]:
+        raise ZeroShotInputError(
+            f"image_embeds {tuple(images.shape)} and classifier {tuple(classes.shape)} "
+            "must be 2-d with equal D"
+        )
+    logits = images @ classes.T  # (N, C)
+    return logits / temperature if temperature is not None else logits
+
+
+def classify(image_embeds, classifier, k: int = 5, temperature: float | None = None):
+    """Top-k classes per image, best first: (indices (N, k) int64, probabilities (N, k) float32).
+
+    Probabilities are the softmax over all classes of logits / temperature (temperature 1 when not given);
+    k is clipped to the number of classes.
+    """
+    logits = class_logits(image_embeds, classifier, temperature)
+    probabilities = logits.softmax(dim=-1)
+    top_probabilities, top_indices = probabilities.topk(min(k, logits.shape[1]), dim=-1)
+    return top_indices.numpy(), top_probabilities.numpy()
+
+
+def evaluate_zero_shot(image_embeds, labels_true, classifier, *, chunk_size: int = 4096) -> dict:
+    """Top-1 / top-5 accuracy (percent), per-class top-1 accuracy and the confusion matrix.
+
+    The confusion matrix is (C, C) int64 with rows the true class and columns the predicted class.
+    Per-class accuracy is NaN for a class with no test image.
+    """
+    labels_true = np.asarray(labels_true, dtype=np.int64)
+    images = _as_float_tensor(image_embeds)
+    num_classes = int(_as_float_tensor(classifier).shape[0])
+    if labels_true.shape != (images.shape[0],):
+        raise ZeroShotInputError(f"labels_true has shape {labels_true.shape}, expected ({images.shape[0]},)")
+    if len(labels_true) and (labels_true.min() < 0 or labels_true.max() >= num_classes):
+        bad = labels_true[(labels_true < 0) | (labels_true >= num_classes)][0]
+        raise ZeroShotInputError(f"labels_true holds class {bad}, outside [0, {num_classes})")
+
+    top_predictions = np.empty((len(labels_true), min(5, num_classes)), dtype=np.int64)
+    for start in range(0, len(labels_true), chunk_size):
+        logits = class_logits(images[start : start + chunk_size], classifier)
+        top_predictions[start : start + chunk_size] = logits.topk(
+            top_predictions.shape[1], dim=-1
+        ).indices.numpy()
+
+    hits = top_predictions == labels_true[:, None]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels_true, top_predictions[:, 0]), 1)
+    per_class_total = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = 100.0 * np.diag(confusion) / per_class_total
+    return {
+        "top1": float(100.0 * hits[:, 0].mean()) if len(hits) else float("nan"),
+        "top5": float(100.0 * hits.any(axis=1).mean()) if len(hits) else float("nan"),
+        "num_images": int(len(labels_true)),
+        "num_classes": num_classes,
+        "per_class_accuracy": per_class.tolist(),
+        "confusion_matrix": confusion,
+    }
+
+
+def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, normalize: bool = True) -> Path:
+    """Write the confusion matrix as a PNG heat map (rows true, columns predicted) and return its path.
+
+    Rows are normalised to fractions of each true class when normalize is set. Class names are drawn on the
+    axes only up to 50 classes, beyond which they would overlap.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
+        raise ZeroShotInputError(
+            f"confusion matrix of shape {matrix.shape} does not fit {len(labels)} labels"
+        )
+    if normalize:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            matrix = np.nan_to_num(matrix / matrix.sum(axis=1, keepdims=True))
+    size = min(4 + 0.25 * len(labels), 20)
+    figure, axes = plt.subplots(figsize=(size, size))
+    image = axes.imshow(matrix, cmap="Blues", interpolation="nearest")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    if len(labels) <= 50:
+        ticks = np.arange(len(labels))
+        axes.set_xticks(ticks, labels=list(labels), rotation=90)
+        axes.set_yticks(ticks, labels=list(labels))
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
