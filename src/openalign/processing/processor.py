@@ -1,0 +1,162 @@
+"""`AlignProcessor`: images and captions to model inputs, loaded from and saved to transformers' folder layouts.
+
+Folders read: the hub layout of kakaobrain/align-base (flat `preprocessor_config.json`, `vocab.txt` and/or
+`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) and the one transformers 5 writes
+(`processor_config.json` with the image settings nested under "image_processor", `tokenizer.json`,
+`tokenizer_config.json`). `save_pretrained` writes the hub layout, which transformers 4 and 5 both load.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import warnings
+from typing import Any
+
+import torch
+
+from openalign.errors import ConfigError
+from openalign.processing.image_processor import AlignImageProcessor
+from openalign.processing.tokenizer import AlignTokenizer
+
+PROCESSOR_FILES = [
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+]
+
+
+class BatchEncoding(dict):
+    """A dict of tensors that also allows attribute access (`batch.pixel_values`) and `.to(device)`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no {name!r} in this batch (keys: {sorted(self)})") from None
+
+    def to(self, device: str | torch.device) -> BatchEncoding:
+        """Move every tensor to `device`."""
+        return BatchEncoding(
+            {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in self.items()}
+        )
+
+
+class AlignProcessor:
+    """Preprocesses images (`AlignImageProcessor`) and text (`AlignTokenizer`) for `AlignModel`."""
+
+    def __init__(self, tokenizer: AlignTokenizer, image_processor: AlignImageProcessor | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or AlignImageProcessor()
+
+    @classmethod
+    def from_pretrained(
+        cls, folder_or_hub_id: str | pathlib.Path, *, revision: str | None = None, **image_settings: Any
+    ) -> AlignProcessor:
+        """Load from a local folder (either layout) or a hub id such as "kakaobrain/align-base".
+
+        Hub ids are fetched with `huggingface_hub.snapshot_download`, processor files only. Keyword arguments
+        override image settings (e.g. `max_pixels=...`, `num_workers=4`).
+        """
+        folder = pathlib.Path(folder_or_hub_id)
+        if not folder.is_dir():
+            folder = _download(str(folder_or_hub_id), revision)
+        settings = read_image_settings(folder)
+        if settings is None:
+            warnings.warn(
+                f"{folder}: no processor_config.json or preprocessor_config.json; using align-base image settings",
+                stacklevel=2,
+            )
+            settings = {}
+        image_processor = AlignImageProcessor.from_dict({**settings, **image_settings})
+        return cls(AlignTokenizer.from_pretrained(folder), image_processor)
+
+    def save_pretrained(self, folder: str | pathlib.Path) -> None:
+        """Write preprocessor_config.json and the tokenizer files; openalign and transformers both load it."""
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(folder)
+        settings = {**self.image_processor.to_dict(), "processor_class": "AlignProcessor"}
+        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+        (folder / "preprocessor_config.json").write_text(text, encoding="utf-8")
+        # A stale transformers-5 file would take precedence over what we just wrote.
+        stale = folder / "processor_config.json"
+        if stale.is_file():
+            stale.unlink()
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        *,
+        padding: bool | str = "max_length",
+        max_length: int | None = None,
+        truncation: bool = True,
+        return_tensors: str | None = "pt",
+    ) -> BatchEncoding:
+        """Images -> `pixel_values` (B, 3, H, W) float32; text -> `input_ids`, `token_type_ids`,
+        `attention_mask` (B, T) int64. Either or both may be given; text options are `AlignTokenizer`'s."""
+        if images is None and text is None:
+            raise ValueError("AlignProcessor needs images, text or both; got neither")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        batch = BatchEncoding()
+        if text is not None:
+            batch.update(
+                self.tokenizer(
+                    text,
+                    padding=padding,
+                    max_length=max_length,
+                    truncation=truncation,
+                    return_tensors=return_tensors,
+                )
+            )
+        if images is not None:
+            batch["pixel_values"] = self.image_processor(images)
+        return batch
+
+    def decode(self, token_ids: Any, *, skip_special_tokens: bool = True) -> str:
+        """Token ids back to text (see `AlignTokenizer.decode`)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = True) -> list[str]:
+        """Each row of token ids back to text."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+def read_image_settings(folder: str | pathlib.Path) -> dict | None:
+    """Image settings of a processor folder, from either layout; None when the folder has neither file."""
+    folder = pathlib.Path(folder)
+    nested = folder / "processor_config.json"
+    if nested.is_file():
+        content = _read_json(nested)
+        if isinstance(content.get("image_processor"), dict):
+            return content["image_processor"]
+    flat = folder / "preprocessor_config.json"
+    if flat.is_file():
+        return _read_json(flat)
+    return None
+
+
+def _download(hub_id: str, revision: str | None) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise ConfigError(f"{hub_id} is not a folder, and huggingface_hub is not installed") from error
+    try:
+        return pathlib.Path(snapshot_download(hub_id, revision=revision, allow_patterns=PROCESSOR_FILES))
+    except Exception as error:
+        raise ConfigError(f"{hub_id}: not a local folder, and the hub download failed ({error})") from error
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read JSON ({error})") from error
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return content
