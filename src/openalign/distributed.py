@@ -1,0 +1,247 @@
+"""torch.distributed helpers: process-group setup, feature gathering with gradient, model wrapping.
+
+Where the world_size factor goes: ``all_gather_with_grad`` sums the gathered tensor's gradients over ranks in
+its backward, so each rank's features receive the gradient of the *sum* of all ranks' local losses, i.e.
+world_size times the gradient of their mean (the global loss). DDP and FSDP then *average* parameter gradients
+over ranks, which divides by world_size again: the optimiser sees exactly the gradient of the single-process
+loss over the global batch. Nothing has to be rescaled by hand; scalars outside the wrapped model (a loss that
+owns its temperature) only receive their rank's local gradient, so ``average_gradients`` them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from openalign.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Where this process sits: world size, global rank, rank on its node, and its device."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+
+    def __iter__(self):
+        return iter((self.world_size, self.rank, self.local_rank, self.device))
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> WorldInfo:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Backend: nccl when CUDA is available, gloo otherwise, unless given. Each rank takes cuda:LOCAL_RANK.
+    Without torchrun's variables (a plain ``python train.py``) this joins nothing and returns world size 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not _is_distributed():
+        from datetime import timedelta
+
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+        if backend == "nccl" and not use_cuda:
+            raise ConfigError("backend 'nccl' needs CUDA, and no CUDA device is visible")
+        dist.init_process_group(
+            backend=backend,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    return world_info()
+
+
+def world_info() -> WorldInfo:
+    """World size, rank, local rank and device of this process; (1, 0, 0, cpu/cuda) when not distributed."""
+    if not _is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        return WorldInfo(1, 0, 0, device or torch.device("cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    uses_cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if uses_cuda else torch.device("cpu")
+    return WorldInfo(dist.get_world_size(), dist.get_rank(), local_rank, device)
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and when not distributed): the process that logs and writes files."""
+    return world_info().rank == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if _is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: Any, source_rank: int = 0) -> Any:
+    """Return rank ``source_rank``'s ``value`` on every rank (any picklable object)."""
+    if not _is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source_rank)
+    return holder[0]
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if _is_distributed():
+        dist.destroy_process_group()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; backward hands each rank the sum of all ranks' gradients
+    for its own slice, since every rank's loss may depend on it."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.batch_size = rank, tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)  # (W * B, ...)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        # all_reduce + slice rather than reduce_scatter: gloo has no reduce_scatter.
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.batch_size
+        return grad[start : start + ctx.batch_size]
+
+
+def _check_equal_batches(tensor: torch.Tensor) -> None:
+    sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    all_sizes = [int(size) for size in all_sizes]
+    if len(set(all_sizes)) != 1:
+        raise ValueError(f"every rank must hold the same batch size to gather features, got {all_sizes}")
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' (B, ...) tensors concatenated to (world_size * B, ...), differentiable.
+
+    The backward sums the gradients of all ranks (see the module docstring for the world_size factor).
+    Every rank must hold the same B; this is checked and a mismatch raises ValueError naming the sizes.
+    Returns the tensor itself in a single process.
+    """
+    if not _is_distributed() or dist.get_world_size() == 1:
+        return tensor
+    _check_equal_batches(tensor)
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def _all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.detach().contiguous())
+    # Keep the local slice in the graph, so each rank still gets the gradient of its own loss terms.
+    gathered[dist.get_rank()] = tensor
+    return torch.cat(gathered, dim=0)
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    gather_with_grad: bool = True,
+    local_loss: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text features (B, D) of this rank -> those of the global batch (N, D), in rank order.
+
+    ``gather_with_grad=True`` is exact: DDP's averaged gradients equal the single-process gradients of the loss
+    over the global batch, with ``local_loss`` either way. Without it only the local slice carries gradient,
+    which drops the terms other ranks' losses contribute (and, for a full N x N loss, scales the gradient by
+    1/world_size): cheaper, not exact. ``local_loss`` is accepted so callers can pass their loss config
+    through; the gathered tensors are the same either way. Returns the inputs in a single process.
+    """
+    del local_loss  # only changes how the caller uses the result
+    if not _is_distributed() or dist.get_world_size() == 1:
+        return image_features, text_features
+    if gather_with_grad:
+        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+    _check_equal_batches(image_features)
+    return _all_gather_no_grad(image_features), _all_gather_no_grad(text_features)
+
+
+def average_gradients(parameters: Iterable[torch.Tensor]) -> None:
+    """Average ``.grad`` over ranks in place, for parameters no DDP/FSDP wrapper reduces (a loss's own
+    temperature); a no-op in a single process and for parameters without a gradient."""
+    if not _is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad.div_(world_size)
+
+
+def wrap_model(
+    model: nn.Module,
+    strategy: str = "ddp",
+    sync_batchnorm: bool = False,
+    find_unused_parameters: bool = False,
+    shard_modules: Iterable[nn.Module] | None = None,
+    **ddp_kwargs: Any,
+) -> nn.Module:
+    """Wrap a model for data parallelism: "ddp" (default), "fsdp" (FSDP2 ``fully_shard``) or "none".
+
+    In a single process every strategy returns the model unchanged (after the BatchNorm conversion).
+    BatchNorm: per-replica statistics by default, as the ALIGN paper; ``sync_batchnorm=True`` converts to
+    ``nn.SyncBatchNorm``, whose training-mode forward PyTorch implements only on GPU (CUDA/XPU): on CPU/gloo it
+    raises ValueError at the first forward, so CPU runs keep per-replica statistics.
+    DDP keeps its defaults (``broadcast_buffers=True``: BatchNorm running statistics follow rank 0).
+    FSDP2: ``fully_shard`` is applied to each module of ``shard_modules`` (e.g. the two towers, or their
+    blocks; default: every direct child that holds parameters), then to the root; 0-d parameters stay
+    replicated, their gradients averaged by a hook (FSDP2 cannot shard them). DDP and FSDP2 both average
+    gradients over ranks; see the module docstring for why that gives the global-batch gradient.
+    """
+    if strategy not in ("ddp", "fsdp", "none"):
+        raise ConfigError(f"strategy must be 'ddp', 'fsdp' or 'none', got {strategy!r}")
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if strategy == "none" or not _is_distributed():
+        return model
+    if strategy == "ddp":
+        device = world_info().device
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **ddp_kwargs
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    if shard_modules is None:
+        shard_modules = [child for child in model.children() if any(True for _ in child.parameters())]
+    # FSDP2 refuses 0-d parameters (the temperature): keep them replicated and average their gradients in a
+    # hook, which is linear, so accumulating over several backward passes stays correct.
+    scalars = {parameter for parameter in model.parameters() if parameter.ndim == 0}
+    for module in shard_modules:
+        fully_shard(module, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+    for parameter in scalars:
+        parameter.register_post_accumulate_grad_hook(_average_gradient_hook)
+    return model
+
+
+def _average_gradient_hook(parameter: torch.Tensor) -> None:
+    dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+    parameter.grad.div_(dist.get_world_size())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 shards in place, so its model is already the module)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,207 @@
+"""Contrastive losses for dual encoders: ALIGN (default), CLIP-style and SigLIP.
+
+Every loss takes the *local* batch of image and text embeddings (B, D), unnormalised or not, and the
+learnable scalars as arguments, so the model can own them (``AlignModel.temperature``). A loss built with
+``*_init`` values owns its scalars instead; with several processes their gradients then have to be averaged
+by hand (``openalign.distributed.average_gradients``), since they live outside the DDP-wrapped model.
+
+Under ``torch.distributed`` the negatives come from the global batch (N = world_size * B). With
+``local_loss=True`` each rank scores its B rows against the N gathered columns (memory B x N): the mean of the
+ranks' losses is the single-process loss over the global batch, and with ``gather_with_grad=True`` the DDP
+average of the ranks' gradients is its gradient (see ``openalign.distributed.all_gather_with_grad``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openalign.distributed import all_gather_with_grad, gather_features, world_info
+from openalign.errors import ConfigError
+
+
+def normalize(embeds: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dimension without an epsilon, as ALIGN does (a zero vector gives NaN)."""
+    return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+def _owned_scalar(init: float | None) -> nn.Parameter | None:
+    return None if init is None else nn.Parameter(torch.tensor(float(init)))
+
+
+def _pick(argument: torch.Tensor | None, owned: nn.Parameter | None, name: str) -> torch.Tensor:
+    if argument is not None:
+        return argument
+    if owned is None:
+        raise ValueError(f"no {name} given: pass it to forward() or build the loss with {name}_init")
+    return owned
+
+
+class _SoftmaxContrastiveLoss(nn.Module):
+    """Symmetric cross-entropy over scaled cosine similarities; subclasses say how the scale is made."""
+
+    def __init__(self, label_smoothing: float, gather_with_grad: bool, local_loss: bool, normalize: bool):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
+        self.normalize = normalize
+        self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def labels(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """Targets: row i of the local batch matches column rank * B + i of the gathered batch."""
+        info = world_info()
+        world_size, rank = info.world_size, info.rank
+        offset = rank * num_rows if (world_size > 1 and self.local_loss) else 0
+        key = (device, num_rows, offset)
+        if key not in self._labels:  # one small tensor per shape, not one per step
+            self._labels[key] = torch.arange(num_rows, device=device) + offset
+        return self._labels[key]
+
+    def logits(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits_per_image, logits_per_text), each (B, N) with local loss or (N, N) without."""
+        if self.normalize:
+            image_embeds, text_embeds = normalize(image_embeds), normalize(text_embeds)
+        if world_info().world_size == 1:
+            logits_per_text = scale * text_embeds @ image_embeds.T  # (B, B)
+            return logits_per_text.T, logits_per_text
+        all_image, all_text = gather_features(
+            image_embeds, text_embeds, gather_with_grad=self.gather_with_grad, local_loss=self.local_loss
+        )  # (N, D) each
+        if self.local_loss:
+            return scale * image_embeds @ all_text.T, scale * text_embeds @ all_image.T  # (B, N) each
+        logits_per_text = scale * all_text @ all_image.T  # (N, N)
+        return logits_per_text.T, logits_per_text
+
+    def loss_from_scale(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean of the image->text and text->image cross-entropies, targets on the (offset) diagonal."""
+        logits_per_image, logits_per_text = self.logits(image_embeds, text_embeds, scale)
+        labels = self.labels(logits_per_image.shape[0], logits_per_image.device)
+        loss_image = F.cross_entropy(logits_per_image, labels, label_smoothing=self.label_smoothing)
+        loss_text = F.cross_entropy(logits_per_text, labels, label_smoothing=self.label_smoothing)
+        return (loss_image + loss_text) / 2
+
+
+class AlignLoss(_SoftmaxContrastiveLoss):
+    """ALIGN's loss: similarities divided by a raw (unclamped) temperature, label smoothing 0.1.
+
+    Call as ``loss(image_embeds, text_embeds, model.temperature)``; ``temperature_init`` (ALIGN: 1.0) makes the
+    loss own the temperature instead.
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        gather_with_grad: bool = True,
+        local_loss: bool = True,
+        normalize: bool = True,
+        temperature_init: float | None = None,
+    ):
+        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize)
+        self.temperature = _owned_scalar(temperature_init)
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of the local batch (B, D) against the global one; a 0-d tensor."""
+        temperature = _pick(temperature, self.temperature, "temperature")
+        return self.loss_from_scale(image_embeds, text_embeds, 1.0 / temperature)
+
+
+class ClipLoss(_SoftmaxContrastiveLoss):
+    """CLIP's loss: scale = exp(logit_scale), capped at ``max_scale`` (100), no label smoothing by default.
+
+    The cap is applied in the forward, so the logits never exceed it; a parameter that an optimiser step pushed
+    past the cap gets no gradient, so call ``clamp_()`` after each step, as CLIP does, to keep it learnable.
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        gather_with_grad: bool = True,
+        local_loss: bool = True,
+        normalize: bool = True,
+        logit_scale_init: float | None = None,
+        max_scale: float = 100.0,
+    ):
+        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize)
+        if max_scale <= 0:
+            raise ConfigError(f"max_scale must be positive, got {max_scale}")
+        self.max_log_scale = math.log(max_scale)
+        self.logit_scale = _owned_scalar(logit_scale_init)
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of the local batch (B, D) against the global one; a 0-d tensor."""
+        logit_scale = _pick(logit_scale, self.logit_scale, "logit_scale")
+        return self.loss_from_scale(image_embeds, text_embeds, logit_scale.clamp(max=self.max_log_scale).exp())
+
+    @torch.no_grad()
+    def clamp_(self, logit_scale: torch.Tensor | None = None) -> None:
+        """Clamp the log-scale parameter in place to [0, log(max_scale)]."""
+        _pick(logit_scale, self.logit_scale, "logit_scale").clamp_(0.0, self.max_log_scale)
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP: a sigmoid loss on every (image, text) pair, positives on the diagonal.
+
+    loss = -1/N * sum_ij log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias)), z = +1 on the
+    diagonal, -1 elsewhere; N the global batch. By default the loss owns logit_scale (init log 10) and
+    logit_bias (init -10), as in the SigLIP paper; pass ``None`` inits to take them as forward arguments.
+    Distributed: each rank scores its B images against all N texts gathered with gradient, so the ranks'
+    losses average to the global value (each pair is counted on exactly one rank).
+    """
+
+    def __init__(
+        self,
+        logit_scale_init: float | None = math.log(10.0),
+        logit_bias_init: float | None = -10.0,
+        normalize: bool = True,
+    ):
+        super().__init__()
+        self.normalize = normalize
+        self.logit_scale = _owned_scalar(logit_scale_init)
+        self.logit_bias = _owned_scalar(logit_bias_init)
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of the local images (B, D) against all texts; a 0-d tensor."""
+        logit_scale = _pick(logit_scale, self.logit_scale, "logit_scale")
+        logit_bias = _pick(logit_bias, self.logit_bias, "logit_bias")
+        if self.normalize:
+            image_embeds, text_embeds = normalize(image_embeds), normalize(text_embeds)
+        info = world_info()
+        world_size, rank = info.world_size, info.rank
+        batch_size = image_embeds.shape[0]
+        if world_size > 1:
+            # Images stay local: the pairs (local image, any text) partition the N x N grid across ranks.
+            text_embeds = all_gather_with_grad(text_embeds)  # (N, D)
+        logits = logit_scale.exp() * image_embeds @ text_embeds.T + logit_bias  # (B, N)
+        signs = -torch.ones_like(logits)
+        signs.diagonal(offset=rank * batch_size if world_size > 1 else 0).fill_(1.0)
+        return -F.logsigmoid(signs * logits).sum() / batch_size
+
+
+LOSSES = {"align": AlignLoss, "clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def build_loss(kind: str = "align", **kwargs) -> nn.Module:
+    """Build a loss by name: "align" (default), "clip" or "siglip"; kwargs go to its constructor."""
+    if kind not in LOSSES:
+        raise ConfigError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[kind](**kwargs)
