@@ -1,0 +1,365 @@
+"""Embedding at scale: stream items through an encoder into a folder of fixed-size parts.
+
+Layout of an embedding folder (kind is "image" or "text"; a run with kind "both" writes both):
+
+    embed_config.json          part_size and kinds; a resumed run must use the same ones
+    part-00000.image.npy       (n, D) float16, L2-normalised, one row per item that loaded
+    part-00000.parquet         index (global item number), source, caption, width, height per row
+    part-00000.skipped.json    items of the part that could not be loaded, with the reason
+    part-00000.done            commit marker, written last
+    summary.json               count, dim, parts and every skipped item, written once all parts are done
+
+Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
+rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
+is independent of the number of ranks. Every file goes to a temporary name and is renamed into place; the
+.done marker is renamed last, so a part without it is redone from scratch after a crash and a part with it
+is skipped. Only one part's embeddings are ever held in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from openalign.errors import ImageLoadError, OpenAlignError
+
+KINDS = ("image", "text")
+METADATA_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+
+class EmbeddingFolderError(OpenAlignError, ValueError):
+    """An embedding folder is incomplete, inconsistent with the requested run, or holds a malformed part."""
+
+
+def part_name(part_index: int) -> str:
+    """File stem of a part: part-00042."""
+    return f"part-{part_index:05d}"
+
+
+def _describe(item, kinds=("image",)) -> dict:
+    """Normalise an item to {source, caption, image}.
+
+    A plain string is the caption when only texts are embedded and an image path otherwise; a mapping names
+    its fields ("source" or "key", "caption" or "text", "image").
+    """
+    if isinstance(item, Mapping):
+        source = item.get("source", item.get("key"))
+        return {
+            "source": None if source is None else str(source),
+            "caption": item.get("caption", item.get("text")),
+            "image": item.get("image"),
+        }
+    if isinstance(item, str) and tuple(kinds) == ("text",):
+        return {"source": None, "caption": item, "image": None}
+    if isinstance(item, (str, os.PathLike)):
+        return {"source": str(item), "caption": None, "image": None}
+    raise EmbeddingFolderError(f"item {item!r} is neither a path nor a mapping with source / caption / image")
+
+
+def load_image(source, image=None):
+    """Open an image as RGB PIL, from a path or from bytes / a PIL image already at hand.
+
+    Raises ImageLoadError naming the source when it cannot be read or decoded.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        if isinstance(image, Image.Image):
+            opened = image
+        elif isinstance(image, (bytes, bytearray)):
+            opened = Image.open(io.BytesIO(image))
+        else:
+            opened = Image.open(source)
+        # Decode now (PIL is lazy) so truncated files fail here, where the item can be skipped.
+        opened.load()
+        return ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageLoadError(f"cannot load image {source}: {error}") from error
+
+
+def _load(kinds, item, index, image_loader):
+    """Metadata row plus the payload for each kind; ImageLoadError / missing captions propagate to the caller."""
+    described = _describe(item, kinds)
+    row = {"index": index, "source": described["source"], "caption": described["caption"]}
+    row["width"] = row["height"] = None
+    payloads = {}
+    if "text" in kinds:
+        if not isinstance(described["caption"], str):
+            raise ImageLoadError(f"item {index} ({described['source']}) has no caption text to embed")
+        payloads["text"] = described["caption"]
+    if "image" in kinds:
+        image = image_loader(described["source"], described["image"])
+        row["width"], row["height"] = image.size
+        payloads["image"] = image
+    return row, payloads
+
+
+def _encode(encoder, payloads) -> np.ndarray:
+    """Encode one batch, L2-normalise in float32, return float16 (B, D)."""
+    with torch.no_grad():
+        embeddings = encoder(payloads)
+    embeddings = torch.as_tensor(embeddings).detach().float().cpu()
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(payloads):
+        raise EmbeddingFolderError(
+            f"encoder returned shape {tuple(embeddings.shape)} for a batch of {len(payloads)} items"
+        )
+    return torch.nn.functional.normalize(embeddings, dim=-1).numpy().astype(np.float16)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda temporary: temporary.write_bytes(data))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
+    _atomic_write(path, write)
+
+
+def _embed_part(items, first_index, kinds, encoders, image_loader, batch_size, progress_bar):
+    """Load and encode one part's items. Returns (embeddings per kind, metadata rows, skipped items)."""
+    rows, skipped = [], []
+    chunks = {kind: [] for kind in kinds}
+    for batch_start in range(0, len(items), batch_size):
+        batch_rows, batch_payloads = [], {kind: [] for kind in kinds}
+        for offset, item in enumerate(items[batch_start : batch_start + batch_size]):
+            index = first_index + batch_start + offset
+            try:
+                row, payloads = _load(kinds, item, index, image_loader)
+            except ImageLoadError as error:
+                skipped.append({"index": index, "source": _describe(item, kinds)["source"], "error": str(error)})
+                continue
+            batch_rows.append(row)
+            for kind in kinds:
+                batch_payloads[kind].append(payloads[kind])
+        if batch_rows:
+            for kind in kinds:
+                chunks[kind].append(_encode(encoders[kind], batch_payloads[kind]))
+            rows.extend(batch_rows)
+        if progress_bar is not None:
+            progress_bar.update(min(batch_size, len(items) - batch_start))
+    embeddings = {
+        kind: np.concatenate(chunks[kind]) if chunks[kind] else np.zeros((0, 0), dtype=np.float16) for kind in kinds
+    }
+    return embeddings, rows, skipped
+
+
+def _write_part(out_dir: Path, part_index: int, embeddings, rows, skipped) -> None:
+    stem = part_name(part_index)
+    for kind, array in embeddings.items():
+        _write_npy(out_dir / f"{stem}.{kind}.npy", array)
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    _atomic_write(out_dir / f"{stem}.parquet", lambda temporary: pq.write_table(table, temporary))
+    _write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
+    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in embeddings.items()}}
+    _write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
+
+
+def _check_config(out_dir: Path, config: dict) -> None:
+    """Write embed_config.json, or check that a resumed run uses the same part size and kinds."""
+    path = out_dir / "embed_config.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != config:
+            raise EmbeddingFolderError(
+                f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
+            )
+        return
+    try:
+        # O_EXCL: when several ranks start together exactly one creates the file.
+        with open(path, "x") as handle:
+            handle.write(json.dumps(config, sort_keys=True))
+    except FileExistsError:
+        _check_config(out_dir, config)
+
+
+def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
+    """Merge the parts' markers into summary.json once all num_parts parts are done; None while some are not.
+
+    The summary depends only on the part files, so whichever rank writes it writes the same bytes.
+    """
+    out_dir = Path(out_dir)
+    config = json.loads((out_dir / "embed_config.json").read_text())
+    parts, skipped, count, dims = [], [], 0, {}
+    for part_index in range(num_parts):
+        marker = out_dir / f"{part_name(part_index)}.done"
+        if not marker.exists():
+            return None
+        done = json.loads(marker.read_text())
+        parts.append({"name": part_name(part_index), "count": done["count"], "skipped": done["skipped"]})
+        count += done["count"]
+        dims.update({kind: dim for kind, dim in done["dims"].items() if done["count"]})
+        skipped.extend(json.loads((out_dir / f"{part_name(part_index)}.skipped.json").read_text()))
+    summary = {
+        "kinds": config["kinds"],
+        "part_size": config["part_size"],
+        "count": count,
+        "dims": dims,
+        "dtype": "float16",
+        "num_parts": num_parts,
+        "num_skipped": len(skipped),
+        "parts": parts,
+        "skipped": skipped,
+    }
+    _write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def distributed_rank_and_world_size() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else from torchrun's RANK / WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def embed_to_folder(
+    items: Iterable,
+    encode_batch: Callable | Mapping[str, Callable],
+    out_dir: str | Path,
+    *,
+    kind: str = "image",
+    part_size: int = 10_000,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    image_loader: Callable = load_image,
+    progress: bool = True,
+) -> dict | None:
+    """Embed items into out_dir as described in the module docstring; returns the summary or None.
+
+    items: paths (image sources) or mappings with "source" (or "key"), "caption" (or "text") and optionally
+    "image" (bytes or a PIL image, e.g. from a WebDataset shard). encode_batch: a callable taking a list of
+    RGB PIL images (kind "image") or strings (kind "text") and returning (B, D); for kind "both" a mapping
+    {"image": callable, "text": callable}. An item whose image_loader raises ImageLoadError (or that lacks a
+    caption when texts are embedded) is skipped and listed. The summary is returned by the rank that finds
+    every part done at its end (rank 0 under torch.distributed, after a barrier); other ranks return None.
+    """
+    kinds = KINDS if kind == "both" else (kind,)
+    if kind not in KINDS + ("both",):
+        raise EmbeddingFolderError(f"kind {kind!r} is not one of image, text, both")
+    encoders = dict(encode_batch) if isinstance(encode_batch, Mapping) else {kinds[0]: encode_batch}
+    if set(encoders) != set(kinds) or (kind == "both") != isinstance(encode_batch, Mapping):
+        raise EmbeddingFolderError(
+            f"kind {kind!r} needs " + ("a mapping {'image': ..., 'text': ...}" if kind == "both" else "one callable")
+        )
+    if not 0 <= rank < world_size:
+        raise EmbeddingFolderError(f"rank {rank} is outside world_size {world_size}")
+    if part_size < 1 or batch_size < 1:
+        raise EmbeddingFolderError(f"part_size {part_size} and batch_size {batch_size} must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size})
+
+    progress_bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        # Rank 0 counts only its own items; items/s times world_size is the job's rate.
+        progress_bar = tqdm(unit="item", desc=f"embed rank 0/{world_size}", dynamic_ncols=True)
+    iterator = iter(items)
+    num_parts = 0
+    for part_index in itertools.count():
+        # Every rank walks the whole item stream (cheap: items are descriptions, not decoded images) so the
+        # global numbering agrees; only its own unfinished parts are loaded and encoded.
+        part_items = list(itertools.islice(iterator, part_size))
+        if not part_items:
+            break
+        num_parts = part_index + 1
+        if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
+            continue
+        embeddings, rows, skipped = _embed_part(
+            part_items, part_index * part_size, kinds, encoders, image_loader, batch_size, progress_bar
+        )
+        _write_part(out_dir, part_index, embeddings, rows, skipped)
+    if progress_bar is not None:
+        progress_bar.close()
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        return write_summary(out_dir, num_parts) if rank == 0 else None
+    return write_summary(out_dir, num_parts)
+
+
+def _resolve_kind(out_dir: Path, summary: dict, kind: str | None) -> str:
+    if kind is None:
+        if len(summary["kinds"]) != 1:
+            raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings: pass kind=")
+        return summary["kinds"][0]
+    if kind not in summary["kinds"]:
+        raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings, not {kind!r}")
+    return kind
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    """summary.json of a finished embedding folder; the error says which parts are missing otherwise."""
+    out_dir = Path(out_dir)
+    path = out_dir / "summary.json"
+    if not path.exists():
+        unfinished = sorted(p.name for p in out_dir.glob("part-*.parquet") if not p.with_suffix(".done").exists())
+        raise EmbeddingFolderError(
+            f"{path} does not exist: the embedding run has not finished"
+            + (f" (parts without a .done marker: {', '.join(unfinished[:5])})" if unfinished else "")
+        )
+    return json.loads(path.read_text())
+
+
+def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
+    """Yield (embeddings (n, D) float16 memory-mapped, metadata pyarrow.Table) for each non-empty part."""
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    kind = _resolve_kind(out_dir, summary, kind)
+    for part in summary["parts"]:
+        if part["count"] == 0:
+            continue
+        embeddings = np.load(out_dir / f"{part['name']}.{kind}.npy", mmap_mode="r")
+        metadata = pq.read_table(out_dir / f"{part['name']}.parquet")
+        if embeddings.shape[0] != metadata.num_rows or embeddings.shape[0] != part["count"]:
+            raise EmbeddingFolderError(
+                f"{out_dir / part['name']}: {embeddings.shape[0]} embeddings, {metadata.num_rows} metadata rows, "
+                f"summary says {part['count']}"
+            )
+        yield embeddings, metadata
+
+
+def read_embedding_folder(out_dir: str | Path, kind: str | None = None):
+    """All embeddings of a finished folder as one (N, D) float16 array, plus the metadata pyarrow.Table.
+
+    kind may be left out when the folder holds one kind. Use iter_embedding_parts to stream instead.
+    """
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    kind = _resolve_kind(out_dir, summary, kind)
+    dim = summary["dims"].get(kind, 0)
+    embeddings = np.empty((summary["count"], dim), dtype=np.float16)
+    tables, filled = [], 0
+    for part_embeddings, metadata in iter_embedding_parts(out_dir, kind):
+        embeddings[filled : filled + len(part_embeddings)] = part_embeddings
+        filled += len(part_embeddings)
+        tables.append(metadata)
+    metadata = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+    return embeddings, metadata

@@ -1,0 +1,164 @@
+"""The embedding writer: layout, skipped items, resume after a crash, and sharding across ranks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openalign.inference.embed import (
+    EmbeddingFolderError,
+    embed_to_folder,
+    iter_embedding_parts,
+    read_embedding_folder,
+    read_summary,
+)
+
+
+def _make_images(folder, count=23, broken=(4, 17)):
+    """count small PNGs of distinct colours and sizes, some replaced by undecodable bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"image-{index:03d}.png"
+        if index in broken:
+            path.write_bytes(b"not an image at all")
+        else:
+            colour = (index * 10 % 256, index * 37 % 256, index * 91 % 256)
+            Image.new("RGB", (8 + index, 5 + index % 3), colour).save(path)
+        paths.append(path)
+    return paths
+
+
+class _ImageEncoder:
+    """Mean colour and size of each image as a 5-d feature; records the sizes it saw and can crash on call n."""
+
+    def __init__(self, crash_on_call=None):
+        self.calls = 0
+        self.crash_on_call = crash_on_call
+        self.seen = []
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == self.crash_on_call:
+            raise KeyboardInterrupt("simulated crash")
+        rows = []
+        for image in images:
+            pixels = np.asarray(image, dtype=np.float32)
+            rows.append([*pixels.mean(axis=(0, 1)), image.size[0], image.size[1]])
+            self.seen.append(image.size)
+        return torch.tensor(rows)
+
+
+def _folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_layout_metadata_and_skipped_items(tmp_path):
+    paths = _make_images(tmp_path / "images")
+    summary = embed_to_folder(paths, _ImageEncoder(), tmp_path / "out", part_size=10, batch_size=4, progress=False)
+    assert summary["count"] == 21 and summary["num_parts"] == 3 and summary["num_skipped"] == 2
+    assert [s["index"] for s in summary["skipped"]] == [4, 17]
+    assert "image-004.png" in summary["skipped"][0]["error"]
+    assert [part["count"] for part in summary["parts"]] == [9, 9, 3]
+    assert read_summary(tmp_path / "out") == summary
+
+    embeddings, metadata = read_embedding_folder(tmp_path / "out")
+    assert embeddings.dtype == np.float16 and embeddings.shape == (21, 5)
+    kept = [index for index in range(23) if index not in (4, 17)]
+    assert metadata.column("index").to_pylist() == kept
+    assert metadata.column("source").to_pylist() == [str(paths[index]) for index in kept]
+    assert metadata.column("width").to_pylist() == [8 + index for index in kept]
+    assert metadata.column("height").to_pylist() == [5 + index % 3 for index in kept]
+    # Oracle: the same features computed directly, normalised in float64.
+    for row, index in enumerate(kept):
+        colour = np.array([index * 10 % 256, index * 37 % 256, index * 91 % 256, 8 + index, 5 + index % 3], float)
+        np.testing.assert_allclose(embeddings[row], colour / np.linalg.norm(colour), atol=1e-3)
+    assert sum(len(part) for part, _ in iter_embedding_parts(tmp_path / "out")) == 21
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path):
+    paths = _make_images(tmp_path / "images")
+    embed_to_folder(paths, _ImageEncoder(), tmp_path / "straight", part_size=5, batch_size=2, progress=False)
+
+    # Crash in the middle of part 2 (parts 0 and 1 take 3 calls each; item 4 is unreadable).
+    crashing = _ImageEncoder(crash_on_call=8)
+    with pytest.raises(KeyboardInterrupt):
+        embed_to_folder(paths, crashing, tmp_path / "resumed", part_size=5, batch_size=2, progress=False)
+    done = sorted(path.name for path in (tmp_path / "resumed").glob("*.done"))
+    assert done == ["part-00000.done", "part-00001.done"]
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    with pytest.raises(EmbeddingFolderError, match="has not finished"):
+        read_summary(tmp_path / "resumed")
+    # A torn write of part 2 left behind by the crash must not survive the resume.
+    (tmp_path / "resumed" / "part-00002.image.npy").write_bytes(b"torn")
+    (tmp_path / "resumed" / "part-00002.parquet.tmp").write_bytes(b"torn")
+
+    resuming = _ImageEncoder()
+    embed_to_folder(paths, resuming, tmp_path / "resumed", part_size=5, batch_size=2, progress=False)
+    assert len(resuming.seen) == 21 - 9  # the 9 readable items of parts 0-1 were not encoded again
+    assert _folder_bytes(tmp_path / "resumed") == _folder_bytes(tmp_path / "straight")
+
+
+def test_two_ranks_embed_every_item_exactly_once(tmp_path):
+    paths = _make_images(tmp_path / "images", count=31, broken=(12,))
+    embed_to_folder(paths, _ImageEncoder(), tmp_path / "single", part_size=4, batch_size=3, progress=False)
+    encoders = [_ImageEncoder(), _ImageEncoder()]
+    assert (
+        embed_to_folder(
+            paths, encoders[0], tmp_path / "sharded", part_size=4, rank=0, world_size=2, batch_size=3, progress=False
+        )
+        is None
+    )  # rank 1's parts are not done yet, so rank 0 cannot write the summary
+    summary = embed_to_folder(
+        paths, encoders[1], tmp_path / "sharded", part_size=4, rank=1, world_size=2, batch_size=3, progress=False
+    )
+    seen = encoders[0].seen + encoders[1].seen
+    assert len(seen) == 30 and len(set(seen)) == 30  # every readable item once (sizes are unique)
+    # Rank 0 owns parts 0, 2, 4, 6 (16 items); rank 1 owns 1, 3, 5, 7 (15 items, item 12 unreadable).
+    assert len(encoders[0].seen) == 16 and len(encoders[1].seen) == 14
+    assert summary["count"] == 30 and summary["num_parts"] == 8
+    assert _folder_bytes(tmp_path / "sharded") == _folder_bytes(tmp_path / "single")
+
+
+def test_texts_and_both_kinds(tmp_path):
+    images = _make_images(tmp_path / "images", count=6, broken=(2,))
+    captions = [f"caption number {index}" for index in range(6)]
+    items = [{"source": str(path), "caption": caption} for path, caption in zip(images, captions)]
+    items[4]["caption"] = None  # no text: skipped when texts are embedded
+
+    def encode_texts(texts):
+        return torch.tensor([[len(text), text.count("u") + 1.0, float(text[-1])] for text in texts])
+
+    summary = embed_to_folder(
+        items,
+        {"image": _ImageEncoder(), "text": encode_texts},
+        tmp_path / "both",
+        kind="both",
+        part_size=4,
+        progress=False,
+    )
+    assert summary["dims"] == {"image": 5, "text": 3} and summary["count"] == 4
+    assert [s["index"] for s in summary["skipped"]] == [2, 4]
+    text_embeddings, metadata = read_embedding_folder(tmp_path / "both", kind="text")
+    image_embeddings, _ = read_embedding_folder(tmp_path / "both", kind="image")
+    assert text_embeddings.shape == (4, 3) and image_embeddings.shape == (4, 5)
+    assert metadata.column("caption").to_pylist() == [captions[i] for i in (0, 1, 3, 5)]
+    np.testing.assert_allclose(np.linalg.norm(text_embeddings.astype(np.float32), axis=1), 1.0, atol=1e-3)
+    with pytest.raises(EmbeddingFolderError, match="pass kind="):
+        read_embedding_folder(tmp_path / "both")
+
+    only_texts = embed_to_folder(captions, encode_texts, tmp_path / "texts", kind="text", progress=False)
+    assert only_texts["count"] == 6 and only_texts["dims"] == {"text": 3}
+    summary_on_disk = json.loads((tmp_path / "texts" / "summary.json").read_text())
+    assert summary_on_disk == only_texts
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    paths = _make_images(tmp_path / "images", count=3, broken=())
+    embed_to_folder(paths, _ImageEncoder(), tmp_path / "out", part_size=2, progress=False)
+    with pytest.raises(EmbeddingFolderError, match="embed_config.json"):
+        embed_to_folder(paths, _ImageEncoder(), tmp_path / "out", part_size=3, progress=False)
+    with pytest.raises(EmbeddingFolderError, match="rank 2"):
+        embed_to_folder(paths, _ImageEncoder(), tmp_path / "other", rank=2, world_size=2, progress=False)
