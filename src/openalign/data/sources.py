@@ -247,17 +247,14 @@ def iter_shard(url: str) -> Iterator[Record]:
     read raises DataError naming it, after the samples read so far have been yielded.
     """
     process = None
-    if url.startswith("pipe:"):
-        command = url[len("pipe:"):]
-        process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stream = tarfile.open(fileobj=process.stdout, mode="r|*")
-    else:
-        try:
-            stream = tarfile.open(url, mode="r|*")
-        except (OSError, tarfile.TarError) as error:
-            raise DataError(f"shard {url} cannot be opened: {error}") from error
     current_key, members = None, {}
     try:
+        if url.startswith("pipe:"):
+            command = url[len("pipe:"):]
+            process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stream = tarfile.open(fileobj=process.stdout, mode="r|*")
+        else:
+            stream = tarfile.open(url, mode="r|*")
         with stream:
             for member in stream:
                 if not member.isfile():
@@ -269,9 +266,13 @@ def iter_shard(url: str) -> Iterator[Record]:
                     current_key, members = key, {}
                 handle = stream.extractfile(member)
                 members[extension] = handle.read() if handle is not None else b""
+            # tarfile ends quietly at a short or missing header; a complete tar ends with a full zero block.
+            if stream.fileobj.pos - stream.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("archive ends without its end-of-archive blocks")
     except (OSError, tarfile.TarError, EOFError) as error:
-        raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
-            from error
+        if process is None or process.poll() in (None, 0):
+            raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
+                from error
     finally:
         if process is not None:
             process.stdout.close()
