@@ -1,0 +1,345 @@
+"""The training configuration: nested dataclasses read from YAML/TOML, overridable field by field.
+
+Every value, from a file or the command line, is coerced to its field's declared type, so `--optim.lr 1e-3`
+and `lr: 1e-3` in YAML (which YAML 1.1 reads as a string) both give a float. Unknown sections and keys are
+errors naming the key; the resolved configuration is what `save` writes into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openalign.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: TOML configs need 3.11; YAML works everywhere
+    tomllib = None
+
+
+@dataclass
+class ModelSection:
+    """What to train: a preset or config.json, optionally started from checkpoints, towers frozen or not."""
+
+    preset: str = "tiny"
+    config: str | None = None  # a config.json (or a folder holding one); overrides `preset`
+    init_from: str | None = None  # an ALIGN checkpoint folder for the whole model
+    text_init: str | None = None  # an ALIGN checkpoint or a plain BERT folder, for the text tower only
+    vision_init: str | None = None  # an ALIGN checkpoint, for the image tower only
+    freeze_text: bool = False
+    freeze_vision: bool = False
+    temperature_init: float | None = None  # overrides the config's temperature_init_value (ALIGN: 1.0)
+    gradient_checkpointing: str = "none"  # none | text | vision | both
+    residual_gain: float = 0.2  # trainable_init's gain on residual branches, for towers trained from scratch
+
+
+@dataclass
+class DataSection:
+    """Where pairs come from and how they are turned into tensors."""
+
+    train: str = ""  # a manifest, an image folder or a WebDataset shard spec
+    val: str | None = None  # held-out pairs for validation (a manifest or shards)
+    tokenizer: str = ""  # a folder with tokenizer.json or vocab.txt
+    image_size: int | None = None  # the crop; default: the model config's image_size
+    resize: int | None = None  # the square resize before the crop; default: image_size * 346 / 289
+    flip: bool | str = "auto"  # True, False or "auto" (no flip when the caption says left/right)
+    max_length: int = 64
+    num_workers: int = 0
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    epoch_size: int | None = None
+    val_max_samples: int = 1000
+
+
+@dataclass
+class OptimSection:
+    """Optimiser, schedule, batch and gradient handling."""
+
+    name: str = "lamb"  # lamb | adamw
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    schedule: str = "linear"  # linear | cosine | constant (after the warmup)
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    batch_size: int = 32  # per process; the global batch is batch_size * world_size
+    accumulation: int = 1  # micro-batches per step, exact through feature caching when > 1
+
+
+@dataclass
+class LossSection:
+    """The contrastive loss; negatives come from the global batch under torch.distributed."""
+
+    name: str = "align"  # align | clip | siglip
+    label_smoothing: float = 0.1
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+
+@dataclass
+class RunSection:
+    """Where the run lives and how it is watched, saved and guarded."""
+
+    out_dir: str = "runs/align"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler, CUDA only)
+    channels_last: bool | str = "auto"  # memory format of the image tower; auto: on for CPU
+    compile: bool = False
+    ema_decay: float | None = None
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    val_every: int = 0  # 0: validate only at the end (when a val set is given)
+    log_every: int = 10
+    nan_policy: str = "halt"  # halt | skip
+    max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
+    progress: bool = True
+    tensorboard: bool = True  # used when the tensorboard package is importable
+    plots: bool = True
+
+
+@dataclass
+class DistributedSection:
+    """How several processes share the work (only used under torchrun)."""
+
+    strategy: str = "ddp"  # ddp | fsdp
+    sync_batchnorm: bool = False
+    backend: str | None = None  # default: nccl on GPU, gloo on CPU
+
+
+CHOICES = {
+    "model.gradient_checkpointing": ("none", "text", "vision", "both"),
+    "data.flip": (True, False, "auto"),
+    "optim.name": ("lamb", "adamw"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+    "loss.name": ("align", "clip", "siglip"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.dtype": ("fp32", "bf16", "fp16"),
+    "run.channels_last": (True, False, "auto"),
+    "run.nan_policy": ("halt", "skip"),
+    "distributed.strategy": ("ddp", "fsdp"),
+}
+POSITIVE = ("data.max_length", "optim.lr", "optim.total_steps", "optim.batch_size", "optim.accumulation",
+            "run.checkpoint_every", "run.keep_last", "run.log_every")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `openalign train` builds one from a file plus overrides."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    run: RunSection = field(default_factory=RunSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first field whose value cannot work; return self."""
+        for key, choices in CHOICES.items():
+            value = self.get(key)
+            if not any(value is choice or (value == choice and type(value) is type(choice)) for choice in choices):
+                raise ConfigError(f"{key} = {value!r} is invalid; choose one of {list(choices)}")
+        for key in POSITIVE:
+            if not self.get(key) > 0:
+                raise ConfigError(f"{key} = {self.get(key)!r} must be positive")
+        if self.optim.warmup_steps < 0 or self.run.val_every < 0:
+            raise ConfigError("optim.warmup_steps and run.val_every must not be negative")
+        if self.optim.batch_size % self.optim.accumulation:
+            raise ConfigError(f"optim.batch_size = {self.optim.batch_size} does not split into "
+                              f"optim.accumulation = {self.optim.accumulation} equal micro-batches")
+        if self.run.ema_decay is not None and not 0.0 < self.run.ema_decay < 1.0:
+            raise ConfigError(f"run.ema_decay = {self.run.ema_decay} must lie in (0, 1)")
+        if self.model.freeze_text and self.model.freeze_vision:
+            raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
+        return self
+
+    def get(self, key: str) -> Any:
+        """A value by its dotted name, e.g. `get("optim.lr")`."""
+        section, name = _split_key(key)
+        return getattr(getattr(self, section), name)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a value by its dotted name, coerced to the field's type (a string is parsed as YAML first)."""
+        section, name = _split_key(key)
+        target = getattr(self, section)
+        setattr(target, name, _coerce(value, _field_types(type(target))[name], key))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (tuples as lists), as written to config.yaml."""
+        out = {}
+        for section in dataclasses.fields(self):
+            values = dataclasses.asdict(getattr(self, section.name))
+            out[section.name] = {key: list(value) if isinstance(value, tuple) else value
+                                 for key, value in values.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a nested dict; an unknown section or key is a ConfigError naming it and `source`."""
+        config = cls()
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+        for section, entries in values.items():
+            if section not in _section_names():
+                raise ConfigError(f"{source}: unknown section {section!r}; known: {sorted(_section_names())}")
+            if not isinstance(entries, dict):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping, got {entries!r}")
+            for name, value in entries.items():
+                config.set(f"{section}.{name}", value)
+        return config
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved configuration as YAML."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then `base` (a recipe dict), then the YAML/TOML file at `path`, then `overrides`
+    ("section.key=value" strings or a {dotted key: value} dict); validated."""
+    config = TrainConfig.from_dict(base or {}, source="recipe")
+    if path is not None:
+        file_config = read_config_file(path)
+        for section, entries in file_config.items():
+            if not isinstance(entries, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {entries!r}")
+            for name, value in entries.items():
+                _set_checked(config, f"{section}.{name}", value, str(path))
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides or []]
+    for key, value in items:
+        _set_checked(config, key, value, "override")
+    return config.validate()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) file as a dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml" and tomllib is None:
+        raise ConfigError(f"{path}: reading TOML needs Python 3.11 or later (tomllib); use YAML instead")
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path} cannot be parsed: {error}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, found {type(values).__name__}")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """"section.key=value" -> (key, value text); the value is coerced later, against the field's type."""
+    key, separator, value = text.partition("=")
+    if not separator or "." not in key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip(), value
+
+
+def field_names() -> list[str]:
+    """Every dotted key a TrainConfig accepts, e.g. "optim.lr" (used to build command-line flags)."""
+    names = []
+    for section in dataclasses.fields(TrainConfig):
+        names += [f"{section.name}.{entry.name}" for entry in dataclasses.fields(_section_class(section.name))]
+    return names
+
+
+def _set_checked(config: TrainConfig, key: str, value: Any, source: str) -> None:
+    try:
+        config.set(key, value)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _section_names() -> set[str]:
+    return {section.name for section in dataclasses.fields(TrainConfig)}
+
+
+def _section_class(name: str) -> type:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _field_types(section_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_class)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    if section not in _section_names():
+        raise ConfigError(f"unknown config section {section!r} in {key!r}; known: {sorted(_section_names())}")
+    known = _field_types(_section_class(section))
+    if name not in known:
+        raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(known)}")
+    return section, name
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """`value` (a string from the command line is read as YAML) as the declared type, or a ConfigError."""
+    text = value if isinstance(value, str) else None
+    if text is not None:
+        if text.strip().lower() in ("none", "null", "~"):
+            value = None
+        else:
+            try:
+                parsed = yaml.safe_load(text)
+            except yaml.YAMLError:
+                parsed = text
+            value = text if parsed is None else parsed
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    for option in options:
+        converted = _convert(value, option)
+        if converted is not _FAIL:
+            return converted
+    if text is not None and str in options:  # a path such as "2024" that YAML read as a number
+        return text
+    names = " | ".join(getattr(option, "__name__", str(option)) for option in options)
+    raise ConfigError(f"{key} = {value!r} is not a {names}")
+
+
+_FAIL = object()
+
+
+def _convert(value: Any, option: Any) -> Any:
+    if option is bool:
+        return value if isinstance(value, bool) else _FAIL
+    if option is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _FAIL
+    if option is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _FAIL
+        return _FAIL
+    if option is str:
+        return value if isinstance(value, str) else _FAIL
+    if typing.get_origin(option) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(option)):
+            return _FAIL
+        items = [_convert(item, kind) for item, kind in zip(value, typing.get_args(option))]
+        return _FAIL if any(item is _FAIL for item in items) else tuple(items)
+    return _FAIL
