@@ -1,0 +1,112 @@
+"""Single-process losses against formulas written out by hand (and transformers' align_loss)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from openalign.errors import ConfigError
+from openalign.losses import AlignLoss, ClipLoss, SigLipLoss, build_loss
+
+
+def embeddings(batch_size: int = 6, dim: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch_size, dim, generator=generator, dtype=torch.float64) * 3
+    text = torch.randn(batch_size, dim, generator=generator, dtype=torch.float64) * 3
+    return image, text
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Targets on the diagonal: -(1 - e) log p_ii - e / N sum_j log p_ij, averaged over rows."""
+    log_probs = logits.log_softmax(dim=-1)
+    num_classes = logits.shape[1]
+    per_row = -(1 - smoothing) * log_probs.diagonal() - smoothing / num_classes * log_probs.sum(dim=-1)
+    return per_row.mean()
+
+
+def test_align_loss_matches_the_formula_and_transformers():
+    align_loss = pytest.importorskip("transformers.models.align.modeling_align").align_loss
+
+    image, text = embeddings()
+    temperature = torch.tensor(0.3, dtype=torch.float64)
+    image_unit = image / image.norm(dim=-1, keepdim=True)
+    text_unit = text / text.norm(dim=-1, keepdim=True)
+    logits_per_text = text_unit @ image_unit.T / temperature
+    by_hand = (smoothed_cross_entropy(logits_per_text, 0.1) + smoothed_cross_entropy(logits_per_text.T, 0.1)) / 2
+    loss = AlignLoss()(image, text, temperature)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, align_loss(logits_per_text), rtol=1e-12, atol=0)
+
+
+def test_align_loss_owns_or_takes_the_temperature_and_differentiates_it():
+    image, text = embeddings()
+    owned = AlignLoss(temperature_init=1.0).double()
+    assert owned.temperature.shape == () and owned.temperature.item() == 1.0
+    owned(image, text).backward()
+    assert owned.temperature.grad is not None and owned.temperature.grad.abs() > 0
+    taken = torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(owned(image, text), AlignLoss()(image, text, taken), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="temperature"):
+        AlignLoss()(image, text)
+
+
+def test_align_loss_normalises_and_is_invariant_to_embedding_scale():
+    image, text = embeddings()
+    temperature = torch.tensor(0.5, dtype=torch.float64)
+    loss = AlignLoss()
+    torch.testing.assert_close(loss(image * 7, text * 0.1, temperature), loss(image, text, temperature))
+    # Without normalisation the scale matters, so the flag does something.
+    raw = AlignLoss(normalize=False)
+    assert not torch.allclose(raw(image * 7, text, temperature), raw(image, text, temperature))
+
+
+def test_clip_loss_uses_exp_scale_capped_at_max():
+    image, text = embeddings()
+    loss = ClipLoss()
+    scale = torch.tensor(math.log(20.0), dtype=torch.float64)
+    expected = AlignLoss(label_smoothing=0.0)(image, text, torch.tensor(1 / 20.0, dtype=torch.float64))
+    torch.testing.assert_close(loss(image, text, scale), expected, rtol=1e-12, atol=0)
+    at_cap = loss(image, text, torch.tensor(math.log(100.0), dtype=torch.float64))
+    above_cap = loss(image, text, torch.tensor(math.log(1000.0), dtype=torch.float64))
+    torch.testing.assert_close(above_cap, at_cap, rtol=1e-14, atol=0)
+    owned = ClipLoss(logit_scale_init=math.log(1000.0))
+    owned.clamp_()
+    assert owned.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_siglip_loss_matches_a_loop_over_pairs():
+    image, text = embeddings()
+    loss = SigLipLoss().double()
+    assert loss.logit_scale.item() == pytest.approx(math.log(10.0)) and loss.logit_bias.item() == -10.0
+    scale, bias = torch.tensor(1.7, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    image_unit = image / image.norm(dim=-1, keepdim=True)
+    text_unit = text / text.norm(dim=-1, keepdim=True)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(len(image)):
+        for j in range(len(text)):
+            sign = 1.0 if i == j else -1.0
+            logit = math.exp(1.7) * image_unit[i] @ text_unit[j] - 2.0
+            total = total + torch.log1p(torch.exp(-sign * logit))  # -log sigmoid(sign * logit)
+    torch.testing.assert_close(loss(image, text, scale, bias), total / len(image), rtol=1e-12, atol=0)
+    loss(image, text).backward()
+    assert loss.logit_scale.grad.abs() > 0 and loss.logit_bias.grad.abs() > 0
+
+
+def test_loss_gradient_reaches_embeddings_and_temperature():
+    image, text = embeddings()
+    image.requires_grad_(True)
+    temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    AlignLoss()(image, text, temperature).backward()
+    assert image.grad.norm() > 0 and temperature.grad.abs() > 0
+
+
+def test_build_loss_selects_by_name_and_rejects_unknown():
+    assert isinstance(build_loss(), AlignLoss)
+    assert isinstance(build_loss("clip"), ClipLoss)
+    assert isinstance(build_loss("siglip"), SigLipLoss)
+    with pytest.raises(ConfigError, match="'sigmoid'"):
+        build_loss("sigmoid")
+    with pytest.raises(ConfigError, match="1.5"):
+        AlignLoss(label_smoothing=1.5)
