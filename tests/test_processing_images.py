@@ -1,0 +1,288 @@
+"""Image loading and the eval image transform, against transformers' PIL EfficientNetImageProcessor."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skimage_data
+from transformers.models.efficientnet.image_processing_pil_efficientnet import EfficientNetImageProcessorPil
+
+from openalign.errors import ImageLoadError
+from openalign.processing.image_processor import AlignImageProcessor
+from openalign.processing.images import load_image, load_images, train_transform
+
+
+def reference_processor(processor: AlignImageProcessor) -> EfficientNetImageProcessorPil:
+    settings = {key: value for key, value in processor.to_dict().items() if key != "image_processor_type"}
+    return EfficientNetImageProcessorPil(**settings)
+
+
+def reference_pixels(processor: AlignImageProcessor, images: list[Image.Image]) -> torch.Tensor:
+    # PIL inputs leave transformers no channel-order guessing, which is wrong for tiny arrays.
+    return reference_processor(processor)(images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(skimage_data.astronaut()), Image.fromarray(skimage_data.chelsea()),
+            Image.fromarray(skimage_data.coffee())]  # fmt: skip
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_photos_match_transformers(photos):
+    processor = AlignImageProcessor()
+    ours = processor(photos)
+    assert ours.shape == (3, 3, 289, 289) and ours.dtype == torch.float32
+    assert (ours - reference_pixels(processor, photos)).abs().max().item() <= 1e-6
+
+
+SIZES = [(1, 1), (2, 3), (5, 7), (17, 1000), (1000, 17), (100, 50), (288, 288), (289, 290), (346, 346),
+         (347, 345), (500, 700)]  # fmt: skip
+
+
+def test_generated_sizes_match_transformers():
+    processor = AlignImageProcessor()
+    images = [random_image(height, width, seed) for seed, (height, width) in enumerate(SIZES)]
+    difference = (processor(images) - reference_pixels(processor, images)).abs().max().item()
+    assert difference <= 1e-6
+
+
+OPTION_SETS = [
+    {"do_center_crop": False},
+    {"do_resize": False, "crop_size": {"height": 64, "width": 48}},
+    {"do_normalize": True, "include_top": True},
+    {"do_normalize": True, "rescale_offset": False, "rescale_factor": 1 / 255, "image_mean": [0.1, 0.2, 0.3]},
+    {"do_rescale": False, "do_normalize": True, "resample": 3},
+    {"resample": 0, "size": {"height": 120, "width": 90}, "crop_size": {"height": 150, "width": 60}},
+    {"resample": 1, "size": 80, "crop_size": 64, "include_top": True},
+    {"resample": 4, "size": {"shortest_edge": 70}, "crop_size": 64},
+    {"resample": 5, "do_rescale": False},
+]
+
+
+@pytest.mark.parametrize("settings", OPTION_SETS, ids=lambda settings: ",".join(settings))
+def test_every_option_matches_transformers(settings, photos):
+    processor = AlignImageProcessor(**settings)
+    images = [photos[1], random_image(61, 83), random_image(7, 5)] if settings.get("do_resize", True) else [
+        random_image(61, 83), random_image(61, 83, seed=1)]  # fmt: skip
+    difference = (processor(images) - reference_pixels(processor, images)).abs().max().item()
+    assert difference <= 1e-6
+
+
+def test_every_source_type_gives_the_same_pixels(photos, tmp_path):
+    photo = photos[1]
+    array = np.array(photo)
+    photo.save(tmp_path / "cat.png")
+    expected = reference_pixels(AlignImageProcessor(), [photo])[0]
+    sources = [
+        photo, array, array.astype(np.float32), array / 255.0, str(tmp_path / "cat.png"), tmp_path / "cat.png",
+        (tmp_path / "cat.png").read_bytes(), io.BytesIO((tmp_path / "cat.png").read_bytes()),
+        torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(array),
+    ]  # fmt: skip
+    result = AlignImageProcessor(num_workers=2)(sources)
+    assert result.shape == (len(sources), 3, 289, 289)
+    assert (result - expected).abs().max().item() <= 1e-6
+    batched = AlignImageProcessor()(np.stack([array, array]))
+    assert (batched - expected).abs().max().item() <= 1e-6
+
+
+def test_thread_pool_preserves_order_and_values(photos):
+    images = photos + [random_image(40 + index, 90 - index, index) for index in range(5)]
+    serial = AlignImageProcessor(num_workers=1)(images)
+    parallel = AlignImageProcessor(num_workers=4)(images)
+    assert torch.equal(serial, parallel)
+    loaded = load_images(images, num_workers=3)
+    assert [np.asarray(image).tobytes() for image in loaded] == [np.asarray(image).tobytes() for image in images]
+
+
+def grey_values(size=(7, 5), seed=0, high=256, dtype=np.uint8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high, size[::-1]).astype(dtype)
+
+
+def composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    # PIL's alpha_composite rounds (c * a + 255 * (255 - a)) / 255 to nearest; allow 1 level of difference.
+    weight = alpha[..., None].astype(np.float64) / 255
+    return rgb.astype(np.float64) * weight + 255 * (1 - weight)
+
+
+def test_mode_l_and_1_replicate_grey():
+    grey = grey_values()
+    result = np.asarray(load_image(Image.fromarray(grey, mode="L")))
+    assert result.shape == (5, 7, 3) and all(np.array_equal(result[..., c], grey) for c in range(3))
+    bits = Image.fromarray(grey > 127).convert("1")
+    assert np.array_equal(np.asarray(load_image(bits))[..., 0], np.where(grey > 127, 255, 0))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_modes_composite_on_white(mode):
+    rng = np.random.default_rng(1)
+    channels = 4 if mode == "RGBA" else 2
+    pixels = rng.integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    colour = pixels[..., :3] if mode == "RGBA" else np.repeat(pixels[..., :1], 3, axis=-1)
+    result = np.asarray(load_image(Image.fromarray(pixels, mode=mode))).astype(np.float64)
+    assert np.abs(result - composite_on_white(colour, pixels[..., -1])).max() <= 1.0
+
+
+def test_palette_with_transparency_composites_on_white():
+    palette_image = Image.new("P", (4, 3), 0)
+    palette_image.putpalette([200, 10, 10, 10, 200, 10] + [0] * 762)
+    palette_image.putpixel((1, 1), 1)
+    palette_image.info["transparency"] = 0
+    result = np.asarray(load_image(palette_image))
+    assert result[1, 1].tolist() == [10, 200, 10]
+    assert result[0, 0].tolist() == [255, 255, 255]
+    palette_image.info.pop("transparency")
+    assert np.asarray(load_image(palette_image))[0, 0].tolist() == [200, 10, 10]
+
+
+def test_cmyk_uses_the_naive_ink_formula():
+    inks = np.random.default_rng(2).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    expected = (255 - inks[..., :3].astype(np.float64)) * (255 - inks[..., 3:].astype(np.float64)) / 255
+    result = np.asarray(load_image(Image.fromarray(inks, mode="CMYK"))).astype(np.float64)
+    assert np.abs(result - expected).max() <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_modes_scale_to_eight_bit(mode):
+    values = grey_values(high=65536, dtype=np.uint16)
+    image = Image.fromarray(values.astype(np.int32) if mode == "I" else values)
+    assert image.mode == mode
+    result = np.asarray(load_image(image))
+    assert np.array_equal(result[..., 1], np.rint(values / 257.0).astype(np.uint8))
+
+
+def test_float_mode_reads_unit_and_byte_scales():
+    unit = np.random.default_rng(3).random((5, 7)).astype(np.float32)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(unit, mode="F")))[..., 0],
+                          np.rint(unit.astype(np.float64) * 255).astype(np.uint8))  # fmt: skip
+    byte_scale = unit * 300 - 20
+    expected = np.rint(np.clip(byte_scale.astype(np.float64), 0, 255)).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(byte_scale, mode="F")))[..., 2], expected)
+
+
+# Display transform for each EXIF orientation, written from the EXIF specification with numpy.
+EXIF_DISPLAY = {
+    1: lambda x: x,
+    2: np.fliplr,
+    3: lambda x: np.rot90(x, 2),
+    4: np.flipud,
+    5: lambda x: np.swapaxes(x, 0, 1),
+    6: lambda x: np.rot90(x, -1),
+    7: lambda x: np.rot90(np.fliplr(x), -1),
+    8: lambda x: np.rot90(x, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_DISPLAY))
+def test_exif_orientation_is_applied(orientation, tmp_path):
+    stored = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"oriented{orientation}.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    assert np.array_equal(np.asarray(load_image(path)), EXIF_DISPLAY[orientation](stored))
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` but which holds almost no data."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    content = bytearray(buffer.getvalue())
+    header_start = 8 + 8  # signature, then IHDR length and type
+    content[header_start : header_start + 8] = struct.pack(">II", width, height)
+    checksum = zlib.crc32(bytes(content[12 : header_start + 13]))
+    content[header_start + 13 : header_start + 17] = struct.pack(">I", checksum)
+    return bytes(content)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_with_header_size(12_000, 12_000))
+    # The file holds one pixel of data: only a header check can say "refused" rather than "truncated".
+    with pytest.raises(ImageLoadError, match=r"bomb\.png: refused"):
+        load_image(bomb)
+    with pytest.raises(ImageLoadError, match="item 0.*refused"):
+        AlignImageProcessor()([bomb.read_bytes()])
+    photo_path = tmp_path / "photo.png"
+    random_image(50, 50).save(photo_path)
+    with pytest.raises(ImageLoadError, match=r"photo\.png: refused.*above the limit of 1000"):
+        load_image(photo_path, max_pixels=1000)
+    assert load_image(photo_path, max_pixels=2500).size == (50, 50)
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_truncated_files_raise_naming_the_file(image_format, tmp_path, photos):
+    buffer = io.BytesIO()
+    photos[0].save(buffer, format=image_format)
+    path = tmp_path / f"cut.{image_format.lower()}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match=rf"cut\.{image_format.lower()}"):
+        load_image(path)
+
+
+def test_non_image_empty_and_missing_files(tmp_path):
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("this is not an image\n")
+    empty_file = tmp_path / "empty.png"
+    empty_file.write_bytes(b"")
+    for path in (text_file, empty_file, tmp_path / "missing.jpg"):
+        with pytest.raises(ImageLoadError, match=path.name):
+            load_image(path)
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageLoadError, match=r"item 1 \(.*notes\.jpg\)"):
+        AlignImageProcessor()([random_image(9, 9), text_file])
+
+
+BAD_ITEMS = {
+    "zero width": lambda: np.zeros((8, 0, 3), dtype=np.uint8),
+    "NaN": lambda: np.full((8, 8, 3), np.nan, dtype=np.float32),
+    "normalised": lambda: np.full((8, 8, 3), -0.5, dtype=np.float32),
+    "mask": lambda: np.ones((8, 8), dtype=bool),
+    "zero-size PIL": lambda: Image.new("RGB", (0, 5)),
+    "not an image": lambda: 3.5,
+}
+
+
+@pytest.mark.parametrize("label", sorted(BAD_ITEMS))
+def test_bad_array_raises_naming_the_item(label):
+    good = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ImageLoadError, match="item 1"):
+        AlignImageProcessor()([good, BAD_ITEMS[label]()])
+
+
+def test_none_item_and_empty_batch():
+    good = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="item 2 is None"):
+        AlignImageProcessor()([good, good, None])
+    with pytest.raises(ValueError, match="empty"):
+        AlignImageProcessor()([])
+
+
+def test_train_transform_is_a_seeded_window_of_the_eval_resize(photos):
+    resized = AlignImageProcessor(do_center_crop=False)(photos[0])[0]  # (3, 346, 346) by transformers' rules
+    first = train_transform(photos[0], generator=torch.Generator().manual_seed(7))
+    again = train_transform(photos[0], generator=torch.Generator().manual_seed(7))
+    assert first.shape == (3, 289, 289) and torch.equal(first, again)
+    found = set()
+    for seed in range(6):
+        crop = train_transform(photos[0], generator=torch.Generator().manual_seed(seed))
+        matches = [(top, left, flipped) for flipped in (False, True) for top in range(58) for left in range(58)
+                   if torch.equal(resized[:, top : top + 289, left : left + 289].flip(-1) if flipped
+                                  else resized[:, top : top + 289, left : left + 289], crop)]  # fmt: skip
+        assert matches, f"seed {seed}: the crop is not a window of the resized image"
+        found.add(matches[0])
+    assert len(found) > 1
+    unflipped = train_transform(photos[0], flip=False, generator=torch.Generator().manual_seed(1))
+    assert any(torch.equal(resized[:, t : t + 289, l : l + 289], unflipped) for t in range(58) for l in range(58))
