@@ -1,0 +1,79 @@
+"""Keep glibc malloc from returning large activations to the kernel between forward passes.
+
+Why: with glibc's defaults every allocation above the mmap threshold (128 KiB, raised dynamically up to
+32 MiB) is a fresh `mmap`, and freeing it `munmap`s it. An EfficientNet forward allocates hundreds of such
+tensors, so each one is page-faulted and zeroed by the kernel on every pass; on a 2-core CPU that costs more
+than the convolutions (see docs/inference.md). Raising the mmap threshold and the trim threshold keeps freed
+blocks in the heap, where the next forward reuses them.
+
+This changes the whole host process (every later `malloc`), so a library must not do it behind its user's
+back: `configure_allocator()` is opt-in. openalign's own command-line entry points call it; library users call
+it themselves, or set the equivalent environment before the process starts:
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000 python ...
+
+The cost is memory: freed blocks stay mapped (resident set stays at the high-water mark of one forward pass,
+which is also what a stream of batches needs anyway), and it only helps allocations the main heap serves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+# mallopt parameter numbers from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit) through mallopt, but the
+# largest align-base activation is under that at the batch sizes we use: (8, 192, 145, 145) float32 is 129 MB,
+# so mallopt alone is not enough there; see `configure_allocator` for what is done about it.
+MALLOPT_MMAP_LIMIT = 32 * 1024 * 1024
+ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
+
+_state: dict = {"configured": None}
+
+
+def _libc():
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return None
+
+
+def environment_configured() -> bool:
+    """True when the process was started with the allocator environment (glibc read it at start-up)."""
+    return all(os.environ.get(name) == value for name, value in ENVIRONMENT.items())
+
+
+def configure_allocator(mmap_threshold: int = MALLOPT_MMAP_LIMIT, trim_threshold: int = 2**31 - 1) -> dict:
+    """Opt-in, process-wide: raise glibc's mmap and trim thresholds with `mallopt` so that freed activations
+    stay in the heap and are reused by the next forward pass. Returns what was done; a no-op off glibc.
+
+    mallopt takes an int and glibc caps the mmap threshold at 32 MiB, so blocks above that are still mmapped
+    each time; the environment variables in the module docstring have no such cap but must be set before the
+    process starts. Idempotent.
+    """
+    if _state["configured"] is not None:
+        return _state["configured"]
+    libc = _libc()
+    if libc is None:
+        result = {"applied": False, "reason": "not glibc on Linux"}
+    else:
+        mmap_ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+        trim_ok = bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+        result = {
+            "applied": mmap_ok and trim_ok,
+            "mmap_threshold": int(mmap_threshold) if mmap_ok else None,
+            "trim_threshold": int(trim_threshold) if trim_ok else None,
+            "environment": environment_configured(),
+        }
+    _state["configured"] = result
+    return result

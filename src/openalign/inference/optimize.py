@@ -1,0 +1,276 @@
+"""An inference copy of AlignModel: BatchNorm folded into the convolutions, channels-last, fused QKV, SDPA,
+`torch.inference_mode`, optional bfloat16 weights and optional `torch.compile`.
+
+`optimize_for_inference(model)` never modifies `model`: it deep-copies the towers into an
+`InferenceAlignModel`, which is eval-only (`.train()` raises) because folded BatchNorm has no running
+statistics left to train. The original model keeps training as before. Callers pass the processor's float32
+tensors and get float32 embeddings back whatever the internal dtype.
+
+Every rewrite here is exact in real arithmetic; in float32 they move results by float rounding only (tests
+check 1e-5 relative against the plain path, per optimisation and combined).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
+from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fold_conv_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv with bias equal to conv followed by eval-mode BatchNorm: w' = w * g / sqrt(var + eps),
+    b' = (b - mean) * g / sqrt(var + eps) + beta. Computed in float64 so folding adds no rounding of its own."""
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)  # (C_out,)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    folded = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, device=conv.weight.device,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        folded.bias.copy_((bias - norm.running_mean.double()) * scale + norm.bias.double())
+    return folded
+
+
+def _activate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # In place where the activation allows it: one large activation fewer to allocate per layer.
+    if isinstance(module, nn.SiLU):
+        return F.silu(x, inplace=True)
+    if isinstance(module, nn.ReLU):
+        return F.relu(x, inplace=True)
+    return module(x)
+
+
+class FoldedStem(nn.Module):
+    """Stem with its BatchNorm folded: pad right/bottom, 3x3 stride-2 conv (+bias), activation."""
+
+    def __init__(self, stem: nn.Module, fold: bool):
+        super().__init__()
+        self.convolution = fold_conv_batchnorm(stem.convolution, stem.batchnorm) if fold else stem.convolution
+        self.batchnorm = nn.Identity() if fold else stem.batchnorm
+        self.activation = stem.activation
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = F.pad(pixel_values, (0, 1, 0, 1))  # (B, 3, H+1, W+1)
+        return _activate(self.activation, self.batchnorm(self.convolution(x)))
+
+
+class FoldedMBConv(nn.Module):
+    """MBConvBlock for inference: BatchNorm folded (when asked), activations, gate and residual in place."""
+
+    def __init__(self, block: MBConvBlock, fold: bool):
+        super().__init__()
+
+        def convert(conv, norm):
+            return (fold_conv_batchnorm(conv, norm), nn.Identity()) if fold else (conv, norm)
+
+        self.residual = block.spec.residual
+        if block.expansion is not None:
+            self.expand_conv, self.expand_norm = convert(block.expansion.expand_conv, block.expansion.expand_bn)
+            self.expand_act = block.expansion.expand_act
+        else:
+            self.expand_conv = None
+        depthwise = block.depthwise_conv
+        self.padding = depthwise.padding
+        self.depthwise_conv, self.depthwise_norm = convert(depthwise.depthwise_conv, depthwise.depthwise_norm)
+        self.depthwise_act = depthwise.depthwise_act
+        self.gate_reduce = block.squeeze_excite.reduce
+        self.gate_expand = block.squeeze_excite.expand
+        self.gate_act = block.squeeze_excite.act_reduce
+        self.project_conv, self.project_norm = convert(block.projection.project_conv, block.projection.project_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand_conv is not None:
+            h = _activate(self.expand_act, self.expand_norm(self.expand_conv(h)))
+        if self.padding is not None:
+            h = F.pad(h, self.padding)
+        h = _activate(self.depthwise_act, self.depthwise_norm(self.depthwise_conv(h)))
+        gate = h.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        gate = torch.sigmoid(self.gate_expand(self.gate_act(self.gate_reduce(gate))))
+        h = self.project_norm(self.project_conv(h.mul_(gate)))
+        if self.residual:
+            h += x  # eval mode: drop-path is the identity
+        return h
+
+
+class InferenceVision(nn.Module):
+    """pixel_values (B, 3, H, W) -> pooled features (B, C), in the tower's dtype and memory format."""
+
+    def __init__(self, vision_model: AlignVisionModel, fold: bool, channels_last: bool):
+        super().__init__()
+        self.pooling_type = vision_model.config.pooling_type
+        self.channels_last = channels_last
+        self.stem = FoldedStem(vision_model.embeddings, fold)
+        self.blocks = nn.ModuleList(FoldedMBConv(block, fold) for block in vision_model.encoder.blocks)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = self.stem(pixel_values)
+        for block in self.blocks:
+            x = block(x)
+        return x.amax(dim=(2, 3)) if self.pooling_type == "max" else x.mean(dim=(2, 3))  # (B, C)
+
+
+class InferenceTextLayer(nn.Module):
+    """A post-LN BERT layer with query, key and value in one matmul. With `first_token_only` the queries,
+    the attention output and the feed-forward run on [CLS] alone: keys and values still see every token,
+    so [CLS]'s output is unchanged while the last layer does about 1/T of its work."""
+
+    def __init__(self, layer: TextLayer):
+        super().__init__()
+        attention = layer.attention.self
+        self.num_heads, self.head_size = attention.num_heads, attention.head_size
+        hidden = self.num_heads * self.head_size
+        self.qkv = nn.Linear(hidden, 3 * hidden, device=attention.query.weight.device)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
+            self.qkv.bias.copy_(torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
+        self.attention_output = layer.attention.output
+        self.intermediate = layer.intermediate
+        self.output = layer.output
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, first_token_only: bool = False) -> torch.Tensor:
+        B, T, H = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        residual = x
+        if first_token_only:
+            q, residual = q[:, :, :1], x[:, :1]  # (B, nh, 1, hs), (B, 1, H)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, Tq, hs)
+        context = context.transpose(1, 2).reshape(B, q.shape[2], H)  # (B, Tq, H)
+        x = self.attention_output(context, residual)
+        return self.output(self.intermediate(x), x)
+
+
+class InferenceText(nn.Module):
+    """(input_ids, attention_mask, token_type_ids) -> projected [CLS] (B, D). No pooler: ALIGN does not use it."""
+
+    def __init__(self, text_model: AlignTextModel, projection: nn.Linear):
+        super().__init__()
+        self.embeddings = text_model.embeddings
+        self.layers = nn.ModuleList(InferenceTextLayer(layer) for layer in text_model.encoder.layer)
+        self.projection = projection
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        bias = attention_bias(attention_mask, x.dtype)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x, bias, first_token_only=index == last)
+        return self.projection(x[:, 0])  # (B, D)
+
+
+class InferenceAlignModel(nn.Module):
+    """AlignModel for embedding only. `get_image_features` / `get_text_features` take what the processor
+    returns (float32 pixels, int64 ids) and return float32 (B, D), unnormalised, as AlignModel's do."""
+
+    def __init__(self, vision: InferenceVision, text: InferenceText, temperature: torch.Tensor, config,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.vision = vision
+        self.text = text
+        self.register_buffer("temperature", temperature.detach().clone().float())
+        self.compiled = False
+        super().train(False)
+
+    def train(self, mode: bool = True) -> InferenceAlignModel:
+        """Only `train(False)` / `eval()` are allowed: BatchNorm is folded away, there is nothing to train."""
+        if mode:
+            raise RuntimeError(
+                "an InferenceAlignModel cannot train (BatchNorm is folded into the convolutions): "
+                "train the AlignModel it was made from"
+            )
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.projection.weight.device
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings (B, D) float32 from float32 pixel_values (B, 3, H, W)."""
+        with torch.inference_mode():
+            pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+            return self.vision(pixel_values).float()
+
+    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Unnormalised text embeddings (B, D) float32 (projected [CLS] of the last layer)."""
+        with torch.inference_mode():
+            device = self.device
+            input_ids = input_ids.to(device, non_blocking=True)
+            attention_mask = None if attention_mask is None else attention_mask.to(device, non_blocking=True)
+            token_type_ids = None if token_type_ids is None else token_type_ids.to(device, non_blocking=True)
+            return self.text(input_ids, attention_mask, token_type_ids).float()
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> dict:
+        """Normalised embeddings and logits_per_text (B_t, B_i), as AlignModel.forward without loss."""
+        image_embeds = self.get_image_features(pixel_values)
+        text_embeds = self.get_text_features(input_ids, attention_mask, token_type_ids)
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        logits_per_text = text_embeds @ image_embeds.t() / self.temperature
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits_per_text": logits_per_text}
+
+
+def optimize_for_inference(
+    model,
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    channels_last: bool = True,
+    fold_batchnorm: bool = True,
+    device: torch.device | str | None = None,
+) -> InferenceAlignModel:
+    """An eval-only `InferenceAlignModel` built from a copy of `model` (an AlignModel; `model` is untouched).
+
+    dtype: float32, or bfloat16 / float16 weights and activations (inputs are cast in, outputs back to
+    float32). compile: `torch.compile` each tower; the first call for each new input shape pays the
+    compilation (minutes on CPU for align-base, see docs/inference.md), so use it for long streams with a fixed
+    batch shape. channels_last / fold_batchnorm switch the image-tower rewrites off one by one (for tests and
+    benchmarks). The text tower always gets fused QKV, SDPA and the [CLS]-only last layer.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    source = copy.deepcopy(model).eval().to(device)
+    vision = InferenceVision(source.vision_model, fold_batchnorm, channels_last)
+    text = InferenceText(source.text_model, source.text_projection)
+    optimized = InferenceAlignModel(vision, text, source.temperature, model.config, dtype)
+    del source
+    optimized.to(dtype=dtype)
+    if channels_last:
+        optimized.vision.to(memory_format=torch.channels_last)
+    if compile:
+        # dynamic=False: a static graph per input shape is what inductor optimises best; a new batch or
+        # sequence length recompiles (bounded by torch._dynamo's cache size limit).
+        optimized.vision = torch.compile(optimized.vision, dynamic=False)
+        optimized.text = torch.compile(optimized.text, dynamic=None)
+        optimized.compiled = True
+    for parameter in optimized.parameters():
+        parameter.requires_grad_(False)
+    return optimized
+
+
+def default_batch_size(kind: str, device: torch.device | str = "cpu") -> int:
+    """A batch size that keeps every core busy without growing activations past the caches' usefulness.
+
+    Measured on 2 CPU cores (docs/inference.md): images flatten out from batch 4-8, texts from 32-64. On a GPU
+    larger batches fill the device. kind is "image" or "text".
+    """
+    if kind not in ("image", "text"):
+        raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
+    device = torch.device(device)
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return (8 if kind == "image" else 64) * max(1, math.ceil(threads / 8))
+    return 128 if kind == "image" else 512
