@@ -65,6 +65,13 @@ class AlignModel(PretrainedMixin, nn.Module):
         """Global pool of the last EfficientNet block, (B, D), not normalised."""
         return self.vision_model(pixel_values).pooler_output
 
+    def optimize_for_inference(self, dtype: torch.dtype = torch.float32, compile: bool = False, **options):
+        """An eval-only copy ready to embed (folded BatchNorm, channels-last, SDPA, optional bf16 / compile);
+        this model is left untouched. See `openalign.inference.optimize.optimize_for_inference`."""
+        from openalign.inference.optimize import optimize_for_inference
+
+        return optimize_for_inference(self, dtype=dtype, compile=compile, **options)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
