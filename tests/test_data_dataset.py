@@ -1,0 +1,186 @@
+"""The training dataset: skips counted, splits exact, resume equal to an uninterrupted run."""
+
+import functools
+import io
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
+from openalign.data.sources import Record, write_manifest, write_shards
+from openalign.errors import ConfigError
+
+SMALL = functools.partial(train_transform, resize=12, crop=9)
+
+
+def image_bytes(index: int) -> bytes:
+    # A left-right asymmetric image, so a flip is visible.
+    image = Image.new("RGB", (10, 8), (index * 17 % 256, 40, 200))
+    image.paste((255, 255, 255), (0, 0, 3, 8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_shards(folder: Path, sizes: list[int], corrupt: set[int] = frozenset()) -> list[str]:
+    """Shards of the given sizes; samples numbered globally, those in `corrupt` hold bytes that do not decode."""
+    records = [Record(key=str(index), caption=f"sample {index}", image_ext="png",
+                      image_bytes=b"not an image" if index in corrupt else image_bytes(index))
+               for index in range(sum(sizes))]
+    paths, start = [], 0
+    for shard_index, size in enumerate(sizes):
+        (path,) = write_shards(records[start:start + size], folder, prefix=f"part{shard_index}")
+        paths.append(str(path))
+        start += size
+    return paths
+
+
+def captions_of(batches) -> list[str]:
+    return [caption for batch in batches for caption in batch["captions"]]
+
+
+def test_corrupt_sample_in_shard_folder_is_skipped_counted_and_logged(tmp_path, caplog):
+    make_shards(tmp_path, [4, 4], corrupt={5})
+    dataset = ImageTextDataset(tmp_path, transform=SMALL, shuffle=False, epoch_size=7)
+    loader = make_loader(dataset, batch_size=3)
+    with caplog.at_level(logging.WARNING, logger="openalign.data.dataset"):
+        batches = list(loader)
+    assert sorted(captions_of(batches)) == sorted(f"sample {index}" for index in range(8) if index != 5)
+    assert sum(batch["num_skipped"] for batch in batches) == 1
+    assert dict(loader.skipped) == {"corrupt_image": 1}
+    assert any("part1-00000/000000001" in message and "corrupt_image" in message for message in caplog.messages)
+    assert [tuple(batch["pixel_values"].shape) for batch in batches] == [(3, 3, 9, 9), (3, 3, 9, 9), (1, 3, 9, 9)]
+
+
+def test_fewer_shards_than_streams_every_sample_once(tmp_path):
+    make_shards(tmp_path, [4, 4])
+    # 2 ranks x 2 workers = 4 streams over 2 shards: split by sample, each exactly once.
+    per_rank = []
+    for rank in range(2):
+        dataset = ImageTextDataset(tmp_path, transform=SMALL, seed=3, rank=rank, world_size=2,
+                                   shuffle_buffer=3)
+        per_rank.append(list(make_loader(dataset, batch_size=1, num_workers=2)))
+    assert [len(batches) for batches in per_rank] == [4, 4]
+    seen = captions_of(per_rank[0] + per_rank[1])
+    assert sorted(seen) == sorted(f"sample {index}" for index in range(8))
+
+
+def test_whole_shards_per_stream_when_enough_shards(tmp_path):
+    make_shards(tmp_path, [2, 2, 2, 2])
+    dataset = ImageTextDataset(tmp_path, transform=SMALL, seed=1)
+    streams = [[sample["key"] for sample in dataset.iter_samples(stream, 4)] for stream in range(4)]
+    # write_shards numbers samples within each call, so each shard's keys restart at 0.
+    assert sorted(itertools.chain(*streams)) == [f"part{shard}-00000/{index:09d}"
+                                                 for shard in range(4) for index in range(2)]
+    assert all(len({key.split("/")[0] for key in keys}) == 1 for keys in streams)
+
+
+def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path):
+    make_shards(tmp_path, [5, 2, 1])
+    counts = []
+    for rank in range(2):
+        dataset = ImageTextDataset(tmp_path, transform=SMALL, rank=rank, world_size=2, shuffle=False)
+        loader = make_loader(dataset, batch_size=2)
+        counts.append((len(list(loader)), loader.batches_per_epoch()))
+    assert counts == [(2, 2), (2, 2)]
+
+
+def test_manifest_rows_split_by_index(tmp_path):
+    records = [Record(key=str(index), caption=f"sample {index}", image_bytes=image_bytes(index), image_ext="png")
+               for index in range(6)]
+    manifest = write_manifest(records, tmp_path / "train.csv")
+    dataset = ImageTextDataset(manifest, transform=SMALL, shuffle=False)
+    streams = [[sample["caption"] for sample in dataset.iter_samples(stream, 3)] for stream in range(3)]
+    assert streams == [[f"sample {index}" for index in range(stream, 6, 3)] for stream in range(3)]
+
+
+def test_resampled_is_endless_and_seeded(tmp_path):
+    make_shards(tmp_path, [2, 2])
+
+    def first_keys(seed: int) -> list[str]:
+        dataset = ImageTextDataset(tmp_path, transform=SMALL, seed=seed, resampled=True)
+        return [sample["key"] for sample in itertools.islice(dataset.iter_samples(0, 1), 40)]
+
+    keys = first_keys(7)
+    assert len(keys) == 40 and set(keys) == {f"part{shard}-00000/{index:09d}" for shard in range(2)
+                                             for index in range(2)}
+    assert first_keys(7) == keys and first_keys(8) != keys
+
+
+def test_flip_auto_spares_captions_that_name_a_side(tmp_path):
+    records = [Record(key=name, caption=caption, image_bytes=image_bytes(0), image_ext="png")
+               for name, caption in [("side", "the dog on the Left"), ("plain", "a dog")]]
+    manifest = write_manifest(records, tmp_path / "flip.jsonl")
+    flipped = {"side": set(), "plain": set()}
+    for seed in range(12):
+        never, auto = (ImageTextDataset(manifest, transform=SMALL, seed=seed, flip=flip, shuffle=False)
+                       for flip in (False, "auto"))
+        for reference, sample in zip(never.iter_samples(0, 1), auto.iter_samples(0, 1)):
+            # Per-sample seeding gives both the same crop; only the flip may differ.
+            same = torch.equal(sample["pixel_values"], reference["pixel_values"])
+            mirrored = torch.equal(sample["pixel_values"], reference["pixel_values"].flip(-1))
+            assert same or mirrored
+            flipped["side" if "Left" in sample["caption"] else "plain"].add(not same)
+    assert flipped == {"side": {False}, "plain": {False, True}}
+
+
+def test_iterating_leaves_the_global_rng_alone(tmp_path):
+    make_shards(tmp_path, [3])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    list(make_loader(ImageTextDataset(tmp_path, transform=SMALL), batch_size=2))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_collate_tokenizes_captions(tmp_path):
+    make_shards(tmp_path, [3])
+
+    def tokenize(captions):
+        lengths = torch.tensor([len(caption) for caption in captions])
+        return {"input_ids": lengths[:, None], "attention_mask": torch.ones(len(captions), 1)}
+
+    batch = next(iter(make_loader(ImageTextDataset(tmp_path, transform=SMALL, tokenize=tokenize), 3)))
+    assert batch["input_ids"][:, 0].tolist() == [len(caption) for caption in batch["captions"]]
+
+
+@pytest.mark.parametrize("num_workers, stop_after", [(0, 3), (2, 3), (2, 6)])
+def test_resume_follows_the_uninterrupted_run(tmp_path, num_workers, stop_after):
+    make_shards(tmp_path, [5, 5, 4], corrupt={6})
+
+    def loader():
+        dataset = ImageTextDataset(tmp_path, transform=SMALL, seed=5, shuffle_buffer=4, flip=True)
+        return make_loader(dataset, batch_size=2, num_workers=num_workers)
+
+    def two_epochs(data_loader, stop=None):
+        batches = []
+        for _ in range(2):
+            for batch in data_loader:
+                batches.append(batch)
+                if stop is not None and len(batches) == stop:
+                    return batches
+        return batches
+
+    uninterrupted = two_epochs(loader())
+    first = loader()
+    two_epochs(first, stop=stop_after)
+    resumed_loader = loader()
+    resumed_loader.load_state_dict(first.state_dict())
+    # The resumed run finishes the interrupted epoch, then runs one more.
+    resumed = [batch for _ in range(2) for batch in resumed_loader][: len(uninterrupted) - stop_after]
+    expected = uninterrupted[stop_after:]
+    assert [batch["keys"] for batch in resumed] == [batch["keys"] for batch in expected]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(resumed, expected))
+    total_skipped = sum(batch["num_skipped"] for batch in uninterrupted)
+    assert total_skipped >= 2 and resumed_loader.skipped["corrupt_image"] == total_skipped
+
+
+def test_resume_refuses_a_different_worker_count(tmp_path):
+    make_shards(tmp_path, [2])
+    saved = make_loader(ImageTextDataset(tmp_path, transform=SMALL), 1, num_workers=0).state_dict()
+    with pytest.raises(ConfigError, match="num_streams=1"):
+        make_loader(ImageTextDataset(tmp_path, transform=SMALL), 1, num_workers=2).load_state_dict(saved)
