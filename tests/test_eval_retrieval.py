@@ -38,9 +38,7 @@ def test_ranks_match_brute_force_with_ties_and_multiple_captions(chunk_size):
     rng.shuffle(text_to_image)
     texts = rng.integers(-2, 3, size=(len(text_to_image), dim)).astype(np.float32)
 
-    image_ranks, text_ranks = retrieval_ranks(
-        images, texts, text_to_image, chunk_size=chunk_size, normalize=False
-    )
+    image_ranks, text_ranks = retrieval_ranks(images, texts, text_to_image, chunk_size=chunk_size, normalize=False)
     expected_image_ranks, expected_text_ranks = _reference_ranks(images, texts, text_to_image)
     scores = images @ texts.T
     assert (scores[:, :, None] == scores[:, None, :]).sum() > scores.size * 3  # the set really has many ties
@@ -92,3 +90,22 @@ def test_bad_inputs_name_the_offender():
         retrieval_ranks(images, texts, np.array([0, 1, 5]))
     with pytest.raises(RetrievalInputError, match="dim 3"):
         retrieval_ranks(images, np.zeros((3, 3)), np.array([0, 1, 1]))
+
+
+def test_report_table_and_json(tmp_path, capsys):
+    import json
+
+    from openalign.eval.report import format_rows, report
+
+    rng = np.random.default_rng(3)
+    metrics = retrieval_metrics(rng.standard_normal((4, 3)), rng.standard_normal((8, 3)), np.repeat(np.arange(4), 2))
+    metrics["confusion_matrix"] = np.eye(2, dtype=np.int64)
+    metrics["per_class_accuracy"] = [100.0, float("nan")]
+    table = report(metrics, title="retrieval", json_path=tmp_path / "out" / "metrics.json")
+    assert capsys.readouterr().out.strip() == table
+    assert "image_to_text_r1" in table and "confusion_matrix" not in table
+    loaded = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert loaded["confusion_matrix"] == [[1, 0], [0, 1]] and loaded["per_class_accuracy"] == [100.0, None]
+    assert loaded["text_to_image_r5"] == pytest.approx(metrics["text_to_image_r5"])
+    lines = format_rows([{"name": "a", "top1": 1.0}, {"name": "bb", "top1": 22.5}]).splitlines()
+    assert lines[0].split() == ["name", "top1"] and lines[3].split() == ["bb", "22.50"]
