@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
+from openalign.data.dataset import ImageTextDataset, make_loader
 from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.errors import ConfigError
+from openalign.processing.images import train_transform
 
-SMALL = functools.partial(train_transform, resize=12, crop=9)
+SMALL = functools.partial(train_transform, resize=12, crop=9, flip=False)  # the dataset flips
 
 
 def image_bytes(index: int) -> bytes:
@@ -137,15 +138,19 @@ def test_iterating_leaves_the_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_collate_tokenizes_captions(tmp_path):
+def test_collate_tokenizes_captions_with_default_transform(tmp_path):
     make_shards(tmp_path, [3])
 
     def tokenize(captions):
         lengths = torch.tensor([len(caption) for caption in captions])
         return {"input_ids": lengths[:, None], "attention_mask": torch.ones(len(captions), 1)}
 
-    batch = next(iter(make_loader(ImageTextDataset(tmp_path, transform=SMALL, tokenize=tokenize), 3)))
+    # Default decode and transform: the paper's 346 px resize and 289 px crop, scaled to [-1, 1].
+    batch = next(iter(make_loader(ImageTextDataset(tmp_path, tokenize=tokenize), 3)))
     assert batch["input_ids"][:, 0].tolist() == [len(caption) for caption in batch["captions"]]
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (3, 3, 289, 289) and pixels.dtype == torch.float32
+    assert -1.0 <= pixels.min() < 0.0 < pixels.max() <= 1.0
 
 
 @pytest.mark.parametrize("num_workers, stop_after", [(0, 3), (2, 3), (2, 6)])

@@ -9,7 +9,7 @@ waits on a rank that ran dry.
 
 from __future__ import annotations
 
-import io
+import functools
 import itertools
 import logging
 import math
@@ -35,6 +35,7 @@ from openalign.data.sources import (
     iter_shard,
 )
 from openalign.errors import ConfigError
+from openalign.processing.images import load_image, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +43,8 @@ logger = logging.getLogger(__name__)
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image; raises whatever PIL raises on bad bytes."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
-def train_transform(image: Image.Image, *, resize: int = 346, crop: int = 289) -> torch.Tensor:
-    """The paper's augmentation minus the flip: resize to a square, random crop, scale to [-1, 1].
-
-    Resizes like align-base's processor (bilinear, aspect not kept). Draws from torch's global RNG, which the
-    dataset seeds per sample; the flip is the dataset's `flip` option so a caption can veto it.
-    """
-    image = image.resize((resize, resize), Image.BILINEAR)
-    top, left = (int(offset) for offset in torch.randint(0, resize - crop + 1, (2,)))
-    image = image.crop((left, top, left + crop, top + crop))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W)
+# The dataset flips (so a caption can veto it); the shared transform does the rest of the paper's augmentation.
+DEFAULT_TRANSFORM = functools.partial(train_transform, flip=False)
 
 
 @contextmanager
@@ -106,8 +92,8 @@ class ImageTextDataset(IterableDataset):
     Corrupt samples are skipped, logged with their key and counted per reason in each sample's "skipped".
     """
 
-    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = train_transform,
-                 decode: Callable[[bytes], Image.Image] = decode_image,
+    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = DEFAULT_TRANSFORM,
+                 decode: Callable[[bytes], Image.Image] = load_image,
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
