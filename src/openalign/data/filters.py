@@ -23,9 +23,7 @@ A pair dropped by several rules is counted under each rule, and once in the tota
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import multiprocessing
 import os
 import tempfile
 import time
@@ -34,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from openalign.data import counting, phash
 from openalign.data.sources import DataError, Record
@@ -42,8 +39,6 @@ from openalign.errors import ConfigError
 
 RULES = ("min_side", "aspect", "captions_per_image", "images_per_caption", "rare_token", "length",
          "near_duplicate")
-PROBE_DTYPE = np.dtype([("width", "<i4"), ("height", "<i4"), ("image_hash", "<u8"), ("phash", "<u8"),
-                        ("readable", "?")])
 
 
 @dataclass
@@ -95,79 +90,6 @@ def normalize_caption(caption: str | None) -> str:
     return " ".join(caption.lower().split()) if caption else ""
 
 
-# ---------------------------------------------------------------- image probing (runs in worker processes)
-
-
-def probe_image(item: tuple[str | None, bytes | None, bool]) -> tuple[tuple, str]:
-    """(width, height, content hash, perceptual hash, readable) of one image, from its header only unless
-    the perceptual hash is wanted, and the error text when it cannot be read."""
-    path, data, want_phash = item
-    try:
-        if data is None:
-            if path is None or "://" in path:
-                return (0, 0, 0, 0, False), f"no local image ({path})"
-            data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size  # parsed from the header; no pixel is decoded
-            perceptual = phash.phash(image) if want_phash else 0
-        return (width, height, counting.stable_hash(data), perceptual, True), ""
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return (0, 0, 0, 0, False), f"{type(error).__name__}: {error}"
-
-
-def _probe_item(record: Record, want_phash: bool) -> tuple[str | None, bytes | None, bool]:
-    if record.image_bytes is not None:
-        return None, record.image_bytes, want_phash
-    return (str(record.image_path) if record.image_path is not None else None), None, want_phash
-
-
-class _Prober:
-    """Probes batches of records in a process pool (or in this process for one worker)."""
-
-    def __init__(self, workers: int | None):
-        self.workers = workers or os.cpu_count() or 1
-        self.pool = None
-        if self.workers > 1:
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers)
-
-    def probe(self, records: list[Record], want_phash: bool) -> list[tuple[tuple, str]]:
-        items = [_probe_item(record, want_phash) for record in records]
-        if self.pool is None:
-            return [probe_image(item) for item in items]
-        return self.pool.map(probe_image, items, chunksize=max(1, len(items) // (4 * self.workers)))
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
-
-
-def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    batch = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def eval_image_hashes(source, workers: int | None = None) -> np.ndarray:
-    """Perceptual hashes of the readable images of an evaluation set (folder, manifest or shard spec)."""
-    from openalign.data.sources import iter_records
-
-    prober, hashes = _Prober(workers), []
-    try:
-        for batch in _batches(iter_records(source), 1024):
-            hashes += [facts[3] for facts, error in prober.probe(batch, True) if not error]
-    finally:
-        prober.close()
-    if not hashes:
-        raise DataError(f"evaluation image set {source} holds no readable image")
-    return np.array(hashes, dtype=np.uint64)
-
-
 # ---------------------------------------------------------------- pass 1: counting
 
 
@@ -188,10 +110,10 @@ class CorpusStatistics:
     temporary: tempfile.TemporaryDirectory | None = None
 
     def probes(self) -> np.ndarray:
-        """Per-record image facts, memory-mapped (PROBE_DTYPE)."""
+        """Per-record image facts, memory-mapped (phash.PROBE_DTYPE)."""
         if self.total == 0:
-            return np.zeros(0, dtype=PROBE_DTYPE)
-        return np.memmap(self.probe_path, dtype=PROBE_DTYPE, mode="r", shape=(self.total,))
+            return np.zeros(0, dtype=phash.PROBE_DTYPE)
+        return np.memmap(self.probe_path, dtype=phash.PROBE_DTYPE, mode="r", shape=(self.total,))
 
     def close(self) -> None:
         """Remove the temporary per-record file."""
@@ -210,18 +132,18 @@ def count_corpus(records: Iterable[Record], config: FilterConfig, progress: Call
     bigram_counter = counting.FrequentItemsCounter(capacity)
     caption_counts = counting.HashCounter(config.hash_memory_items)
     image_counts = counting.HashCounter(config.hash_memory_items)
-    eval_hashes = (eval_image_hashes(config.eval_images, config.workers)
+    eval_hashes = (phash.eval_image_hashes(config.eval_images, config.workers)
                    if config.enabled("near_duplicate") else np.zeros(0, dtype=np.uint64))
     temporary = tempfile.TemporaryDirectory(prefix="openalign-filter-")
     probe_path = Path(temporary.name) / "probes.bin"
     errors: dict[int, str] = {}
     total = 0
-    prober = _Prober(config.workers)
+    prober = phash.ImageProber(config.workers)
     try:
         with open(probe_path, "wb") as probe_file:
-            for batch in _batches(records, config.batch_size):
+            for batch in phash.batches(records, config.batch_size):
                 results = prober.probe(batch, config.enabled("near_duplicate"))
-                facts = np.array([facts for facts, _ in results], dtype=PROBE_DTYPE)
+                facts = np.array([facts for facts, _ in results], dtype=phash.PROBE_DTYPE)
                 facts.tofile(probe_file)
                 for offset, (record, (_, error)) in enumerate(zip(batch, results)):
                     tokens = counting.tokenize(record.caption)
@@ -303,7 +225,7 @@ def filter_records(records: Iterable[Record], stats: CorpusStatistics, config: F
     `count_corpus` saw, in the same order."""
     probes = stats.probes()
     index = 0
-    for batch in _batches(records, config.batch_size):
+    for batch in phash.batches(records, config.batch_size):
         if index + len(batch) > stats.total:
             raise DataError(f"the source yielded more than the {stats.total} records of the first pass; "
                             "did it change between the passes?")

@@ -1,4 +1,5 @@
-"""Perceptual hashes for finding near-duplicates of evaluation images in training data.
+"""Image fingerprints read cheaply, for the data filters: size from the header, a content hash of the
+bytes, and a perceptual hash for finding near-duplicates of evaluation images; read in a process pool.
 
 A 64-bit DCT hash (pHash): the image is reduced to a 32 x 32 grey thumbnail, transformed with a 2-D DCT, and
 each of the 8 x 8 lowest-frequency coefficients gives one bit: above or below their median. It needs no model
@@ -13,9 +14,19 @@ recoloured copy counts as a duplicate; mirrored, rotated or heavily cropped copi
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from openalign.data.counting import stable_hash
+from openalign.data.sources import DataError, Record, iter_records
+
+PROBE_DTYPE = np.dtype([("width", "<i4"), ("height", "<i4"), ("image_hash", "<u8"), ("phash", "<u8"),
+                        ("readable", "?")])
 
 THUMBNAIL = 32
 LOW_FREQUENCIES = 8
@@ -64,3 +75,75 @@ def min_hamming_distances(hashes: np.ndarray, reference: np.ndarray, chunk: int 
         block = hashes[start:start + chunk, None] ^ reference[None, :]  # (chunk, R)
         result[start:start + chunk] = np.bitwise_count(block).min(axis=1)
     return result
+
+
+def probe_image(item: tuple[str | None, bytes | None, bool]) -> tuple[tuple, str]:
+    """(width, height, content hash, perceptual hash, readable) of one image, from its header only unless
+    the perceptual hash is wanted, and the error text when it cannot be read."""
+    path, data, want_phash = item
+    try:
+        if data is None:
+            if path is None or "://" in path:
+                return (0, 0, 0, 0, False), f"no local image ({path})"
+            data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # parsed from the header; no pixel is decoded
+            perceptual = phash(image) if want_phash else 0
+        return (width, height, stable_hash(data), perceptual, True), ""
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return (0, 0, 0, 0, False), f"{type(error).__name__}: {error}"
+
+
+def _probe_item(record: Record, want_phash: bool) -> tuple[str | None, bytes | None, bool]:
+    if record.image_bytes is not None:
+        return None, record.image_bytes, want_phash
+    return (str(record.image_path) if record.image_path is not None else None), None, want_phash
+
+
+class ImageProber:
+    """Probes batches of records in a process pool (or in this process for one worker)."""
+
+    def __init__(self, workers: int | None):
+        self.workers = workers or os.cpu_count() or 1
+        self.pool = None
+        if self.workers > 1:
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+
+    def probe(self, records: list[Record], want_phash: bool) -> list[tuple[tuple, str]]:
+        """`probe_image` of each record, in order."""
+        items = [_probe_item(record, want_phash) for record in records]
+        if self.pool is None:
+            return [probe_image(item) for item in items]
+        return self.pool.map(probe_image, items, chunksize=max(1, len(items) // (4 * self.workers)))
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    """Consecutive lists of `size` records (the last may be shorter): the unit of work handed to the
+    pool, which bounds memory whatever the corpus size."""
+    batch = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def eval_image_hashes(source, workers: int | None = None) -> np.ndarray:
+    """Perceptual hashes of the readable images of an evaluation set (folder, manifest or shard spec)."""
+    prober, hashes = ImageProber(workers), []
+    try:
+        for batch in batches(iter_records(source), 1024):
+            hashes += [facts[3] for facts, error in prober.probe(batch, True) if not error]
+    finally:
+        prober.close()
+    if not hashes:
+        raise DataError(f"evaluation image set {source} holds no readable image")
+    return np.array(hashes, dtype=np.uint64)
