@@ -162,3 +162,24 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         embed_to_folder(paths, _ImageEncoder(), tmp_path / "out", part_size=3, progress=False)
     with pytest.raises(EmbeddingFolderError, match="rank 2"):
         embed_to_folder(paths, _ImageEncoder(), tmp_path / "other", rank=2, world_size=2, progress=False)
+
+
+def test_webdataset_shards_through_data_sources(tmp_path):
+    from openalign.data.sources import Record, iter_records, write_shards
+
+    paths = _make_images(tmp_path / "images", count=7, broken=(3,))
+    records = [
+        Record(key=path.name, caption=f"caption {index}", image_path=path, image_ext="png")
+        for index, path in enumerate(paths)
+    ]
+    shards = write_shards(records, tmp_path / "shards", samples_per_shard=3)
+    summary = embed_to_folder(
+        iter_records(tmp_path / "shards"), _ImageEncoder(), tmp_path / "out", part_size=4, progress=False
+    )
+    assert len(shards) == 3 and summary["count"] == 6 and [s["index"] for s in summary["skipped"]] == [3]
+    embeddings, metadata = read_embedding_folder(tmp_path / "out")
+    assert metadata.column("caption").to_pylist() == [f"caption {i}" for i in (0, 1, 2, 4, 5, 6)]
+    assert metadata.column("width").to_pylist() == [8 + i for i in (0, 1, 2, 4, 5, 6)]
+    # Same images from the folder itself (paths, no bytes) give the same embeddings.
+    embed_to_folder(paths, _ImageEncoder(), tmp_path / "from_paths", part_size=4, progress=False)
+    np.testing.assert_array_equal(read_embedding_folder(tmp_path / "from_paths")[0], embeddings)

@@ -18,7 +18,6 @@ is skipped. Only one part's embeddings are ever held in memory.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -57,7 +56,8 @@ def _describe(item, kinds=("image",)) -> dict:
     """Normalise an item to {source, caption, image}.
 
     A plain string is the caption when only texts are embedded and an image path otherwise; a mapping names
-    its fields ("source" or "key", "caption" or "text", "image").
+    its fields ("source" or "key", "caption" or "text", "image"); a data-source Record gives its path or key,
+    caption and bytes.
     """
     if isinstance(item, Mapping):
         source = item.get("source", item.get("key"))
@@ -65,6 +65,15 @@ def _describe(item, kinds=("image",)) -> dict:
             "source": None if source is None else str(source),
             "caption": item.get("caption", item.get("text")),
             "image": item.get("image"),
+        }
+    if hasattr(item, "key") and hasattr(item, "image_bytes"):
+        # A openalign.data.sources.Record (manifest, WebDataset shard or image folder), matched by shape so
+        # this module does not import the data package.
+        path = getattr(item, "image_path", None)
+        return {
+            "source": str(path) if path is not None else item.key,
+            "caption": item.caption,
+            "image": item.image_bytes,
         }
     if isinstance(item, str) and tuple(kinds) == ("text",):
         return {"source": None, "caption": item, "image": None}
@@ -74,24 +83,14 @@ def _describe(item, kinds=("image",)) -> dict:
 
 
 def load_image(source, image=None):
-    """Open an image as RGB PIL, from a path or from bytes / a PIL image already at hand.
+    """RGB PIL image of an item: its in-memory image (bytes or PIL) when it has one, else the file at source.
 
-    Raises ImageLoadError naming the source when it cannot be read or decoded.
+    Goes through openalign.processing.images.load_image (mode conversion, EXIF orientation, size limit);
+    raises ImageLoadError naming the source.
     """
-    from PIL import Image, ImageOps
+    from openalign.processing.images import load_image as load_any_image
 
-    try:
-        if isinstance(image, Image.Image):
-            opened = image
-        elif isinstance(image, (bytes, bytearray)):
-            opened = Image.open(io.BytesIO(image))
-        else:
-            opened = Image.open(source)
-        # Decode now (PIL is lazy) so truncated files fail here, where the item can be skipped.
-        opened.load()
-        return ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageLoadError(f"cannot load image {source}: {error}") from error
+    return load_any_image(image if image is not None else source, name=str(source))
 
 
 def _load(kinds, item, index, image_loader):
