@@ -16,6 +16,7 @@ a seed whatever the number of worker processes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -163,13 +164,19 @@ def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int,
 
     base = BACKGROUNDS[background] + rng.uniform(-12, 12)
     direction = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    gradient = (math.cos(direction) * xs / width + math.sin(direction) * ys / height) * rng.uniform(-20, 20)
-    canvas = np.repeat((base + gradient)[..., None], 3, axis=2)  # (H, W, 3)
+    xs, ys = _unit_grid(height, width)
+    gradient = (math.cos(direction) * xs + math.sin(direction) * ys) * rng.uniform(-20, 20)  # (H, W, 1)
     fill = np.array(COLOURS[colour], dtype=np.float32) + numpy_rng.uniform(-10, 10, size=3).astype(np.float32)
-    canvas = canvas * (1 - alpha) + fill * alpha
-    canvas += numpy_rng.normal(0.0, pixel_noise, size=canvas.shape).astype(np.float32)
+    canvas = (base + gradient) * (1 - alpha) + fill * alpha  # (H, W, 3)
+    canvas += numpy_rng.standard_normal(size=canvas.shape, dtype=np.float32) * pixel_noise
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """x / width and y / height at every pixel, each (H, W, 1); cached because most images share a size."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return (xs / width)[..., None], (ys / height)[..., None]
 
 
 def object_centres(rng: random.Random, width: int, height: int, count: int, position: str,
