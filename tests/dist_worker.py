@@ -99,7 +99,7 @@ def gradients(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 SCENARIOS = ("align_local", "align_global", "align_gather_no_grad", "clip", "siglip", "bn_per_replica",
-             "gradcache")  # fmt: skip
+             "bn_synced", "gradcache")  # fmt: skip
 
 
 def run_step(scenario: str, images: torch.Tensor, tokens: torch.Tensor, num_shards: int = 1) -> dict:
@@ -114,8 +114,9 @@ def run_step(scenario: str, images: torch.Tensor, tokens: torch.Tensor, num_shar
     from openalign.train.gradcache import accumulated_step, split_batch
 
     model = make_model()
-    model.train(scenario == "bn_per_replica")  # otherwise eval: BatchNorm is the same function everywhere
-    wrapped = wrap_model(model, "ddp")
+    # Otherwise eval: BatchNorm is then the same function on any split of the batch.
+    model.train(scenario in ("bn_per_replica", "bn_synced"))
+    wrapped = wrap_model(model, "ddp", sync_batchnorm=scenario == "bn_synced")
     loss_module: nn.Module
     if scenario == "clip":
         loss_module = ClipLoss()

@@ -41,7 +41,7 @@ def assert_matches_oracle(scenario: str, rank_results: list[dict]) -> None:
         assert grads.keys() == expected["grads"].keys() and len(grads) >= 7, (scenario, sorted(grads))
         for name, grad in grads.items():
             # Train-mode BatchNorm cancels the preceding bias: its true gradient is zero.
-            cancelled = scenario == "bn_per_replica" and name == "image_tower.0.bias"
+            cancelled = scenario.startswith("bn_") and name == "image_tower.0.bias"
             assert cancelled or expected["grads"][name].norm() > 1e-6, (scenario, name)
             error = relative_error(grad, expected["grads"][name])
             assert error < TOLERANCE, f"{scenario} rank {rank} {name}: relative error {error:.2e}"
@@ -66,6 +66,16 @@ def test_per_replica_batchnorm_matches_per_shard_statistics(rank_results):
     full_batch = run_step("bn_per_replica", images, tokens)
     grad = rank_results[0]["bn_per_replica"]["grads"]["image_tower.0.weight"]
     assert relative_error(grad, full_batch["grads"]["image_tower.0.weight"]) > 1e-3
+
+
+def test_synchronised_batchnorm_matches_full_batch_statistics(rank_results):
+    # The oracle is plain training-mode BatchNorm on the concatenated batch.
+    assert_matches_oracle("bn_synced", rank_results)
+    expected = oracle("bn_synced")
+    for rank, result in enumerate(rank_results):
+        for key in ("running_mean", "running_var"):
+            error = relative_error(result["bn_synced"][key], expected[key])
+            assert error < TOLERANCE, f"rank {rank} {key}: relative error {error:.2e}"
 
 
 def test_gather_without_grad_is_not_exact(rank_results):
@@ -98,3 +108,9 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.wrap_model(model, "ddp") is model
     with pytest.raises(ValueError, match="'zero'"):
         distributed.wrap_model(model, "zero")
+    # Converted BatchNorm keeps its parameters and is plain BatchNorm in one process.
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, eps=1e-3, momentum=0.2))
+    weight = net[1].weight
+    converted = distributed.wrap_model(net, "ddp", sync_batchnorm=True)
+    assert isinstance(converted[1], distributed.CrossReplicaBatchNorm) and converted[1].weight is weight
+    assert (converted[1].eps, converted[1].momentum) == (1e-3, 0.2)

@@ -190,6 +190,65 @@ def average_gradients(parameters: Iterable[torch.Tensor]) -> None:
             parameter.grad.div_(world_size)
 
 
+class CrossReplicaBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics cover the global batch, on any backend (gloo/CPU included).
+
+    Each rank sends (count, mean, sum of squared deviations) per channel through ``all_gather_with_grad`` and
+    combines them with the parallel-variance formula, so the gradient also flows through the other ranks'
+    statistics and DDP's average gives the single-process gradient on the concatenated batch. Running
+    statistics get the global mean and unbiased variance, the same on every rank. Accepts (B, C) and
+    (B, C, ...) inputs; outside training or a process group it is plain BatchNorm. Ranks may hold different B.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions (B, C, ...), got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not (self.training and _is_distributed() and dist.get_world_size() > 1):
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]  # every dimension but the channels
+        shape = [1, -1] + [1] * (input.dim() - 2)  # broadcasts (C,) over (B, C, ...)
+        count = input.numel() // input.shape[1]
+        mean = input.mean(dims)  # (C,)
+        squared_deviations = (input - mean.view(shape)).square().sum(dims)  # (C,)
+        counts = torch.full((1,), float(count), dtype=mean.dtype, device=mean.device)
+        stats = all_gather_with_grad(torch.cat([counts, mean, squared_deviations]).unsqueeze(0))  # (W, 1 + 2C)
+        rank_counts, rank_means, rank_squared = stats[:, :1], *stats[:, 1:].chunk(2, dim=1)  # (W, 1), (W, C)
+        total = rank_counts.sum()
+        global_mean = (rank_counts * rank_means).sum(0) / total  # (C,)
+        deviations = rank_squared + rank_counts * (rank_means - global_mean).square()  # (W, C)
+        global_var = deviations.sum(0) / total  # (C,), biased, as used to normalise
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = global_var * total / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(global_mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
+        output = (input - global_mean.view(shape)) * torch.rsqrt(global_var.view(shape) + self.eps)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer of ``module`` by a ``CrossReplicaBatchNorm`` sharing its weights."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossReplicaBatchNorm):
+        converted = CrossReplicaBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        # Share the very tensors (dtype, device, and the Parameters an optimiser built earlier may hold).
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(converted, name, getattr(module, name))
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_batchnorm(child))
+    return module
+
+
 def wrap_model(
     model: nn.Module,
     strategy: str = "ddp",
@@ -201,9 +260,8 @@ def wrap_model(
     """Wrap a model for data parallelism: "ddp" (default), "fsdp" (FSDP2 ``fully_shard``) or "none".
 
     In a single process every strategy returns the model unchanged (after the BatchNorm conversion).
-    BatchNorm: per-replica statistics by default, as the ALIGN paper; ``sync_batchnorm=True`` converts to
-    ``nn.SyncBatchNorm``, whose training-mode forward PyTorch implements only on GPU (CUDA/XPU): on CPU/gloo it
-    raises ValueError at the first forward, so CPU runs keep per-replica statistics.
+    BatchNorm: per-replica statistics by default, as the ALIGN paper; ``sync_batchnorm=True`` synchronises
+    them: ``nn.SyncBatchNorm`` on CUDA (PyTorch implements it only on GPU), ``CrossReplicaBatchNorm`` on CPU.
     DDP keeps its defaults (``broadcast_buffers=True``: BatchNorm running statistics follow rank 0).
     FSDP2: ``fully_shard`` is applied to each module of ``shard_modules`` (e.g. the two towers, or their
     blocks; default: every direct child that holds parameters), then to the root; 0-d parameters stay
@@ -213,7 +271,8 @@ def wrap_model(
     if strategy not in ("ddp", "fsdp", "none"):
         raise ConfigError(f"strategy must be 'ddp', 'fsdp' or 'none', got {strategy!r}")
     if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        on_gpu = world_info().device.type == "cuda"
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if on_gpu else convert_batchnorm(model)
     if strategy == "none" or not _is_distributed():
         return model
     if strategy == "ddp":
