@@ -153,35 +153,42 @@ def test_collate_tokenizes_captions_with_default_transform(tmp_path):
     assert -1.0 <= pixels.min() < 0.0 < pixels.max() <= 1.0
 
 
-@pytest.mark.parametrize("num_workers, stop_after", [(0, 3), (2, 3), (2, 6)])
-def test_resume_follows_the_uninterrupted_run(tmp_path, num_workers, stop_after):
+def take(data_loader, count: int) -> list[dict]:
+    """The next `count` batches, running into further epochs as needed; stops mid-epoch like a killed run."""
+    batches = []
+    while len(batches) < count:
+        for batch in data_loader:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+    return batches
+
+
+@pytest.mark.parametrize("mode, num_workers, stop_after", [("shards", 0, 3), ("shards", 2, 3), ("shards", 2, 6),
+                                                           ("resampled", 2, 3), ("manifest", 2, 5)])
+def test_resume_follows_the_uninterrupted_run(tmp_path, mode, num_workers, stop_after):
     make_shards(tmp_path, [5, 5, 4], corrupt={6})
+    source = tmp_path
+    if mode == "manifest":
+        records = [Record(key=str(index), caption=f"sample {index}", image_ext="png",
+                          image_bytes=b"not an image" if index == 6 else image_bytes(index)) for index in range(14)]
+        source = write_manifest(records, tmp_path / "manifest" / "train.parquet")
 
     def loader():
-        dataset = ImageTextDataset(tmp_path, transform=SMALL, seed=5, shuffle_buffer=4, flip=True)
+        dataset = ImageTextDataset(source, transform=SMALL, seed=5, shuffle_buffer=4, resampled=mode == "resampled")
         return make_loader(dataset, batch_size=2, num_workers=num_workers)
 
-    def two_epochs(data_loader, stop=None):
-        batches = []
-        for _ in range(2):
-            for batch in data_loader:
-                batches.append(batch)
-                if stop is not None and len(batches) == stop:
-                    return batches
-        return batches
-
-    uninterrupted = two_epochs(loader())
+    # 8 batches after the cut cross into the next epoch (7 or 8 batches per epoch here).
+    uninterrupted = take(loader(), stop_after + 8)
     first = loader()
-    two_epochs(first, stop=stop_after)
+    take(first, stop_after)
     resumed_loader = loader()
     resumed_loader.load_state_dict(first.state_dict())
-    # The resumed run finishes the interrupted epoch, then runs one more.
-    resumed = [batch for _ in range(2) for batch in resumed_loader][: len(uninterrupted) - stop_after]
-    expected = uninterrupted[stop_after:]
+    resumed, expected = take(resumed_loader, 8), uninterrupted[stop_after:]
     assert [batch["keys"] for batch in resumed] == [batch["keys"] for batch in expected]
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(resumed, expected))
     total_skipped = sum(batch["num_skipped"] for batch in uninterrupted)
-    assert total_skipped >= 2 and resumed_loader.skipped["corrupt_image"] == total_skipped
+    assert sum(resumed_loader.skipped.values()) == total_skipped and (mode == "resampled" or total_skipped >= 1)
 
 
 def test_resume_refuses_a_different_worker_count(tmp_path):

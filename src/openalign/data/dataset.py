@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import random
 import re
 from collections import Counter
@@ -23,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from openalign.data.loader import Collate, ResumableLoader, make_loader
 from openalign.data.sources import (
     DataError,
     Record,
@@ -37,6 +37,8 @@ from openalign.data.sources import (
 from openalign.errors import ConfigError
 from openalign.processing.images import load_image, train_transform
 
+__all__ = ["DEFAULT_TRANSFORM", "Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader"]
+
 logger = logging.getLogger(__name__)
 
 # Flipping an image whose caption says "left" or "right" makes the caption false (the paper's caveat).
@@ -45,6 +47,8 @@ SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 # The dataset flips (so a caption can veto it); the shared transform does the rest of the paper's augmentation.
 DEFAULT_TRANSFORM = functools.partial(train_transform, flip=False)
+# Draws per segment of a resampled manifest: bounds what a resume replays.
+RESAMPLED_BLOCK = 10_000
 
 
 @contextmanager
@@ -115,7 +119,7 @@ class ImageTextDataset(IterableDataset):
         self._num_samples: int | None = None
         # Set by the loader before each epoch; pickled into the workers with the dataset.
         self.epoch = 0
-        self.resume_positions: list[tuple[int, int]] | None = None
+        self.resume_positions: list[tuple[int, int, int, int]] | None = None
         self.rotation = 0
 
     # -- sizes and placement --------------------------------------------------------------------------------
@@ -135,6 +139,10 @@ class ImageTextDataset(IterableDataset):
             return self._world_size
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         return torch.distributed.get_world_size() if distributed else 1
+
+    def resolve_placement(self) -> None:
+        """Fix rank and world size now (from torch.distributed when not given), so workers need not ask it."""
+        self._rank, self._world_size = self.rank, self.world_size
 
     @property
     def num_samples(self) -> int:
@@ -175,8 +183,8 @@ class ImageTextDataset(IterableDataset):
         """(pass, record) for all records, pass after pass, each pass in its own seeded order."""
         for pass_index in itertools.count():
             produced = 0
-            order = _permutation(len(self.records or self.shards), self.shuffle, f"{self.seed}:{epoch}:{pass_index}")
-            for index in order:
+            size = len(self.records) if self.records is not None else len(self.shards)
+            for index in _permutation(size, self.shuffle, f"{self.seed}:{epoch}:{pass_index}"):
                 for record in ([self.records[index]] if self.records is not None
                                else self._read_shard(self.shards[index], skipped)):
                     produced += 1
@@ -184,51 +192,32 @@ class ImageTextDataset(IterableDataset):
             if produced == 0:
                 raise DataError(f"no readable samples in any of {len(self.shards or [])} shards")
 
-    def _passes(self, stream: int, num_streams: int, epoch: int, skipped: Counter) -> Iterator[Iterator[Record]]:
-        """The stream's records as a sequence of passes over its share (one endless pass when resampled)."""
-        if self.resampled:
-            yield self._resampled(random.Random(f"{self.seed}:{epoch}:{stream}:draws"), skipped)
+    def segments(self, stream: int, num_streams: int, epoch: int, skipped: Counter) -> Iterator[Iterator[Record]]:
+        """One stream's records for an epoch as an endless sequence of lazy segments.
+
+        A segment is a unit that resume can jump to without reading what came before: one shard when streams
+        own whole shards or draw them (resampled), a block of draws for a resampled manifest, and a whole pass
+        over the global order otherwise. The shuffle buffer empties at each segment's end.
+        """
+        if self.resampled and self.records is not None:
+            for segment_index in itertools.count():
+                rng = random.Random(f"{self.seed}:{epoch}:{stream}:draws:{segment_index}")
+                yield (self.records[rng.randrange(len(self.records))] for _ in range(RESAMPLED_BLOCK))
+        elif self.resampled:
+            for segment_index in itertools.count():
+                rng = random.Random(f"{self.seed}:{epoch}:{stream}:draws:{segment_index}")
+                yield self._read_shard(self.shards[rng.randrange(len(self.shards))], skipped)
         elif self.records is None and len(self.shards) >= num_streams:
             for pass_index in itertools.count():
                 order = _permutation(len(self.shards), self.shuffle, f"{self.seed}:{epoch}:{pass_index}")
-                own = [self.shards[index] for index in order[stream::num_streams]]
-                records = (record for url in own for record in self._read_shard(url, skipped))
-                first = next(records, None)
-                if first is None:
-                    raise DataError(f"stream {stream}: no readable samples in its shards {own}")
-                yield itertools.chain([first], records)
+                for index in order[stream::num_streams]:
+                    yield self._read_shard(self.shards[index], skipped)
         else:
             # Fewer shards than streams, or a manifest: stride over one global order so that no stream goes
             # empty; the stride runs on across passes so it also works with fewer samples than streams.
             strided = itertools.islice(self._global_order(epoch, skipped), stream, None, num_streams)
             for _, group in itertools.groupby(strided, key=lambda item: item[0]):
                 yield (record for _, record in group)
-
-    def _resampled(self, rng: random.Random, skipped: Counter) -> Iterator[Record]:
-        empty_draws = 0
-        while True:
-            if self.records is not None:
-                yield self.records[rng.randrange(len(self.records))]
-                continue
-            produced = 0
-            for record in self._read_shard(rng.choice(self.shards), skipped):
-                produced += 1
-                yield record
-            empty_draws = 0 if produced else empty_draws + 1
-            if empty_draws > 10 * len(self.shards):
-                raise DataError(f"no readable samples in {empty_draws} shards drawn from {self.shards[:3]}...")
-
-    def record_stream(self, stream: int, num_streams: int, epoch: int, skipped: Counter) -> Iterator[Record]:
-        """The endless, deterministic record order of one stream; shard read failures go into `skipped`.
-
-        Shard records are shuffled with a bounded buffer that empties at each pass's end, so an epoch takes
-        its samples from the first pass before wrapping into the next.
-        """
-        rng = random.Random(f"{self.seed}:{epoch}:{stream}:buffer")
-        for records in self._passes(stream, num_streams, epoch, skipped):
-            if self.records is None and self.shuffle and self.shuffle_buffer > 1:
-                records = _buffer_shuffle(records, self.shuffle_buffer, rng)
-            yield from records
 
     # -- samples ----------------------------------------------------------------------------------------------
 
@@ -262,26 +251,36 @@ class ImageTextDataset(IterableDataset):
         logger.warning("skipping sample %s: %s%s", record.key, reason, f" ({error})" if error else "")
         return None
 
-    def iter_samples(self, stream: int, num_streams: int, *, epoch: int | None = None, start_records: int = 0,
-                     start_samples: int = 0) -> Iterator[dict[str, Any]]:
-        """Yield the samples of one stream for an epoch, resuming after `start_records` records consumed.
+    def iter_samples(self, stream: int, num_streams: int, *, epoch: int | None = None,
+                     start: tuple[int, int, int, int] | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the samples of one stream for an epoch, from the start or from a saved position.
 
-        Each sample carries "position" = (stream, records consumed, samples yielded) and "skipped", the counts
-        by reason of records skipped since the previous sample.
+        A position is (segment, records taken from it, records consumed, samples yielded); each sample carries
+        its own as "position" = (stream, *position), and in "skipped" the counts by reason of the records
+        skipped since the previous sample. Resuming re-reads only the current segment, without decoding.
         """
         epoch = self.epoch if epoch is None else epoch
         limit = self.samples_per_stream(num_streams)
+        start_segment, start_within, consumed, yielded = start or (0, 0, 0, 0)
         skipped: Counter = Counter()
-        records = self.record_stream(stream, num_streams, epoch, skipped)
-        consumed, yielded, consecutive_skips = 0, start_samples, 0
-        try:
-            while limit is None or yielded < limit:
-                record = next(records)
-                consumed += 1
-                if consumed <= start_records:
-                    if consumed == start_records:
-                        skipped.clear()  # already reported before the interruption
+        consecutive_skips, empty_segments = 0, 0
+        shuffled = self.records is None and self.shuffle and self.shuffle_buffer > 1
+        for segment_index, segment in enumerate(self.segments(stream, num_streams, epoch, skipped)):
+            if limit is not None and yielded >= limit:
+                return
+            if segment_index < start_segment:
+                continue  # segments are lazy: skipping one reads nothing
+            if shuffled:
+                rng = random.Random(f"{self.seed}:{epoch}:{stream}:buffer:{segment_index}")
+                segment = _buffer_shuffle(segment, self.shuffle_buffer, rng)
+            within = 0
+            for record in segment:
+                within += 1
+                if segment_index == start_segment and within <= start_within:
+                    if within == start_within:
+                        skipped.clear()  # reported before the interruption
                     continue
+                consumed += 1
                 pixels = self._load(record, hash_seed(self.seed, epoch, stream, consumed), skipped)
                 if pixels is None:
                     consecutive_skips += 1
@@ -292,123 +291,25 @@ class ImageTextDataset(IterableDataset):
                 consecutive_skips = 0
                 yielded += 1
                 yield {"pixel_values": pixels, "caption": record.caption, "key": record.key,
-                       "skipped": dict(skipped), "position": (stream, consumed, yielded)}
+                       "skipped": dict(skipped), "position": (stream, segment_index, within, consumed, yielded)}
                 skipped.clear()
-        finally:
-            records.close()  # ends a piped shard's process now rather than at garbage collection
+                if limit is not None and yielded >= limit:
+                    segment.close()  # ends a piped shard's process now rather than at garbage collection
+                    return
+            empty_segments = 0 if within else empty_segments + 1
+            if empty_segments > 10 * len(self.shards or [None]) + 10:
+                raise DataError(f"stream {stream}: {empty_segments} shards in a row held no readable sample "
+                                f"(e.g. among {(self.shards or [])[:3]})")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The loader rotates workers on resume so the batch after the cut comes from the same stream as before.
         local = (worker + self.rotation) % num_workers
-        start_records, start_samples = self.resume_positions[local] if self.resume_positions else (0, 0)
-        yield from self.iter_samples(self.rank * num_workers + local, self.world_size * num_workers,
-                                     start_records=start_records, start_samples=start_samples)
+        start = tuple(self.resume_positions[local]) if self.resume_positions else None
+        yield from self.iter_samples(self.rank * num_workers + local, self.world_size * num_workers, start=start)
 
 
 def hash_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes and Python versions (string seeding is SHA-512)."""
     return random.Random(":".join(str(part) for part in parts)).getrandbits(63)
-
-
-class Collate:
-    """Stack samples into a batch, tokenize the captions, and carry the skip counts and stream position."""
-
-    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
-        self.tokenize = tokenize
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        captions = [sample["caption"] for sample in samples]
-        batch: dict[str, Any] = {
-            "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),  # (B, C, H, W)
-            "captions": captions,
-            "keys": [sample["key"] for sample in samples],
-        }
-        if self.tokenize is not None:
-            batch.update(self.tokenize(captions))
-        skipped: Counter = Counter()
-        for sample in samples:
-            skipped.update(sample["skipped"])
-        batch["num_skipped"] = sum(skipped.values())
-        batch["skipped_reasons"] = dict(skipped)
-        batch["position"] = samples[-1]["position"]  # one worker builds a whole batch: its last sample's place
-        return batch
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader over an ImageTextDataset that knows its exact data position.
-
-    Every batch reports (stream, records consumed, samples yielded); the loader keeps the latest per worker
-    stream and which stream serves next. Batches arrive round-robin from workers that all yield the same
-    number of batches, so restoring those positions and rotating the workers to start at the next stream makes
-    the resumed batches equal, key for key and pixel for pixel, to an uninterrupted run's.
-    """
-
-    def __init__(self, dataset: ImageTextDataset, batch_size: int, num_workers: int = 0, **kwargs: Any):
-        if kwargs.get("persistent_workers"):
-            raise ConfigError("persistent_workers=True would keep stale resume positions in the workers")
-        # DataLoader draws a worker base seed per iterator; from its own generator, so a resume mid-epoch
-        # leaves the trainer's global RNG where an uninterrupted run has it (samples are seeded per position).
-        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers,
-                         collate_fn=Collate(dataset.tokenize), **kwargs)
-        self.num_streams = max(1, num_workers)
-        self.epoch = dataset.epoch
-        self.positions = [(0, 0)] * self.num_streams
-        self.next_stream = 0
-        self.skipped: Counter = Counter()
-
-    def batches_per_epoch(self) -> int | None:
-        """Batches this rank yields per epoch (the same on every rank); None when endless."""
-        share = self.dataset.samples_per_stream(self.dataset.world_size * self.num_streams)
-        if share is None:
-            return None
-        per_stream = share // self.batch_size if self.drop_last else math.ceil(share / self.batch_size)
-        return per_stream * self.num_streams
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # The workers receive a pickled copy of the dataset when the iterator starts: set its place first.
-        self.dataset.epoch = self.epoch
-        self.dataset.resume_positions = list(self.positions)
-        self.dataset.rotation = self.next_stream
-        for batch in super().__iter__():
-            stream, records, samples = batch["position"]
-            local = stream % self.num_streams
-            self.positions[local] = (records, samples)
-            self.next_stream = (local + 1) % self.num_streams
-            self.skipped.update(batch["skipped_reasons"])
-            yield batch
-        self.epoch += 1
-        self.positions = [(0, 0)] * self.num_streams
-        self.next_stream = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its beginning at the next iteration."""
-        self.epoch, self.positions, self.next_stream = epoch, [(0, 0)] * self.num_streams, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The data position after the last batch handed out (the same on every rank)."""
-        return {"epoch": self.epoch, "positions": [list(position) for position in self.positions],
-                "next_stream": self.next_stream, "num_streams": self.num_streams,
-                "world_size": self.dataset.world_size, "seed": self.dataset.seed,
-                "skipped": dict(self.skipped)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict()`; the workers, ranks and seed must match the saved run."""
-        expected = {"num_streams": self.num_streams, "world_size": self.dataset.world_size,
-                    "seed": self.dataset.seed}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ConfigError(f"data state has {key}={state.get(key)!r} but this run has {value!r}; "
-                                  "an exact resume needs the same workers, ranks and seed")
-        self.epoch, self.next_stream = state["epoch"], state["next_stream"]
-        self.positions = [tuple(position) for position in state["positions"]]
-        self.skipped = Counter(state.get("skipped", {}))
-
-
-def make_loader(dataset: ImageTextDataset, batch_size: int, num_workers: int = 0,
-                **kwargs: Any) -> ResumableLoader:
-    """A resumable DataLoader whose batches hold pixel_values (B, 3, H, W), token tensors, captions, keys,
-    num_skipped, skipped_reasons and position; extra keyword arguments go to DataLoader."""
-    return ResumableLoader(dataset, batch_size, num_workers, **kwargs)
