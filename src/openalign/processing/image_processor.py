@@ -99,9 +99,11 @@ class AlignImageProcessor:
         if self.do_center_crop:
             pixels = center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
         lookup = self._value_lookup()
-        channels = np.arange(3)[None, None, :]
-        values = lookup[channels, pixels]  # (H, W, 3)
-        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+        planes = pixels.transpose(2, 0, 1)  # (3, H, W), a view
+        values = np.empty(planes.shape, dtype=np.float32)
+        for channel in range(3):
+            np.take(lookup[channel], planes[channel], out=values[channel])
+        return torch.from_numpy(values)
 
     def _process_item(self, index: int, source: Any) -> torch.Tensor:
         image = load_image(source, max_pixels=self.max_pixels, name=batch_item_name(index, source))
