@@ -183,3 +183,30 @@ def test_webdataset_shards_through_data_sources(tmp_path):
     # Same images from the folder itself (paths, no bytes) give the same embeddings.
     embed_to_folder(paths, _ImageEncoder(), tmp_path / "from_paths", part_size=4, progress=False)
     np.testing.assert_array_equal(read_embedding_folder(tmp_path / "from_paths")[0], embeddings)
+
+
+class _CountedItem:
+    """A Record-shaped text item that counts how many of its kind are alive at once."""
+
+    alive = 0
+    most_alive = 0
+
+    def __init__(self, index):
+        self.key, self.caption, self.image_bytes, self.image_path = f"key-{index}", f"text {index}", None, None
+        _CountedItem.alive += 1
+        _CountedItem.most_alive = max(_CountedItem.most_alive, _CountedItem.alive)
+
+    def __del__(self):
+        _CountedItem.alive -= 1
+
+
+def test_raw_items_held_stay_bounded_by_the_batch(tmp_path):
+    def encode_texts(texts):
+        return torch.tensor([[1.0, float(text.split()[1])] for text in texts])
+
+    stream = (_CountedItem(index) for index in range(1000))
+    summary = embed_to_folder(
+        stream, encode_texts, tmp_path / "out", kind="text", part_size=100, batch_size=8, progress=False
+    )
+    assert summary["count"] == 1000 and summary["num_parts"] == 10  # count a multiple of part_size
+    assert _CountedItem.most_alive <= 8 + 2  # one batch, plus the item being created and the one in hand

@@ -13,7 +13,7 @@ Items are numbered globally in iteration order; part p holds items [p * part_siz
 rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
 is independent of the number of ranks. Every file goes to a temporary name and is renamed into place; the
 .done marker is renamed last, so a part without it is redone from scratch after a crash and a part with it
-is skipped. Only one part's embeddings are ever held in memory.
+is skipped. Only one part's embeddings and one batch of raw items are ever held in memory.
 """
 
 from __future__ import annotations
@@ -140,14 +140,16 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, write)
 
 
-def _embed_part(items, first_index, kinds, encoders, image_loader, batch_size, progress_bar):
-    """Load and encode one part's items. Returns (embeddings per kind, metadata rows, skipped items)."""
-    rows, skipped = [], []
+def _embed_part(part_items, first_index, kinds, encoders, image_loader, batch_size, progress_bar):
+    """Load and encode one part's items (an iterator, consumed a batch at a time so only one batch of raw
+    items is held). Returns (embeddings per kind, metadata rows, skipped items, number of items consumed)."""
+    rows, skipped, consumed = [], [], 0
     chunks = {kind: [] for kind in kinds}
-    for batch_start in range(0, len(items), batch_size):
+    while batch := list(itertools.islice(part_items, batch_size)):
         batch_rows, batch_payloads = [], {kind: [] for kind in kinds}
-        for offset, item in enumerate(items[batch_start : batch_start + batch_size]):
-            index = first_index + batch_start + offset
+        for item in batch:
+            index = first_index + consumed
+            consumed += 1
             try:
                 row, payloads = _load(kinds, item, index, image_loader)
             except ImageLoadError as error:
@@ -161,11 +163,12 @@ def _embed_part(items, first_index, kinds, encoders, image_loader, batch_size, p
                 chunks[kind].append(_encode(encoders[kind], batch_payloads[kind]))
             rows.extend(batch_rows)
         if progress_bar is not None:
-            progress_bar.update(min(batch_size, len(items) - batch_start))
+            progress_bar.update(len(batch))
+        del batch, item  # free this batch's raw items (image bytes) before the next batch is read
     embeddings = {
         kind: np.concatenate(chunks[kind]) if chunks[kind] else np.zeros((0, 0), dtype=np.float16) for kind in kinds
     }
-    return embeddings, rows, skipped
+    return embeddings, rows, skipped, consumed
 
 
 def _write_part(out_dir: Path, part_index: int, embeddings, rows, skipped) -> None:
@@ -279,22 +282,27 @@ def embed_to_folder(
         from tqdm import tqdm
 
         # Rank 0 counts only its own items; items/s times world_size is the job's rate.
-        progress_bar = tqdm(unit="item", desc=f"embed rank 0/{world_size}", dynamic_ncols=True)
+        total = len(items) // world_size if hasattr(items, "__len__") else None
+        progress_bar = tqdm(total=total, unit="item", desc=f"embed rank 0/{world_size}", dynamic_ncols=True)
     iterator = iter(items)
     num_parts = 0
     for part_index in itertools.count():
-        # Every rank walks the whole item stream (cheap: items are descriptions, not decoded images) so the
-        # global numbering agrees; only its own unfinished parts are loaded and encoded.
-        part_items = list(itertools.islice(iterator, part_size))
-        if not part_items:
+        # Every rank walks the whole item stream so the global numbering agrees; items of other ranks' parts
+        # and of finished parts are read past without decoding.
+        part_items = itertools.islice(iterator, part_size)
+        if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
+            consumed = sum(1 for _ in part_items)
+        else:
+            embeddings, rows, skipped, consumed = _embed_part(
+                part_items, part_index * part_size, kinds, encoders, image_loader, batch_size, progress_bar
+            )
+            if consumed:
+                _write_part(out_dir, part_index, embeddings, rows, skipped)
+        if consumed == 0:
             break
         num_parts = part_index + 1
-        if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
-            continue
-        embeddings, rows, skipped = _embed_part(
-            part_items, part_index * part_size, kinds, encoders, image_loader, batch_size, progress_bar
-        )
-        _write_part(out_dir, part_index, embeddings, rows, skipped)
+        if consumed < part_size:
+            break
     if progress_bar is not None:
         progress_bar.close()
 
