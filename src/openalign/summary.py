@@ -1,0 +1,78 @@
+"""Architecture summary of a config: parameters per tower, feature sizes and FLOPs per image and per text.
+
+FLOPs are counted by running the model on the meta device under `torch.utils.flop_counter`, so even the
+largest preset is summarised without allocating its weights. A multiply-add counts as two FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from openalign.configs import AlignConfig
+from openalign.models.align import AlignModel
+from openalign.models.efficientnet import block_specs
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_summary(config: AlignConfig, text_length: int = 64) -> dict:
+    """Parameter counts, feature sizes and GFLOPs (one image at the config's size, one text of `text_length`)."""
+    with torch.device("meta"):
+        model = AlignModel(config).eval()
+        size = config.vision_config.image_size
+        pixels = torch.zeros(1, config.vision_config.num_channels, size, size)
+        input_ids = torch.zeros(1, text_length, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        features = model.vision_model(pixels).last_hidden_state
+    image_flops = counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        hidden = model.text_model.encoder(model.text_model.embeddings(input_ids), None)[0]  # (1, T, H)
+        model.text_projection(hidden[:, 0])
+    text_flops = counter.get_total_flops()
+    vision, text = config.vision_config, config.text_config
+    return {
+        "parameters": {
+            "vision": _count(model.vision_model),
+            "text": _count(model.text_model),
+            "text_pooler_unused": _count(model.text_model.pooler) if model.text_model.pooler is not None else 0,
+            "projection_and_temperature": _count(model.text_projection) + 1,
+            "total": _count(model),
+        },
+        "vision": {
+            "image_size": size,
+            "blocks": len(block_specs(vision)),
+            "feature_map": list(features.shape[1:]),
+            "embedding_dim": vision.output_channels,
+            "gflops_per_image": image_flops / 1e9,
+        },
+        "text": {
+            "layers": text.num_hidden_layers,
+            "hidden_size": text.hidden_size,
+            "heads": text.num_attention_heads,
+            "vocab_size": text.vocab_size,
+            "text_length": text_length,
+            "embedding_dim": config.projection_dim,
+            "gflops_per_text": text_flops / 1e9,
+        },
+    }
+
+
+def format_summary(name: str, summary: dict) -> str:
+    """A readable block of text for the terminal."""
+    p, v, t = summary["parameters"], summary["vision"], summary["text"]
+    lines = [
+        f"{name}",
+        f"  parameters      total {p['total']:,}  (vision {p['vision']:,}, text {p['text']:,} of which unused "
+        f"pooler {p['text_pooler_unused']:,}, projection + temperature {p['projection_and_temperature']:,})",
+        f"  image tower     {v['blocks']} MBConv blocks at {v['image_size']} px -> feature map "
+        f"{'x'.join(map(str, v['feature_map']))} -> {v['embedding_dim']}-d embedding; "
+        f"{v['gflops_per_image']:.2f} GFLOP per image",
+        f"  text tower      {t['layers']} layers x {t['hidden_size']} wide, {t['heads']} heads, vocab {t['vocab_size']:,}"
+        f" -> {t['embedding_dim']}-d embedding; {t['gflops_per_text']:.2f} GFLOP per text of {t['text_length']} tokens",
+    ]
+    return "\n".join(lines)
