@@ -157,10 +157,29 @@ def worker(rank: int, world_size: int, port: int, global_batch: int, out_dir: st
     local = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
     results = {scenario: run_step(scenario, images[local], tokens[local]) for scenario in SCENARIOS}
     results["fsdp"] = try_fsdp(images[local], tokens[local])
+    results["helpers"] = helpers(rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     from openalign.distributed import destroy_distributed
 
     destroy_distributed()
+
+
+def helpers(rank: int) -> dict:
+    """What the small helpers return on this rank, and the error for unequal batch sizes across ranks."""
+    from openalign import distributed
+
+    distributed.barrier()
+    try:
+        distributed.all_gather_with_grad(torch.zeros(rank + 1, 2))  # rank 0 holds 1 row, rank 1 holds 2
+        unequal_error = None
+    except ValueError as error:
+        unequal_error = str(error)
+    return {
+        "world": tuple(distributed.world_info())[:3],
+        "is_main": distributed.is_main_process(),
+        "broadcast": distributed.broadcast_object({"from": rank}),
+        "unequal_error": unequal_error,
+    }
 
 
 def try_fsdp(images: torch.Tensor, tokens: torch.Tensor) -> dict:

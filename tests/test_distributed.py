@@ -97,6 +97,15 @@ def test_fsdp2_on_gloo_cpu(rank_results):
         assert relative_error(grad, expected["grads"][name]) < TOLERANCE, name
 
 
+def test_helpers_in_two_processes(rank_results):
+    for rank, result in enumerate(rank_results):
+        helpers = result["helpers"]
+        assert helpers["world"] == (WORLD_SIZE, rank, rank)
+        assert helpers["is_main"] == (rank == 0)
+        assert helpers["broadcast"] == {"from": 0}
+        assert "same batch size" in helpers["unequal_error"] and "[1, 2]" in helpers["unequal_error"]
+
+
 def test_single_process_helpers_are_no_ops():
     info = distributed.world_info()
     assert (info.world_size, info.rank) == (1, 0)
