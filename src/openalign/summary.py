@@ -72,7 +72,8 @@ def format_summary(name: str, summary: dict) -> str:
         f"  image tower     {v['blocks']} MBConv blocks at {v['image_size']} px -> feature map "
         f"{'x'.join(map(str, v['feature_map']))} -> {v['embedding_dim']}-d embedding; "
         f"{v['gflops_per_image']:.2f} GFLOP per image",
-        f"  text tower      {t['layers']} layers x {t['hidden_size']} wide, {t['heads']} heads, vocab {t['vocab_size']:,}"
-        f" -> {t['embedding_dim']}-d embedding; {t['gflops_per_text']:.2f} GFLOP per text of {t['text_length']} tokens",
+        f"  text tower      {t['layers']} layers x {t['hidden_size']} wide, {t['heads']} heads, "
+        f"vocab {t['vocab_size']:,} -> {t['embedding_dim']}-d embedding; "
+        f"{t['gflops_per_text']:.2f} GFLOP per text of {t['text_length']} tokens",
     ]
     return "\n".join(lines)
