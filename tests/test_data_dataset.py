@@ -90,6 +90,15 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path):
     assert counts == [(2, 2), (2, 2)]
 
 
+def test_piped_shards_stream_in_order_and_need_an_epoch_size(tmp_path):
+    make_shards(tmp_path, [3, 2])
+    spec = f"pipe:cat {tmp_path}/part{{0,1}}-00000.tar"
+    with pytest.raises(ConfigError, match="pipe:cat"):
+        make_loader(ImageTextDataset(spec, transform=SMALL), batch_size=2)
+    dataset = ImageTextDataset(spec, transform=SMALL, shuffle=False, epoch_size=5)
+    assert captions_of(make_loader(dataset, batch_size=2)) == [f"sample {index}" for index in range(5)]
+
+
 def test_manifest_rows_split_by_index(tmp_path):
     records = [Record(key=str(index), caption=f"sample {index}", image_bytes=image_bytes(index), image_ext="png")
                for index in range(6)]

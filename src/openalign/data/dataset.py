@@ -91,9 +91,17 @@ class ImageTextDataset(IterableDataset):
     """Image-text pairs from a manifest, image folder or WebDataset shards, ready for contrastive training.
 
     Split: with at least as many shards as streams (ranks x workers), each stream reads whole shards; otherwise,
-    and for manifests, stream s takes every s-th record of one global order. `epoch_size` (global samples per
-    epoch) defaults to the manifest's rows or the local shards' sample count; `pipe:` shards need it given.
-    Corrupt samples are skipped, logged with their key and counted per reason in each sample's "skipped".
+    and for manifests, stream s takes every s-th record of one global order. Every stream yields
+    `epoch_size // streams` samples per epoch: a stream whose share runs short (uneven shards, skipped samples)
+    wraps into a fresh pass, and the remainder of the division is dropped. `epoch_size` defaults to the
+    manifest's rows or the local shards' sample count; `pipe:` shards need it given. `resampled` draws shards
+    (or rows) with replacement, endlessly unless `epoch_size` is given.
+
+    `decode` (bytes -> RGB image) and `transform` (image -> (3, H, W) tensor) may draw from torch's, Python's
+    or numpy's global RNG: it is seeded per sample from (seed, epoch, stream, position), which is what makes
+    the pixels of a resumed run exact. The transform should not flip; `flip` does (True, False, or "auto":
+    not when the caption says left or right). Unusable samples are skipped, logged with their key and
+    counted by reason; `max_consecutive_skips` in a row mean a broken source and raise DataError.
     """
 
     def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = DEFAULT_TRANSFORM,
