@@ -299,3 +299,11 @@ def test_train_transform_is_a_seeded_window_of_the_eval_resize(photos):
     assert len(found) > 1 and {flipped for flipped, _, _ in found} == {False, True}
     unflipped = train_transform(photos[0], flip=False, generator=torch.Generator().manual_seed(1))
     assert windows_matching(resized, unflipped, flipped=False)
+
+
+def test_changing_a_setting_after_a_call_takes_effect(photos):
+    processor = AlignImageProcessor()
+    processor(photos[0])
+    processor.do_normalize, processor.rescale_offset = True, False
+    difference = (processor(photos[0]) - reference_pixels(processor, [photos[0]])).abs().max().item()
+    assert difference <= 1e-6

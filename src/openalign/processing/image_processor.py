@@ -119,22 +119,28 @@ class AlignImageProcessor:
         return int(shortest * height / width), shortest
 
     def _value_lookup(self) -> np.ndarray:
-        # Built with the same dtypes and operation order as transformers so each entry is bit-identical.
-        if self._lookup is None:
-            values = np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3))  # (256, 3)
-            if self.do_rescale:
-                values = (values.astype(np.float64) * self.rescale_factor).astype(np.float32)
-                if self.rescale_offset:
-                    values -= 1
-            values = values.astype(np.float32)
-            if self.do_normalize:
-                mean = np.array(self.image_mean, dtype=np.float32)
-                std = np.array(self.image_std, dtype=np.float32)
-                values = (values - mean) / std
-            if self.include_top:
-                values = (values - np.zeros(3, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
-            self._lookup = np.ascontiguousarray(values.T)  # (3, 256)
-        return self._lookup
+        # Keyed on the settings so that changing a field after a call cannot serve a stale table.
+        key = (self.do_rescale, self.rescale_factor, self.rescale_offset, self.do_normalize,
+               tuple(self.image_mean), tuple(self.image_std), self.include_top)  # fmt: skip
+        if self._lookup is None or self._lookup[0] != key:
+            self._lookup = (key, self._build_value_lookup())
+        return self._lookup[1]
+
+    def _build_value_lookup(self) -> np.ndarray:
+        # The same dtypes and operation order as transformers, so that each entry is bit-identical.
+        values = np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3))  # (256, 3)
+        if self.do_rescale:
+            values = (values.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            if self.rescale_offset:
+                values -= 1
+        values = values.astype(np.float32)
+        if self.do_normalize:
+            mean = np.array(self.image_mean, dtype=np.float32)
+            std = np.array(self.image_std, dtype=np.float32)
+            values = (values - mean) / std
+        if self.include_top:
+            values = (values - np.zeros(3, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
+        return np.ascontiguousarray(values.T)  # (3, 256)
 
 
 def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
