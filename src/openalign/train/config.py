@@ -38,6 +38,9 @@ class ModelSection:
     temperature_init: float | None = None  # overrides the config's temperature_init_value (ALIGN: 1.0)
     gradient_checkpointing: str = "none"  # none | text | vision | both
     residual_gain: float = 0.2  # trainable_init's gain on residual branches, for towers trained from scratch
+    # Keras meaning (decay of the running average; align-base: 0.99). Short runs want less, e.g. 0.9: with
+    # 0.99 the running statistics that evaluation uses lag far behind the weights for thousands of steps.
+    batch_norm_momentum: float | None = None
 
 
 @dataclass

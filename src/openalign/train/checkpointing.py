@@ -1,0 +1,211 @@
+"""Run checkpoints: `checkpoint-{step:08d}/` folders that survive a kill at any moment.
+
+A checkpoint holds the model in transformers' layout (`config.json` + `model.safetensors`, so
+`AlignModel.from_pretrained` reads it), `trainer_state.pt` (optimiser, scheduler, scaler, EMA, RNG states, data
+position, step; tensors and plain containers only, loaded with `weights_only=True`) and `files.json`, the byte
+size of every file, written last. The folder is assembled under a hidden temporary name and renamed into
+place, so a folder with the final name is complete unless something damaged it later; `files.json` catches
+that case (a truncated or missing file) and the loader falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openalign.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
+TRAINER_STATE_NAME = "trainer_state.pt"
+FILES_NAME = "files.json"
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` optimiser steps."""
+    return f"checkpoint-{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Write `checkpoint-{step}` atomically, then delete all but the newest `keep_last` checkpoints.
+
+    `model` needs `save_pretrained(folder)`; `trainer_state` may hold only tensors, numbers, strings, None and
+    lists/tuples/dicts of them (what `torch.load(weights_only=True)` accepts).
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(step)
+    temporary = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        model.save_pretrained(temporary)
+        torch.save(trainer_state, temporary / TRAINER_STATE_NAME)
+        sizes = {path.name: path.stat().st_size for path in sorted(temporary.iterdir()) if path.is_file()}
+        (temporary / FILES_NAME).write_text(json.dumps({"step": step, "sizes": sizes}, indent=1) + "\n")
+        for path in temporary.iterdir():
+            _fsync(path)
+        if final.exists():  # the same step saved again (a resumed run that stops where it resumed)
+            stale = run_dir / f".{final.name}.old-{os.getpid()}"
+            final.rename(stale)
+            temporary.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            temporary.rename(final)
+        _fsync(run_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never lands before the data it names (ignored where the
+    platform cannot open folders)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder in `run_dir`, oldest first; completeness is not checked."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the folder and the file when a checkpoint is incomplete or truncated."""
+    folder = Path(folder)
+    listing = folder / FILES_NAME
+    if not listing.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: no {FILES_NAME} (it was never finished)")
+    try:
+        sizes = json.loads(listing.read_text())["sizes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {folder}: {FILES_NAME} is unreadable ({error})") from None
+    for required in (TRAINER_STATE_NAME, "config.json"):
+        if required not in sizes:
+            raise CheckpointError(f"checkpoint {folder}: {FILES_NAME} does not list {required}")
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
+                f"{size} were written (truncated or replaced)"
+            )
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, spec: str) -> Path:
+    """The checkpoint folder to resume from: "latest" (the newest complete one in `run_dir`, skipping and
+    logging damaged ones) or a path, which must be complete."""
+    if spec != "latest":
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {folder}")
+        verify_checkpoint(folder)
+        return folder
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise CheckpointError(f"--resume latest: no checkpoint-* folder in {run_dir}")
+    for _, folder in reversed(checkpoints):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as error:
+            logger.warning("skipping damaged checkpoint: %s", error)
+    raise CheckpointError(f"--resume latest: none of the {len(checkpoints)} checkpoints in {run_dir} is complete")
+
+
+def load_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The `trainer_state.pt` of a checkpoint, read with `weights_only=True` (no code runs on load)."""
+    path = Path(folder) / TRAINER_STATE_NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no {TRAINER_STATE_NAME}") from None
+    except Exception as error:  # a damaged pickle raises many types
+        raise CheckpointError(f"{path} cannot be read: {error}") from None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and temporary folders this process left behind."""
+    checkpoints = list_checkpoints(run_dir)
+    for _, folder in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete half-written checkpoint folders that a killed run left (hidden `.checkpoint-*` folders)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for path in run_dir.glob(".checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# -- RNG states as weights_only-safe values ------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) generator states, as tensors and plain lists."""
+    python_version, python_internal, python_gauss = random.getstate()
+    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {
+        "python": [python_version, list(python_internal), python_gauss],
+        "numpy": [
+            numpy_name,
+            torch.from_numpy(numpy_keys.astype(np.int64)),
+            int(numpy_position),
+            int(numpy_has_gauss),
+            float(numpy_gauss),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    python_version, python_internal, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_internal), python_gauss))
+    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = state["numpy"]
+    np.random.set_state(
+        (numpy_name, numpy_keys.numpy().astype(np.uint32), numpy_position, numpy_has_gauss, numpy_gauss)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

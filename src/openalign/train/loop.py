@@ -1,0 +1,203 @@
+"""One training step and one validation pass, given the pieces `trainer.py` builds.
+
+A step: both towers -> features -> contrastive loss against the global batch -> backward (exact feature-cached
+accumulation when the batch is split) -> a finiteness check -> clip -> optimiser step. The finiteness check runs
+before the optimiser touches the weights, so a NaN or inf loss or gradient never reaches them: the step is
+skipped (gradients dropped, BatchNorm statistics restored) or the run halts with the step and the loss value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from openalign.distributed import average_gradients, gather_features, world_info
+from openalign.errors import OpenAlignError
+from openalign.eval.retrieval import retrieval_metrics
+from openalign.train.gradcache import accumulated_step, split_batch
+
+logger = logging.getLogger(__name__)
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class NonFiniteLossError(OpenAlignError, FloatingPointError):
+    """The loss or the gradient norm of a step was NaN or infinite and the run is set to halt."""
+
+
+class DualEncoderFeatures(nn.Module):
+    """The model as one module that maps a batch to (image_features, text_features), each (B, D), unnormalised.
+
+    This is what DDP / FSDP / torch.compile wrap, so both towers run inside one wrapped forward. A frozen tower
+    runs without a graph.
+    """
+
+    def __init__(self, model: nn.Module, freeze_text: bool = False, freeze_vision: bool = False):
+        super().__init__()
+        self.model = model
+        self.freeze_text, self.freeze_vision = freeze_text, freeze_vision
+
+    def forward(self, pixel_values, input_ids, attention_mask, token_type_ids):
+        with torch.no_grad() if self.freeze_vision else contextlib.nullcontext():
+            image_features = self.model.get_image_features(pixel_values)  # (B, D)
+        with torch.no_grad() if self.freeze_text else contextlib.nullcontext():
+            text_features = self.model.get_text_features(input_ids, attention_mask, token_type_ids)  # (B, D)
+        return image_features, text_features
+
+
+@dataclass
+class StepResult:
+    """What one step did: its loss (nan when not finite), gradient norm, and whether the update was skipped."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
+class Stepper:
+    """Runs training steps; built once by the trainer.
+
+    `features`: the (wrapped) DualEncoderFeatures; `loss_fn(image_features, text_features)` -> 0-d loss over the
+    global batch; `loss_parameters`: the scalars the loss uses that need gradients (the temperature), and
+    `outside_parameters` those of them no DDP/FSDP wrapper reduces (a loss's own logit scale).
+    """
+
+    features: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    parameters: list[torch.Tensor]
+    loss_parameters: list[torch.Tensor] = field(default_factory=list)
+    outside_parameters: list[torch.Tensor] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    accumulation: int = 1
+    grad_clip: float | None = None
+    nan_policy: str = "halt"
+    after_step: Callable[[], None] | None = None  # e.g. the CLIP scale clamp, the EMA update
+    norm_buffers: list[torch.Tensor] = field(default_factory=list)  # BatchNorm statistics to restore on skip
+
+    def __post_init__(self):
+        self._saved_buffers = [buffer.clone() for buffer in self.norm_buffers] if self.nan_policy == "skip" else []
+
+    def autocast(self):
+        """Mixed precision for the towers' forward (the loss runs in float32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(pixel_values, input_ids, attention_mask, token_type_ids) on the training device."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        pixel_values = batch["pixel_values"].to(self.device, non_blocking=True, memory_format=memory_format)
+        text = [batch[key].to(self.device, non_blocking=True) for key in TEXT_KEYS]
+        return (pixel_values, *text)
+
+    def encode(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a (micro-)batch, cast to float32 for the loss."""
+        with self.autocast():
+            image_features, text_features = self.features(*tensors)
+        return image_features.float(), text_features.float()
+
+    def step(self, batch: dict, step_number: int) -> StepResult:
+        """One optimiser step on `batch`; `step_number` (1-based) only names the step in messages."""
+        if self._saved_buffers:
+            torch._foreach_copy_(self._saved_buffers, self.norm_buffers)
+        tensors = self.to_device(batch)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        if self.accumulation == 1:
+            loss = self.loss_fn(*self.encode(tensors))
+            self.scaler.scale(loss).backward()
+            loss = loss.detach()
+        else:
+            loss = accumulated_step(
+                self.encode, lambda image, text: self.loss_fn(image, text) * scale,
+                split_batch(tensors, self.accumulation), self.loss_parameters, model=self.features,
+            ) / scale
+        average_gradients(self.outside_parameters)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        gradients = [parameter.grad for parameter in self.parameters if parameter.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        # With a grad scaler, inf gradients are its business (it lowers the scale and skips); only the loss counts.
+        bad = ~torch.isfinite(loss) if self.scaler.is_enabled() else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        bad = bad.float()
+        if world_info().world_size > 1:
+            dist.all_reduce(bad)  # every rank must take the same decision, or DDP deadlocks at the next step
+        skipped = bool(bad.item())
+        if skipped:
+            self._non_finite(step_number, float(loss), float(grad_norm))
+        else:
+            if self.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(gradients, self.grad_clip, grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.after_step is not None:
+                self.after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(float(loss), float(grad_norm), skipped)
+
+    def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:
+        message = (f"step {step_number}: non-finite loss or gradient (loss {loss}, gradient norm {grad_norm}); "
+                   "the weights were not updated")
+        if self.nan_policy == "halt":
+            raise NonFiniteLossError(message + "; resume from the last checkpoint, perhaps with a lower "
+                                     "optim.lr or run.nan_policy=skip")
+        logger.warning("%s; skipping it (run.nan_policy=skip)", message)
+        if self._saved_buffers:
+            torch._foreach_copy_(self.norm_buffers, self._saved_buffers)  # the bad batch's statistics too
+
+
+@torch.no_grad()
+def validate(stepper: Stepper, model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
+    """Contrastive loss (the training loss, global batches) and image<->text R@1/5/10 on a held-out loader.
+
+    Every rank reads its share; features are gathered so every rank returns the same numbers. The model runs
+    in eval mode (BatchNorm running statistics, no dropout) and is put back in training mode after.
+    """
+    was_training = model.training
+    model.eval()
+    losses, image_parts, text_parts = [], [], []
+    try:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            image_features, text_features = stepper.encode(stepper.to_device(batch))
+            losses.append(stepper.loss_fn(image_features, text_features))
+            all_image, all_text = gather_features(image_features, text_features, gather_with_grad=False)
+            image_parts.append(all_image.cpu())
+            text_parts.append(all_text.cpu())
+    finally:
+        model.train(was_training)
+    if not losses:
+        raise OpenAlignError("the validation set yielded no batch; give more samples or a smaller batch size")
+    loss = torch.stack(losses).mean()
+    if world_info().world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_info().world_size
+    image_embeds, text_embeds = torch.cat(image_parts), torch.cat(text_parts)  # (N, D) each, pairs aligned
+    metrics = retrieval_metrics(image_embeds, text_embeds, torch.arange(len(text_embeds)))
+    result = {"val_loss": float(loss), "val_num_pairs": int(len(text_embeds))}
+    for direction in ("image_to_text", "text_to_image"):
+        for k in (1, 5, 10):
+            result[f"val_{direction}_r{k}"] = float(metrics[f"{direction}_r{k}"])
+    result["val_chance_r1"] = 100.0 / len(text_embeds)
+    return result
+
+
+def temperature_of(loss_name: str, model: nn.Module, loss_module: nn.Module) -> float:
+    """The softmax temperature in use (for the logs): ALIGN's raw divisor, 1/exp(logit scale) otherwise."""
+    if loss_name == "align":
+        return float(model.temperature.detach())
+    return math.exp(-float(loss_module.logit_scale.detach()))

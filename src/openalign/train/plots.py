@@ -1,0 +1,64 @@
+"""PNG plots of a run from its metrics.jsonl: loss, temperature, learning rate, validation recall.
+
+matplotlib runs on the Agg backend, so plotting works without a display (on a training node).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from openalign.errors import ConfigError
+from openalign.train.run_log import METRICS_NAME, read_metrics
+
+PANELS = {  # file stem: (title, y label, [(metric key, legend label)], log scale)
+    "loss": ("Contrastive loss", "loss", [("loss", "train"), ("val_loss", "validation")], False),
+    "temperature": ("Temperature", "temperature", [("temperature", "temperature")], True),
+    "learning_rate": ("Learning rate", "lr", [("lr", "lr")], False),
+    "val_recall": ("Validation recall", "recall (%)", [
+        ("val_image_to_text_r1", "image->text R@1"), ("val_image_to_text_r5", "image->text R@5"),
+        ("val_text_to_image_r1", "text->image R@1"), ("val_text_to_image_r5", "text->image R@5"),
+        ("val_chance_r1", "chance R@1"),
+    ], False),
+}
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write one PNG per panel that has data (loss.png, temperature.png, learning_rate.png, val_recall.png)
+    into `out_dir` (default RUN_DIR/plots); return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise ConfigError(f"{run_dir / METRICS_NAME} is missing or empty: nothing to plot")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, (title, ylabel, series, log_scale) in PANELS.items():
+        curves = []
+        for key, label in series:
+            points = [(record["step"], record[key]) for record in records if record.get(key) is not None]
+            if points:
+                curves.append((label, points))
+        if not curves:
+            continue
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, points in curves:
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        axes.set(title=title, xlabel="step", ylabel=ylabel)
+        if log_scale:
+            axes.set_yscale("log")
+        if len(curves) > 1:
+            axes.legend()
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = out_dir / f"{stem}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written

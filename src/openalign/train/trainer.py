@@ -1,0 +1,459 @@
+"""`train(config)`: build the model, data, loss, optimiser and schedule a TrainConfig describes, then run it.
+
+The order matters: the model is built and (on resume) loaded before it is wrapped for DDP/FSDP, the optimiser
+is built over the wrapped parameters, and the data position, RNG states and step come back last, so a resumed
+run continues the same sequence of batches, dropout masks and updates as a run never interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+
+from openalign.checkpoint import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
+from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
+from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
+from openalign.distributed import (
+    barrier,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+    is_main_process,
+    world_info,
+    wrap_model,
+)
+from openalign.errors import CheckpointError, ConfigError
+from openalign.losses import build_loss
+from openalign.models.align import AlignModel
+from openalign.models.utils import trainable_init
+from openalign.processing.tokenizer import AlignTokenizer
+from openalign.train import checkpointing
+from openalign.train.config import TrainConfig
+from openalign.train.ema import ModelEma
+from openalign.train.loop import DualEncoderFeatures, Stepper, temperature_of, validate
+from openalign.train.optim import build_optimizer, freeze_tower
+from openalign.train.run_log import MetricsLog, Progress
+from openalign.train.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with: its folder, last step, why it stopped, and its last logged metrics."""
+
+    run_dir: Path
+    step: int
+    stop_reason: str  # "finished" or "time_budget"
+    last_checkpoint: Path | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0
+    skipped_samples: int = 0
+
+
+# -- building ------------------------------------------------------------------------------------------------
+
+
+def _read_align_config(path: str) -> AlignConfig:
+    path = Path(path)
+    return AlignConfig.from_json_file(path / "config.json" if path.is_dir() else path)
+
+
+def _load_tower(model: AlignModel, tower: str, source: str) -> None:
+    """Copy a tower's weights from an ALIGN checkpoint or (text) a plain BERT folder; the pooler may be absent,
+    nothing else may."""
+    folder = resolve_folder(source)
+    config_class = AlignTextConfig if tower == "text_model" else AlignVisionConfig
+    full_state = read_state_dict(folder)
+    report = load_into(getattr(model, tower), translate_state_dict(full_state, config_class),
+                       source=str(folder), strict=False)
+    missing = [key for key in report.missing if not key.startswith("pooler.")]
+    if missing or report.mismatched:
+        raise CheckpointError(f"cannot start {tower} from {folder}: {report.describe(str(folder))}")
+    if tower == "text_model" and "text_projection.weight" in full_state:  # an ALIGN checkpoint: its head too
+        load_into(model.text_projection, {key.split(".", 1)[1]: value for key, value in full_state.items()
+                                          if key.startswith("text_projection.")}, source=str(folder))
+
+
+def build_model(config: TrainConfig, vocab_size: int | None = None) -> AlignModel:
+    """The AlignModel a config asks for, in training mode: from a checkpoint, or from a preset / config.json
+    with `trainable_init` on towers not started from a checkpoint, then optional tower checkpoints."""
+    section = config.model
+    if section.init_from:
+        model = AlignModel.from_pretrained(section.init_from).train()
+    else:
+        align_config = _read_align_config(section.config) if section.config else get_preset(section.preset)
+        text_config, vision_config = align_config.text_config, align_config.vision_config
+        if section.text_init:
+            text_config = read_config(resolve_folder(section.text_init), AlignTextConfig)
+        elif vocab_size is not None:
+            text_config = text_config.replace(vocab_size=vocab_size)  # a fresh text tower fits the tokenizer
+        if section.vision_init:
+            vision_config = read_config(resolve_folder(section.vision_init), AlignVisionConfig)
+        if config.data.image_size:
+            vision_config = vision_config.replace(image_size=config.data.image_size)
+        if section.batch_norm_momentum is not None:
+            vision_config = vision_config.replace(batch_norm_momentum=section.batch_norm_momentum)
+        align_config = AlignConfig(
+            text_config=text_config, vision_config=vision_config, projection_dim=vision_config.output_channels,
+            temperature_init_value=align_config.temperature_init_value,
+            initializer_range=align_config.initializer_range,
+        )
+        model = AlignModel(align_config)
+        trainable_init(model.vision_model, residual_gain=section.residual_gain)
+        if section.text_init:
+            _load_tower(model, "text_model", section.text_init)
+        if section.vision_init:
+            _load_tower(model, "vision_model", section.vision_init)
+    if section.temperature_init is not None:
+        model.config.temperature_init_value = section.temperature_init
+        with torch.no_grad():
+            model.temperature.fill_(section.temperature_init)
+    model_vocab = model.config.text_config.vocab_size
+    if vocab_size is not None and vocab_size > model_vocab:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the text tower only {model_vocab} "
+                          "embeddings; use a matching data.tokenizer or model")
+    return model
+
+
+def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:
+    """Validation pixels: square resize, centre crop, scale to [-1, 1] (align-base's processor)."""
+    image = image.resize((resize, resize), Image.BILINEAR)
+    offset = (resize - crop) // 2
+    image = image.crop((offset, offset, offset + crop, offset + crop))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, C)
+    return pixels.permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W)
+
+
+def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: int, pin_memory: bool = False):
+    """(train loader, validation loader or None): resumable loaders of tokenized, augmented batches."""
+    data = config.data
+    resize = data.resize or round(image_size * 346 / 289)
+    padding = "max_length" if config.run.compile else "longest"  # compiled graphs want one text length
+    tokenize = functools.partial(tokenizer, padding=padding, max_length=data.max_length)
+    if not data.train:
+        raise ConfigError("data.train is empty: give a manifest, image folder or shard spec")
+    train_set = ImageTextDataset(
+        data.train, transform=functools.partial(train_transform, resize=resize, crop=image_size),
+        tokenize=tokenize, seed=config.run.seed, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+        flip=data.flip, epoch_size=data.epoch_size,
+    )
+    # Its own generator: otherwise each new iterator draws a seed from the global RNG, and a resumed run, which
+    # starts its iterator at a different moment, would see different dropout masks.
+    train_loader = make_loader(train_set, config.optim.batch_size, data.num_workers, drop_last=True,
+                               generator=torch.Generator(), pin_memory=pin_memory)
+    if train_loader.batches_per_epoch() == 0:
+        raise ConfigError(f"{data.train}: {train_set.num_samples} samples give no full batch of "
+                          f"{config.optim.batch_size} per process; lower optim.batch_size")
+    val_loader = None
+    if data.val:
+        val_transform = functools.partial(eval_transform, resize=resize, crop=image_size)
+        val_set = ImageTextDataset(data.val, transform=val_transform, tokenize=tokenize, shuffle=False, flip=False)
+        if val_set.num_samples > data.val_max_samples:
+            val_set = ImageTextDataset(data.val, transform=val_transform, tokenize=tokenize, shuffle=False,
+                                       flip=False, epoch_size=data.val_max_samples)
+        val_loader = make_loader(val_set, config.optim.batch_size, 0, generator=torch.Generator())
+    return train_loader, val_loader
+
+
+def _norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+            if buffer is not None]
+
+
+# -- state ---------------------------------------------------------------------------------------------------
+
+
+def _all_ranks(value: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _optimizer_state(holder: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(holder, optimizer, options=options)
+
+
+def _load_optimizer_state(holder: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(holder, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _model_state(model: AlignModel, fsdp: bool) -> dict[str, torch.Tensor]:
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class _ModelWriter:
+    """What `save_checkpoint` needs of a model (save_pretrained), for a state dict gathered from shards."""
+
+    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor]):
+        self.config, self.state_dict = config, state_dict
+
+    def save_pretrained(self, folder) -> None:
+        from openalign.checkpoint import write_checkpoint
+
+        write_checkpoint(folder, self.config, self.state_dict)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Train as `config` says, resuming from a checkpoint ("latest" or a folder) when `resume` is given.
+
+    Works in one process and under torchrun (one process per device; DDP, or FSDP2 with
+    distributed.strategy=fsdp). Writes config.yaml, metrics.jsonl, checkpoint-*/ folders, model/ (the final
+    weights; model-ema/ too with an EMA) and plots/ into run.out_dir.
+    """
+    config.validate()
+    info = init_distributed(config.distributed.backend)
+    try:
+        return _train(config, resume, info)
+    finally:
+        destroy_distributed()
+
+
+def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
+    run, optim = config.run, config.optim
+    world_size, rank = info.world_size, info.rank
+    main = is_main_process()
+    device = info.device if run.device == "auto" else torch.device(run.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda' but no CUDA device is visible")
+    if run.dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("run.dtype = 'fp16' needs CUDA (a grad scaler on CPU is not supported); use bf16")
+    fsdp = config.distributed.strategy == "fsdp" and world_size > 1
+    if fsdp and run.ema_decay is not None:
+        raise ConfigError("run.ema_decay is not supported with distributed.strategy = 'fsdp'")
+    run_dir = Path(run.out_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_stale_temporaries(run_dir)
+        config.save(run_dir / "config.yaml")
+
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank
+    if not config.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty: give a folder with tokenizer.json or vocab.txt")
+    tokenizer = AlignTokenizer.from_pretrained(config.data.tokenizer, max_length=config.data.max_length)
+    model = build_model(config, tokenizer.vocab_size)
+
+    checkpoint_folder, trainer_state = None, None
+    if resume:
+        checkpoint_folder = Path(broadcast_object(
+            str(checkpointing.resolve_checkpoint(run_dir, resume)) if main else None))
+        load_into(model, read_state_dict(checkpoint_folder), source=str(checkpoint_folder))
+        trainer_state = checkpointing.load_trainer_state(checkpoint_folder)
+        logger.info("resuming from %s (step %d)", checkpoint_folder, trainer_state["step"])
+
+    pooler = getattr(model.text_model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)  # ALIGN embeds [CLS] without the pooler: it never gets a gradient
+    if config.model.freeze_text:
+        freeze_tower(model, "text_model")
+        model.text_projection.requires_grad_(False)
+    if config.model.freeze_vision:
+        freeze_tower(model, "vision_model")
+    checkpointing_mode = config.model.gradient_checkpointing
+    model.gradient_checkpointing_enable(text=checkpointing_mode in ("text", "both"),
+                                        vision=checkpointing_mode in ("vision", "both"))
+    channels_last = run.channels_last if isinstance(run.channels_last, bool) else device.type == "cpu"
+    model.to(device)
+    if channels_last:
+        model.vision_model.to(memory_format=torch.channels_last)
+
+    loss_name = config.loss.name
+    loss_kwargs: dict[str, Any] = {"normalize": True}
+    if loss_name != "siglip":
+        loss_kwargs.update(label_smoothing=config.loss.label_smoothing, gather_with_grad=config.loss.gather_with_grad,
+                           local_loss=config.loss.local_loss)
+    if loss_name == "clip":
+        loss_kwargs["logit_scale_init"] = -math.log(float(model.temperature))
+    loss_module = build_loss(loss_name, **loss_kwargs).to(device)
+    if loss_name == "align":
+        loss_parameters = [model.temperature] if model.temperature.requires_grad else []
+        outside_parameters = []
+
+        def loss_fn(image_features, text_features):
+            return loss_module(image_features, text_features, model.temperature)
+    else:
+        model.temperature.requires_grad_(False)  # the loss owns its scale
+        loss_parameters = outside_parameters = [p for p in loss_module.parameters() if p.requires_grad]
+        loss_fn = loss_module
+
+    features = DualEncoderFeatures(model, config.model.freeze_text, config.model.freeze_vision)
+    shard_modules = [model.text_model, model.vision_model] if fsdp else None
+    features = wrap_model(features, config.distributed.strategy, config.distributed.sync_batchnorm,
+                          shard_modules=shard_modules)
+    holder = nn.ModuleList([model, loss_module])  # every trainable parameter, for the optimiser
+    optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
+    scheduler = build_scheduler(optimizer, optim.warmup_steps, optim.total_steps, optim.schedule,
+                                optim.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "fp16")
+    ema = ModelEma(model, run.ema_decay) if run.ema_decay is not None else None
+    if run.compile:
+        features = torch.compile(features)
+
+    train_loader, val_loader = build_loaders(config, tokenizer, model.config.vision_config.image_size,
+                                             pin_memory=device.type == "cuda")
+    after_step = (lambda: loss_module.clamp_()) if loss_name == "clip" else None
+    stepper = Stepper(
+        features=features, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        parameters=[p for p in holder.parameters() if p.requires_grad], loss_parameters=loss_parameters,
+        outside_parameters=outside_parameters, device=device, autocast_dtype=AUTOCAST_DTYPES[run.dtype],
+        channels_last=channels_last, accumulation=optim.accumulation, grad_clip=optim.grad_clip,
+        nan_policy=run.nan_policy, after_step=after_step, norm_buffers=_norm_buffers(model),
+    )
+
+    step, skipped_steps = 0, 0
+    torch.manual_seed(run.seed + 1_000_003 * rank)  # dropout differs across ranks
+    if trainer_state is not None:
+        step, skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
+        _load_optimizer_state(holder, optimizer, trainer_state["optimizer"], fsdp)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
+        loss_module.load_state_dict(trainer_state["loss"])
+        if ema is not None:
+            ema.load_state_dict(trainer_state["ema"])
+        train_loader.load_state_dict(trainer_state["data"])
+        rng_states = trainer_state["rng"]
+        if len(rng_states) != world_size:
+            raise CheckpointError(f"{checkpoint_folder} was written by {len(rng_states)} processes, this run has "
+                                  f"{world_size}: an exact resume needs the same number")
+        checkpointing.set_rng_state(rng_states[rank])
+
+    log = MetricsLog(run_dir, enabled=main, tensorboard=run.tensorboard,
+                     resume_step=step if trainer_state is not None else None)
+    progress = Progress(optim.total_steps, step, enabled=main and run.progress)
+    global_batch = optim.batch_size * world_size
+    start_time = time.monotonic()
+    window = {"losses": [], "start": time.monotonic(), "steps": 0}
+    last_record: dict[str, Any] = {}
+    last_checkpoint, stop_reason = checkpoint_folder, "finished"
+
+    def save(step_number: int) -> Path:
+        state = {
+            "step": step_number, "skipped_steps": skipped_steps,
+            "optimizer": _optimizer_state(holder, optimizer, fsdp), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "loss": loss_module.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "data": train_loader.state_dict(),
+            "rng": _all_ranks(checkpointing.rng_state(), world_size),
+        }
+        weights = _ModelWriter(model.config, _model_state(model, fsdp))
+        folder = run_dir / checkpointing.checkpoint_name(step_number)
+        if main:
+            folder = checkpointing.save_checkpoint(run_dir, step_number, weights, state, keep_last=run.keep_last)
+        barrier()
+        return folder
+
+    data_iterator = iter(train_loader)
+    try:
+        while step < optim.total_steps:
+            try:
+                batch = next(data_iterator)
+            except StopIteration:  # an epoch ended: the loader moved to the next one
+                data_iterator = iter(train_loader)
+                continue
+            learning_rate = optimizer.param_groups[0]["lr"]
+            result = stepper.step(batch, step + 1)
+            step += 1
+            skipped_steps += result.skipped
+            if ema is not None and not result.skipped:
+                ema.update(model)
+            if not result.skipped:
+                window["losses"].append(result.loss)
+            window["steps"] += 1
+            out_of_time = run.max_minutes is not None and _agree(
+                time.monotonic() - start_time > 60 * run.max_minutes, world_size)
+            checkpoint_now = step % run.checkpoint_every == 0 or step == optim.total_steps or out_of_time
+            temperature = temperature_of(loss_name, model, loss_module)
+            if step % run.log_every == 0 or checkpoint_now:
+                elapsed = time.monotonic() - window["start"]
+                losses = window["losses"]
+                last_record = {
+                    "step": step, "epoch": train_loader.epoch,
+                    "loss": sum(losses) / len(losses) if losses else float("nan"),
+                    "temperature": temperature, "lr": learning_rate, "grad_norm": result.grad_norm,
+                    "samples_per_s": global_batch * window["steps"] / max(elapsed, 1e-9),
+                    "skipped_samples": _total(sum(train_loader.skipped.values()), world_size),
+                    "skipped_steps": skipped_steps, "elapsed_s": time.monotonic() - start_time,
+                }
+                log.write(last_record)
+                progress.update(window["steps"], loss=last_record["loss"], temp=temperature,
+                                samples_s=last_record["samples_per_s"])
+                window = {"losses": [], "start": time.monotonic(), "steps": 0}
+            if val_loader is not None and ((run.val_every and step % run.val_every == 0)
+                                           or step == optim.total_steps or out_of_time):
+                val_record = {"step": step, **validate(stepper, features, val_loader)}
+                log.write(val_record)
+                last_record = {**last_record, **val_record}
+                window["start"] = time.monotonic()  # validation time is not training throughput
+            if checkpoint_now:
+                last_checkpoint = save(step)
+            if out_of_time:
+                stop_reason = "time_budget"
+                logger.info("run.max_minutes = %s reached at step %d; stopping", run.max_minutes, step)
+                break
+        final_weights = _model_state(model, fsdp)  # a collective under FSDP: every rank takes part
+        if main:
+            _ModelWriter(model.config, final_weights).save_pretrained(run_dir / "model")
+            if ema is not None:
+                ema.module.save_pretrained(run_dir / "model-ema")
+    finally:
+        progress.close()
+        log.close()
+    if main and run.plots:
+        from openalign.train.plots import plot_run
+
+        plot_run(run_dir)
+    return TrainResult(run_dir, step, stop_reason, last_checkpoint, last_record, skipped_steps,
+                       sum(train_loader.skipped.values()))
+
+
+def _agree(flag: bool, world_size: int) -> bool:
+    """True on every rank when it is true on any (all ranks must stop at the same step)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=world_info().device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _total(count: int, world_size: int) -> int:
+    """A per-rank count summed over ranks."""
+    if world_size == 1:
+        return count
+    value = torch.tensor([count], dtype=torch.float64, device=world_info().device)
+    dist.all_reduce(value)
+    return int(value.item())
