@@ -15,7 +15,9 @@ from openalign.eval.templates import (
     load_templates,
 )
 from openalign.eval.zeroshot import (
+    ZeroShotInputError,
     build_classifier,
+    class_folder,
     classify,
     evaluate_zero_shot,
     plot_confusion_matrix,
@@ -113,9 +115,7 @@ def test_evaluate_zero_shot_matches_brute_force_with_errors():
     order = np.argsort(-scores, axis=1)
     assert 0 < metrics["top1"] < 100
     assert metrics["top1"] == pytest.approx(100 * np.mean(order[:, 0] == labels))
-    assert metrics["top5"] == pytest.approx(
-        100 * np.mean([labels[i] in order[i, :5] for i in range(len(labels))])
-    )
+    assert metrics["top5"] == pytest.approx(100 * np.mean([labels[i] in order[i, :5] for i in range(len(labels))]))
     expected_confusion = np.zeros((6, 6), dtype=np.int64)
     for true_class, predicted in zip(labels, order[:, 0]):
         expected_confusion[true_class, predicted] += 1
@@ -179,3 +179,25 @@ def test_knn_bad_inputs():
         knn_classify(train + 1, [0, 1, 0, 1], train + 1, k=9)
     with pytest.raises(KnnInputError, match="train_labels has shape"):
         knn_classify(train + 1, [0, 1], train + 1, k=1)
+
+
+def test_class_folder(tmp_path):
+    for name, files in {
+        "golden_retriever": ["b.jpg", "a.PNG", "notes.txt"],
+        "cat": ["x/deep.jpeg"],
+        "empty": [],
+    }.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_bytes(b"")
+    paths, labels, names = class_folder(tmp_path)
+    assert names == ["cat", "empty", "golden retriever"]
+    assert [path.relative_to(tmp_path).as_posix() for path in paths] == [
+        "cat/x/deep.jpeg",
+        "golden_retriever/a.PNG",
+        "golden_retriever/b.jpg",
+    ]
+    assert labels.tolist() == [0, 2, 2]
+    with pytest.raises(ZeroShotInputError, match="no class sub-folder"):
+        class_folder(tmp_path / "cat" / "x")

@@ -20,6 +20,30 @@ class ZeroShotInputError(OpenAlignError, ValueError):
     """Labels, embeddings or the classifier have inconsistent shapes or values."""
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def class_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Images of a folder of class sub-folders (ImageNet layout), for eval zero-shot and eval knn.
+
+    Returns (image paths, class index per image, class names); classes are the sub-folder names in sorted
+    order and images are found recursively inside each, sorted. Underscores in names become spaces, so
+    "golden_retriever" reads naturally in a prompt.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ZeroShotInputError(f"{root} is not a folder of class sub-folders")
+    class_folders = sorted(path for path in root.iterdir() if path.is_dir())
+    if not class_folders:
+        raise ZeroShotInputError(f"{root} holds no class sub-folder")
+    paths, labels = [], []
+    for class_index, folder in enumerate(class_folders):
+        images = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+        paths.extend(images)
+        labels.extend([class_index] * len(images))
+    return paths, np.array(labels, dtype=np.int64), [folder.name.replace("_", " ") for folder in class_folders]
+
+
 def _as_float_tensor(array) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.detach().float()
@@ -43,8 +67,7 @@ def build_classifier(
         embeddings = _as_float_tensor(encode_texts(prompts))  # (T, D)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
             raise ZeroShotInputError(
-                f"encode_texts returned shape {tuple(embeddings.shape)} "
-                f"for {len(prompts)} prompts of {label!r}"
+                f"encode_texts returned shape {tuple(embeddings.shape)} for {len(prompts)} prompts of {label!r}"
             )
         embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         class_embeddings.append(torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1))
@@ -57,8 +80,7 @@ def class_logits(image_embeds, classifier, temperature: float | None = None) -> 
     classes = _as_float_tensor(classifier)
     if images.ndim != 2 or classes.ndim != 2 or images.shape[1] != classes.shape[1]:
         raise ZeroShotInputError(
-            f"image_embeds {tuple(images.shape)} and classifier {tuple(classes.shape)} "
-            "must be 2-d with equal D"
+            f"image_embeds {tuple(images.shape)} and classifier {tuple(classes.shape)} must be 2-d with equal D"
         )
     logits = images @ classes.T  # (N, C)
     return logits / temperature if temperature is not None else logits
@@ -94,9 +116,7 @@ def evaluate_zero_shot(image_embeds, labels_true, classifier, *, chunk_size: int
     top_predictions = np.empty((len(labels_true), min(5, num_classes)), dtype=np.int64)
     for start in range(0, len(labels_true), chunk_size):
         logits = class_logits(images[start : start + chunk_size], classifier)
-        top_predictions[start : start + chunk_size] = logits.topk(
-            top_predictions.shape[1], dim=-1
-        ).indices.numpy()
+        top_predictions[start : start + chunk_size] = logits.topk(top_predictions.shape[1], dim=-1).indices.numpy()
 
     hits = top_predictions == labels_true[:, None]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -127,9 +147,7 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, no
 
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
-        raise ZeroShotInputError(
-            f"confusion matrix of shape {matrix.shape} does not fit {len(labels)} labels"
-        )
+        raise ZeroShotInputError(f"confusion matrix of shape {matrix.shape} does not fit {len(labels)} labels")
     if normalize:
         with np.errstate(invalid="ignore", divide="ignore"):
             matrix = np.nan_to_num(matrix / matrix.sum(axis=1, keepdims=True))
