@@ -71,9 +71,9 @@ def format_summary(name: str, summary: dict) -> str:
         f"pooler {p['text_pooler_unused']:,}, projection + temperature {p['projection_and_temperature']:,})",
         f"  image tower     {v['blocks']} MBConv blocks at {v['image_size']} px -> feature map "
         f"{'x'.join(map(str, v['feature_map']))} -> {v['embedding_dim']}-d embedding; "
-        f"{v['gflops_per_image']:.2f} GFLOP per image",
+        f"{v['gflops_per_image']:.3g} GFLOP per image",
         f"  text tower      {t['layers']} layers x {t['hidden_size']} wide, {t['heads']} heads, "
         f"vocab {t['vocab_size']:,} -> {t['embedding_dim']}-d embedding; "
-        f"{t['gflops_per_text']:.2f} GFLOP per text of {t['text_length']} tokens",
+        f"{t['gflops_per_text']:.3g} GFLOP per text of {t['text_length']} tokens",
     ]
     return "\n".join(lines)
