@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from openalign.data.dataset import ImageTextDataset, make_loader
+from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
 from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.errors import ConfigError
-from openalign.processing.images import train_transform
 
-SMALL = functools.partial(train_transform, resize=12, crop=9, flip=False)  # the dataset flips
+SMALL = functools.partial(train_transform, resize=12, crop=9)
 
 
 def image_bytes(index: int) -> bytes:

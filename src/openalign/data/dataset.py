@@ -9,7 +9,6 @@ waits on a rank that ran dry.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
@@ -35,20 +34,24 @@ from openalign.data.sources import (
     iter_shard,
 )
 from openalign.errors import ConfigError
-from openalign.processing.images import load_image, train_transform
+from openalign.processing import images
 
-__all__ = ["DEFAULT_TRANSFORM", "Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader"]
+__all__ = ["Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader", "train_transform"]
 
 logger = logging.getLogger(__name__)
 
 # Flipping an image whose caption says "left" or "right" makes the caption false (the paper's caveat).
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-# The dataset flips (so a caption can veto it); the shared transform does the rest of the paper's augmentation.
-DEFAULT_TRANSFORM = functools.partial(train_transform, flip=False)
 # Draws per segment of a resampled manifest: bounds what a resume replays.
 RESAMPLED_BLOCK = 10_000
+
+
+def train_transform(image: Image.Image, *, resize: int = 346, crop: int = 289) -> torch.Tensor:
+    """The paper's augmentation without its flip: square resize, random crop, scale to [-1, 1].
+
+    The flip is the dataset's `flip` option, so that a caption naming a side can veto it.
+    """
+    return images.train_transform(image, resize=resize, crop=crop, flip=False)
 
 
 @contextmanager
@@ -104,8 +107,8 @@ class ImageTextDataset(IterableDataset):
     counted by reason; `max_consecutive_skips` in a row mean a broken source and raise DataError.
     """
 
-    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = DEFAULT_TRANSFORM,
-                 decode: Callable[[bytes], Image.Image] = load_image,
+    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = train_transform,
+                 decode: Callable[[bytes], Image.Image] = images.load_image,
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
