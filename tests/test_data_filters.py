@@ -265,3 +265,26 @@ def test_commands_generate_then_filter(tmp_path, capsys):
     assert report["dropped_by_rule"]["aspect"] == noise["extreme_aspect"]
     assert report["dropped_by_rule"]["length"] == noise["short"] + noise["long"] + sum(
         len(counting.tokenize(row["caption"])) < 3 for row in rows if row["noise"] == "boilerplate")
+
+
+def test_suggested_filter_drops_the_generated_noise_and_no_clean_pair(tmp_path):
+    from openalign.data.synth import SynthConfig, generate
+
+    # A boilerplate rate high enough that boilerplate outnumbers any describing caption even at this size.
+    summary = generate(tmp_path / "synth", 600, SynthConfig(boilerplate_rate=0.1), seed=0, heldout_n=10,
+                       workers=1)
+    assert summary["caption_repeats"]["clean_max"] <= summary["suggested_filter"]["max_images_per_caption"] \
+        < summary["caption_repeats"]["boilerplate_min"]
+    config = FilterConfig(**summary["suggested_filter"], min_token_count=2, workers=1)
+    run_filter(tmp_path / "synth" / "train" / "manifest.jsonl", tmp_path / "f", config)
+    kept, dropped = outcome(tmp_path / "f")
+    rows = [json.loads(line) for line in (tmp_path / "synth" / "train" / "manifest.jsonl").read_text().splitlines()]
+    noise = {Path(row["image_path"]).name: row["noise"] for row in rows}
+    assert {noise[name] for name in kept} == {"clean", "mismatch"}  # a wrong caption is no filter's business
+    assert {name for name in noise if noise[name] in ("clean", "mismatch")} == kept
+    rules_by_kind = {kind: {rule for name, rules in dropped.items() if noise[name] == kind for rule in rules}
+                     for kind in set(noise.values()) - {"clean", "mismatch"}}
+    assert rules_by_kind["junk"] == {"rare_token"}
+    assert rules_by_kind["undersized"] == {"min_side"} and rules_by_kind["extreme_aspect"] == {"aspect"}
+    assert rules_by_kind["long"] == {"length"} and "length" in rules_by_kind["short"]
+    assert "images_per_caption" in rules_by_kind["boilerplate"]

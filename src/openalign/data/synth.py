@@ -350,17 +350,23 @@ def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = No
 
 def suggest_filter(rows: list[dict], config: SynthConfig) -> dict:
     """Filter thresholds that fit this corpus's scale (the paper's suit a billion real photos): a shorter
-    side between undersized and normal images, and a caption-sharing limit that keeps every clean caption
-    while boilerplate, shared far more often, still exceeds it when the corpus is large enough."""
+    side between undersized and normal images, and a caption-sharing limit halfway between the most-shared
+    describing caption and the least-shared boilerplate string, so that every describing caption is kept
+    and every boilerplate string dropped. When the corpus is too small to separate them, the limit only
+    keeps every describing caption."""
     repeats = Counter(row["caption"] for row in rows)
     # Short and junk captions are caught by other rules; only captions that describe the image count here.
     describing = [r for r in rows if r["noise"] not in ("boilerplate", "short", "junk")]
     clean_max = max((repeats[r["caption"]] for r in describing), default=0)
     boilerplate_min = min((repeats[r["caption"]] for r in rows if r["noise"] == "boilerplate"), default=0)
+    if clean_max < boilerplate_min:
+        sharing_limit = (clean_max + boilerplate_min) // 2
+    else:
+        sharing_limit = max(10, clean_max)
     return {
         "caption_repeats": {"clean_max": clean_max, "boilerplate_min": boilerplate_min},
         "suggested_filter": {"min_side": int(config.image_size * 0.75), "max_aspect": 3.0,
-                             "max_images_per_caption": max(10, clean_max)},
+                             "max_images_per_caption": sharing_limit},
     }
 
 
