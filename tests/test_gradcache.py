@@ -96,6 +96,31 @@ def test_dropout_and_train_batchnorm_replay_per_micro_batch_semantics():
     assert relative_error(grad, gradients(oracle)["image_tower.0.weight"]) > 1e-3
 
 
+def test_frozen_tower_composes_with_accumulation():
+    from openalign.train.optim import freeze_tower
+
+    images, tokens = make_batch(8)
+    loss = AlignLoss()
+    full = make_model()
+    freeze_tower(full, "image_tower")
+    loss(*full(images, tokens), full.temperature).backward()
+
+    model = make_model()
+    freeze_tower(model, "image_tower")
+    accumulated_step(
+        lambda batch: model(*batch),
+        lambda image, text: loss(image, text, model.temperature),
+        split_batch((images, tokens), 4),
+        [model.temperature],
+        model=model,
+    )
+    actual, expected = gradients(model), gradients(full)
+    assert actual.keys() == expected.keys() == {"text_tower.weight", "text_projection.weight",
+                                                "text_projection.bias", "temperature"}  # fmt: skip
+    for name, grad in expected.items():
+        assert relative_error(actual[name], grad) < TOLERANCE, name
+
+
 def test_split_batch_and_empty_input_errors():
     images, tokens = make_batch(6)
     parts = split_batch((images, tokens), 3)

@@ -119,8 +119,10 @@ def accumulated_step(
         _set_rng_state(rng_states[index])
         with context:
             outputs = _as_tuple(encode(micro_batch))
-            tensors = list(outputs)
-            grads = [per_batch[i][index] for i in range(num_outputs)]
+            # A frozen tower's features carry no graph: nothing to push through them.
+            kept = [i for i, output in enumerate(outputs) if output.requires_grad]
+            tensors = [outputs[i] for i in kept]
+            grads = [per_batch[i][index] for i in kept]
             if is_last:
                 # A backward through a leaf accumulates its gradient and fires DDP's hook, so the scalars are
                 # reduced with the rest of the model (a parameter outside DDP just accumulates).
@@ -128,7 +130,8 @@ def accumulated_step(
                     if gradient is not None:
                         tensors.append(parameter)
                         grads.append(gradient)
-            torch.autograd.backward(tensors, grads)
+            if tensors:
+                torch.autograd.backward(tensors, grads)
     _set_rng_state(rng_after_pass1)
     return loss.detach()
 
