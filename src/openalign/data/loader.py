@@ -101,7 +101,7 @@ class ResumableLoader(DataLoader):
         self.epoch, self.positions, self.next_stream = epoch, [START] * self.num_streams, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position after the last batch handed out (the same on every rank)."""
+        """The data position after the last batch handed out (the same on every rank), and this rank's skips."""
         return {"epoch": self.epoch, "positions": [list(position) for position in self.positions],
                 "next_stream": self.next_stream, "num_streams": self.num_streams,
                 "world_size": self.dataset.world_size, "seed": self.dataset.seed,
@@ -117,7 +117,9 @@ class ResumableLoader(DataLoader):
                                   "an exact resume needs the same workers, ranks and seed")
         self.epoch, self.next_stream = state["epoch"], state["next_stream"]
         self.positions = [tuple(position) for position in state["positions"]]
-        self.skipped = Counter(state.get("skipped", {}))
+        # "skipped" holds the saving rank's own counts: restored on rank 0 only, so a sum over ranks never
+        # counts them twice (other ranks' counts from before the cut are not in a rank-0 checkpoint).
+        self.skipped = Counter(state.get("skipped", {}) if self.dataset.rank == 0 else {})
 
 
 def make_loader(dataset: ImageTextDataset, batch_size: int, num_workers: int = 0,
