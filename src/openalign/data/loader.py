@@ -58,6 +58,8 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: ImageTextDataset, batch_size: int, num_workers: int = 0, **kwargs: Any):
         if kwargs.get("persistent_workers"):
             raise ConfigError("persistent_workers=True would keep stale resume positions in the workers")
+        if kwargs.get("in_order") is False:
+            raise ConfigError("in_order=False lets batches overtake each other, so positions would not be exact")
         # DataLoader draws a worker base seed per iterator; from its own generator, so a resume mid-epoch
         # leaves the trainer's global RNG where an uninterrupted run has it (samples are seeded per position).
         kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
