@@ -76,6 +76,11 @@ def test_layout_metadata_and_skipped_items(tmp_path):
         colour = np.array([index * 10 % 256, index * 37 % 256, index * 91 % 256, 8 + index, 5 + index % 3], float)
         np.testing.assert_allclose(embeddings[row], colour / np.linalg.norm(colour), atol=1e-3)
     assert sum(len(part) for part, _ in iter_embedding_parts(tmp_path / "out")) == 21
+    # Decoding on a thread pool changes nothing in the output.
+    embed_to_folder(
+        paths, _ImageEncoder(), tmp_path / "threads", part_size=10, batch_size=4, num_workers=3, progress=False
+    )
+    assert _folder_bytes(tmp_path / "threads") == _folder_bytes(tmp_path / "out")
 
 
 def test_resume_after_crash_is_byte_identical(tmp_path):

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,10 @@ METADATA_SCHEMA = pa.schema(
 
 class EmbeddingFolderError(OpenAlignError, ValueError):
     """An embedding folder is incomplete, inconsistent with the requested run, or holds a malformed part."""
+
+
+class MissingCaptionError(OpenAlignError, ValueError):
+    """An item has no caption text while texts are being embedded; the item is skipped and listed."""
 
 
 def part_name(part_index: int) -> str:
@@ -101,7 +106,7 @@ def _load(kinds, item, index, image_loader):
     payloads = {}
     if "text" in kinds:
         if not isinstance(described["caption"], str):
-            raise ImageLoadError(f"item {index} ({described['source']}) has no caption text to embed")
+            raise MissingCaptionError(f"item {index} ({described['source']}) has no caption text to embed")
         payloads["text"] = described["caption"]
     if "image" in kinds:
         image = image_loader(described["source"], described["image"])
@@ -140,31 +145,38 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, write)
 
 
-def _embed_part(part_items, first_index, kinds, encoders, image_loader, batch_size, progress_bar):
-    """Load and encode one part's items (an iterator, consumed a batch at a time so only one batch of raw
-    items is held). Returns (embeddings per kind, metadata rows, skipped items, number of items consumed)."""
+def _load_or_skip(kinds, item, index, image_loader):
+    """(row, payloads) for an item that loads, or (None, skipped-entry) for one that does not."""
+    try:
+        return _load(kinds, item, index, image_loader)
+    except (ImageLoadError, MissingCaptionError) as error:
+        return None, {"index": index, "source": _describe(item, kinds)["source"], "error": str(error)}
+
+
+def _embed_part(part_items, first_index, kinds, encoders, image_loader, batch_size, progress_bar, pool):
+    """Load and encode one part's items, consumed from an iterator a batch at a time so only one batch of raw
+    items is held. Returns (embeddings per kind, metadata rows, skipped items, number of items consumed)."""
     rows, skipped, consumed = [], [], 0
     chunks = {kind: [] for kind in kinds}
     while batch := list(itertools.islice(part_items, batch_size)):
-        batch_rows, batch_payloads = [], {kind: [] for kind in kinds}
-        for item in batch:
-            index = first_index + consumed
-            consumed += 1
-            try:
-                row, payloads = _load(kinds, item, index, image_loader)
-            except ImageLoadError as error:
-                skipped.append({"index": index, "source": _describe(item, kinds)["source"], "error": str(error)})
-                continue
-            batch_rows.append(row)
-            for kind in kinds:
-                batch_payloads[kind].append(payloads[kind])
+        indices = range(first_index + consumed, first_index + consumed + len(batch))
+        consumed += len(batch)
+
+        def load(index_and_item):
+            return _load_or_skip(kinds, index_and_item[1], index_and_item[0], image_loader)
+
+        # PIL decodes without holding the GIL, so a thread pool overlaps the decoding of a batch.
+        loaded = list(pool.map(load, zip(indices, batch))) if pool else [load(pair) for pair in zip(indices, batch)]
+        del batch  # free this batch's raw items (image bytes) before the next batch is read
+        batch_rows = [row for row, _ in loaded if row is not None]
+        skipped.extend(entry for row, entry in loaded if row is None)
         if batch_rows:
             for kind in kinds:
-                chunks[kind].append(_encode(encoders[kind], batch_payloads[kind]))
+                payloads = [entry[kind] for row, entry in loaded if row is not None]
+                chunks[kind].append(_encode(encoders[kind], payloads))
             rows.extend(batch_rows)
         if progress_bar is not None:
-            progress_bar.update(len(batch))
-        del batch, item  # free this batch's raw items (image bytes) before the next batch is read
+            progress_bar.update(len(loaded))
     embeddings = {
         kind: np.concatenate(chunks[kind]) if chunks[kind] else np.zeros((0, 0), dtype=np.float16) for kind in kinds
     }
@@ -250,6 +262,7 @@ def embed_to_folder(
     rank: int = 0,
     world_size: int = 1,
     image_loader: Callable = load_image,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> dict | None:
     """Embed items into out_dir as described in the module docstring; returns the summary or None.
@@ -258,7 +271,8 @@ def embed_to_folder(
     "image" (bytes or a PIL image, e.g. from a WebDataset shard). encode_batch: a callable taking a list of
     RGB PIL images (kind "image") or strings (kind "text") and returning (B, D); for kind "both" a mapping
     {"image": callable, "text": callable}. An item whose image_loader raises ImageLoadError (or that lacks a
-    caption when texts are embedded) is skipped and listed. The summary is returned by the rank that finds
+    caption when texts are embedded) is skipped and listed. num_workers > 0 decodes each batch's images on
+    that many threads. The summary is returned by the rank that finds
     every part done at its end (rank 0 under torch.distributed, after a barrier); other ranks return None.
     """
     kinds = KINDS if kind == "both" else (kind,)
@@ -286,25 +300,30 @@ def embed_to_folder(
         progress_bar = tqdm(total=total, unit="item", desc=f"embed rank 0/{world_size}", dynamic_ncols=True)
     iterator = iter(items)
     num_parts = 0
-    for part_index in itertools.count():
-        # Every rank walks the whole item stream so the global numbering agrees; items of other ranks' parts
-        # and of finished parts are read past without decoding.
-        part_items = itertools.islice(iterator, part_size)
-        if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
-            consumed = sum(1 for _ in part_items)
-        else:
-            embeddings, rows, skipped, consumed = _embed_part(
-                part_items, part_index * part_size, kinds, encoders, image_loader, batch_size, progress_bar
-            )
-            if consumed:
-                _write_part(out_dir, part_index, embeddings, rows, skipped)
-        if consumed == 0:
-            break
-        num_parts = part_index + 1
-        if consumed < part_size:
-            break
-    if progress_bar is not None:
-        progress_bar.close()
+    pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+    try:
+        for part_index in itertools.count():
+            # Every rank walks the whole item stream so the global numbering agrees; items of other ranks'
+            # parts and of finished parts are read past without decoding.
+            part_items = itertools.islice(iterator, part_size)
+            if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
+                consumed = sum(1 for _ in part_items)
+            else:
+                embeddings, rows, skipped, consumed = _embed_part(
+                    part_items, part_index * part_size, kinds, encoders, image_loader, batch_size, progress_bar, pool
+                )
+                if consumed:
+                    _write_part(out_dir, part_index, embeddings, rows, skipped)
+            if consumed == 0:
+                break
+            num_parts = part_index + 1
+            if consumed < part_size:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if progress_bar is not None:
+            progress_bar.close()
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
