@@ -106,7 +106,10 @@ def test_helpers_in_two_processes(rank_results):
         assert "same batch size" in helpers["unequal_error"] and "[1, 2]" in helpers["unequal_error"]
 
 
-def test_single_process_helpers_are_no_ops():
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert tuple(distributed.init_distributed())[:3] == (1, 0, 0)
     info = distributed.world_info()
     assert (info.world_size, info.rank) == (1, 0)
     assert distributed.is_main_process()

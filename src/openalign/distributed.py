@@ -69,12 +69,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
 
 def world_info() -> WorldInfo:
     """World size, rank, local rank and device of this process; (1, 0, 0, cpu/cuda) when not distributed."""
+    # The device init_distributed chose: the current CUDA device when there is one, whatever the backend.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = device or torch.device("cpu")
     if not _is_distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        return WorldInfo(1, 0, 0, device or torch.device("cpu"))
+        return WorldInfo(1, 0, 0, device)
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    uses_cuda = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if uses_cuda else torch.device("cpu")
     return WorldInfo(dist.get_world_size(), dist.get_rank(), local_rank, device)
 
 
