@@ -153,7 +153,9 @@ def build_index(
     faiss = _faiss()
     embed_dir, out_dir = Path(embed_dir), Path(out_dir)
     summary = read_summary(embed_dir)
-    if embed_kind is None and len(summary["kinds"]) == 1:
+    if embed_kind is None:
+        if len(summary["kinds"]) != 1:
+            raise IndexBuildError(f"{embed_dir} holds {summary['kinds']} embeddings: pass embed_kind=")
         embed_kind = summary["kinds"][0]
     dim = summary["dims"].get(embed_kind)
     if not summary["count"] or not dim:
