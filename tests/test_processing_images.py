@@ -307,3 +307,9 @@ def test_changing_a_setting_after_a_call_takes_effect(photos):
     processor.do_normalize, processor.rescale_offset = True, False
     difference = (processor(photos[0]) - reference_pixels(processor, [photos[0]])).abs().max().item()
     assert difference <= 1e-6
+
+
+def test_nan_float_mode_image_names_the_item():
+    nan_image = Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32), mode="F")
+    with pytest.raises(ImageLoadError, match=r"item 1 .*NaN"):
+        AlignImageProcessor()([random_image(8, 8), nan_image])

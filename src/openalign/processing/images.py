@@ -65,6 +65,8 @@ def load_image(
     """Load one image from any supported source as an RGB PIL image (rules in the module docstring).
 
     `max_pixels` (None for no limit) refuses images whose header declares more pixels, before decoding.
+    PIL's own global guard still refuses files above 2 * `PIL.Image.MAX_IMAGE_PIXELS` (about 179M pixels)
+    at open time; raise that global too to accept larger images.
     `name` replaces the automatic description of the source in error messages (e.g. "item 3 (cat.jpg)").
     """
     label = name or describe_source(source)
@@ -91,8 +93,8 @@ def load_image(
     try:
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
-    except ImageLoadError:
-        raise
+    except ImageLoadError as error:
+        raise ImageLoadError(f"{label}: {error}") from error
     except Exception as error:  # PIL raises many unrelated types on corrupt data
         raise ImageLoadError(f"{label}: cannot convert image to RGB: {error}") from error
 
