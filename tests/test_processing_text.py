@@ -147,3 +147,31 @@ def test_cased_training_keeps_case(tmp_path):
         tokenizer(["A Red circle"]),
         reference(["A Red circle"], padding="max_length", max_length=64, truncation=True, return_tensors="pt"),
     )
+
+
+def random_texts(count: int, seed: int) -> list[str]:
+    """Mixed-script strings: ASCII, Latin accents, combining marks, CJK, Hangul, emoji, controls, spaces."""
+    import random
+
+    generator = random.Random(seed)
+    ranges = [(0x20, 0x7E), (0xC0, 0x17F), (0x300, 0x36F), (0x4E00, 0x4E80), (0xAC00, 0xAC40), (0x1F600, 0x1F64F),
+              (0x0, 0x1F), (0x2000, 0x200F), (0x3040, 0x309F)]  # fmt: skip
+    texts = []
+    for _ in range(count):
+        pieces = []
+        for _ in range(generator.randint(0, 40)):
+            low, high = generator.choice(ranges)
+            pieces.append(chr(generator.randint(low, high)))
+            if generator.random() < 0.2:
+                pieces.append(" ")
+        texts.append("".join(pieces))
+    return texts
+
+
+def test_random_mixed_script_texts_match_transformers():
+    texts = random_texts(300, seed=0)
+    ours = AlignTokenizer.from_pretrained(BERT_FOLDER)(texts, padding="longest", max_length=32)
+    reference = BertTokenizerFast.from_pretrained(BERT_FOLDER)(
+        texts, padding="longest", max_length=32, truncation=True, return_tensors="pt"
+    )
+    assert_same_encoding(ours, reference)
