@@ -295,18 +295,18 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """`value` (a string from the command line is read as YAML) as the declared type, or a ConfigError."""
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
     text = value if isinstance(value, str) else None
     if text is not None:
-        if text.strip().lower() in ("none", "null", "~"):
+        if text.strip().lower() in ("none", "null", "~") and type(None) in options:
             value = None
-        else:
+        elif text.strip().lower() not in ("none", "null", "~"):
             try:
                 parsed = yaml.safe_load(text)
             except yaml.YAMLError:
                 parsed = text
             value = text if parsed is None else parsed
-    origin = typing.get_origin(annotation)
-    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
     if value is None:
         if type(None) in options:
             return None

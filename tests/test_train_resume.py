@@ -1,0 +1,94 @@
+"""A run killed with SIGKILL mid-epoch and resumed with `--resume latest` equals one never interrupted: the
+same losses, temperatures and learning rates at every step and the same final weights, bit for bit (CPU,
+num_workers=0, same thread count)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from openalign.checkpoint import read_state_dict
+from openalign.train.run_log import read_metrics
+from train_data import make_data, tiny_config
+
+TOTAL_STEPS, CHECKPOINT_EVERY = 10, 4
+COMPARED = ("loss", "temperature", "lr", "grad_norm", "epoch", "skipped_samples")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 96 pairs, batch 16: 6 steps an epoch, so the kill (after step 4) is mid-epoch and the run crosses an epoch.
+    return make_data(tmp_path_factory.mktemp("data"), num_pairs=96, samples_per_shard=40)
+
+
+def _write_config(data, run_dir: Path) -> Path:
+    config = tiny_config(data, run_dir, **{
+        "optim.total_steps": TOTAL_STEPS, "run.checkpoint_every": CHECKPOINT_EVERY, "run.keep_last": 2,
+        "data.flip": True,  # augmentation randomness must replay too
+    })
+    run_dir.mkdir(parents=True)
+    return config.save(run_dir.parent / f"{run_dir.name}.yaml")
+
+
+def _command(config_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "openalign", "train", "--config", str(config_path), *extra]
+
+
+def _environment() -> dict[str, str]:
+    # One thread in every run: the same reduction order, hence bit-identical floats.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _train_steps(records):
+    return {record["step"]: record for record in records if "loss" in record}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_command(_write_config(data, reference_dir)), check=True, env=_environment(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+
+    config_path = _write_config(data, killed_dir)
+    process = subprocess.Popen(_command(config_path), env=_environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # Kill once a step past the first checkpoint is logged: the run is mid-epoch, between checkpoints.
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(record.get("step", 0) > CHECKPOINT_EVERY for record in read_metrics(killed_dir)):
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    killed_steps = max(record["step"] for record in read_metrics(killed_dir))
+    assert CHECKPOINT_EVERY < killed_steps < TOTAL_STEPS
+    assert not (killed_dir / "model").exists()
+
+    resumed = subprocess.run(_command(config_path, "--resume", "latest"), env=_environment(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+
+    reference, resumed_records = read_metrics(reference_dir), read_metrics(killed_dir)
+    reference_steps, resumed_steps = _train_steps(reference), _train_steps(resumed_records)
+    assert sorted(resumed_steps) == list(range(1, TOTAL_STEPS + 1)) == sorted(reference_steps)
+    for step in reference_steps:
+        for key in COMPARED:
+            assert resumed_steps[step][key] == reference_steps[step][key], (step, key)
+    # The loss did move: equal curves are not two constant ones.
+    assert len({record["loss"] for record in reference_steps.values()}) > 1
+
+    final_reference, final_resumed = read_state_dict(reference_dir / "model"), read_state_dict(killed_dir / "model")
+    assert final_reference.keys() == final_resumed.keys()
+    differing = [key for key in final_reference if not torch.equal(final_reference[key], final_resumed[key])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    # keep_last=2: only the two newest checkpoints remain.
+    assert sorted(path.name for path in killed_dir.glob("checkpoint-*")) == ["checkpoint-00000008",
+                                                                              "checkpoint-00000010"]
