@@ -81,33 +81,45 @@ class AlignImageProcessor:
         batch = split_image_batch(images)
         if self.do_resize and "height" not in self.size and "shortest_edge" not in self.size:
             raise ConfigError(f"size must hold 'height' and 'width' or 'shortest_edge', got {self.size}")
-        arrays = map_in_threads(self._process_item, batch, num_workers=self.num_workers)
-        shapes = {tuple(array.shape) for array in arrays}
+        crops = map_in_threads(self._load_and_crop, batch, num_workers=self.num_workers)  # each (H, W, 3) uint8
+        shapes = {crop.shape for crop in crops}
         if len(shapes) > 1:
             raise ValueError(
                 f"processed images have different shapes {sorted(shapes)}; "
                 "enable do_center_crop or use a fixed size"
             )
-        return torch.stack(arrays)
+        height, width, _ = crops[0].shape
+        # Filled in place: torch.stack of many (3, H, W) tensors is far slower than this on CPU.
+        pixel_values = np.empty((len(crops), 3, height, width), dtype=np.float32)
+        for index, crop in enumerate(crops):
+            self._rescale_into(crop, pixel_values[index])
+        return torch.from_numpy(pixel_values)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """Process one RGB PIL image into (3, H, W) float32."""
+        crop = self._resize_and_crop(image)
+        values = np.empty((3,) + crop.shape[:2], dtype=np.float32)
+        self._rescale_into(crop, values)
+        return torch.from_numpy(values)
+
+    def _load_and_crop(self, index: int, source: Any) -> np.ndarray:
+        image = load_image(source, max_pixels=self.max_pixels, name=batch_item_name(index, source))
+        return self._resize_and_crop(image)
+
+    def _resize_and_crop(self, image: Image.Image) -> np.ndarray:
         if self.do_resize:
             height, width = self._output_size(image.height, image.width)
             image = image.resize((width, height), resample=self.resample)
         pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
         if self.do_center_crop:
             pixels = center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        return pixels
+
+    def _rescale_into(self, pixels: np.ndarray, out: np.ndarray) -> None:
         lookup = self._value_lookup()
         planes = pixels.transpose(2, 0, 1)  # (3, H, W), a view
-        values = np.empty(planes.shape, dtype=np.float32)
         for channel in range(3):
-            np.take(lookup[channel], planes[channel], out=values[channel])
-        return torch.from_numpy(values)
-
-    def _process_item(self, index: int, source: Any) -> torch.Tensor:
-        image = load_image(source, max_pixels=self.max_pixels, name=batch_item_name(index, source))
-        return self.preprocess_image(image)
+            np.take(lookup[channel], planes[channel], out=out[channel])
 
     def _output_size(self, height: int, width: int) -> tuple[int, int]:
         if "height" in self.size:
