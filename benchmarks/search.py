@@ -6,6 +6,11 @@ Latency goes through Index.search_vectors, metadata lookup included. Not a test.
 
     python benchmarks/search.py                    # 1M x 640 latency, recall on 100k
     python benchmarks/search.py --n 300000 --json  # smaller, machine-readable
+
+Measured here with the defaults (2 shared AMD EPYC cores, other jobs running: load average 4-5; 1 thread):
+exact Flat p50 638 ms / p99 1116 ms; PQ320x4fs,Refine(SQfp16) p50 45 ms / p99 74 ms (14x faster, 1.44 GB
+instead of 2.56 GB); recall@10 against exact on 100k x 640 with 1000 random queries: 0.474 without
+re-ranking, 0.923 / 0.976 / 0.994 / 0.999 at k_factor 8 / 16 / 32 (the default) / 64.
 """
 
 from __future__ import annotations
