@@ -127,14 +127,14 @@ def _encode(encoder, payloads) -> np.ndarray:
     return torch.nn.functional.normalize(embeddings, dim=-1).numpy().astype(np.float16)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+def _atomic_write(path: Path, write: Callable[[Path], None], temporary_suffix: str = ".tmp") -> None:
+    temporary = path.with_name(path.name + temporary_suffix)
     write(temporary)
     os.replace(temporary, path)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda temporary: temporary.write_bytes(data))
+def _write_bytes(path: Path, data: bytes, temporary_suffix: str = ".tmp") -> None:
+    _atomic_write(path, lambda temporary: temporary.write_bytes(data), temporary_suffix)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -240,7 +240,9 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         "parts": parts,
         "skipped": skipped,
     }
-    _write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    # Several ranks may finish together and all write the (identical) summary: one temporary file each.
+    summary_bytes = json.dumps(summary, indent=1, sort_keys=True).encode()
+    _write_bytes(out_dir / "summary.json", summary_bytes, temporary_suffix=f".{os.getpid()}.tmp")
     return summary
 
 
