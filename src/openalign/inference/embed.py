@@ -298,7 +298,10 @@ def embed_to_folder(
         from tqdm import tqdm
 
         # Rank 0 counts only its own items; items/s times world_size is the job's rate.
-        total = len(items) // world_size if hasattr(items, "__len__") else None
+        total = None
+        if hasattr(items, "__len__"):
+            num_parts = -(-len(items) // part_size)
+            total = sum(min(part_size, len(items) - p * part_size) for p in range(rank, num_parts, world_size))
         progress_bar = tqdm(total=total, unit="item", desc=f"embed rank 0/{world_size}", dynamic_ncols=True)
     iterator = iter(items)
     num_parts = 0
