@@ -175,3 +175,10 @@ def test_random_mixed_script_texts_match_transformers():
         texts, padding="longest", max_length=32, truncation=True, return_tensors="pt"
     )
     assert_same_encoding(ours, reference)
+
+
+def test_missing_caption_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        train_wordpiece(tmp_path / "nowhere.txt", 100)
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        train_wordpiece(str(tmp_path / "nowhere.txt"), 100)

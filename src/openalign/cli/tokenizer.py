@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def run_train(args: argparse.Namespace) -> int:
     from openalign.processing.tokenizer import train_wordpiece
 
     tokenizer = train_wordpiece(
-        args.captions,
+        [pathlib.Path(path) for path in args.captions],
         args.vocab_size,
         args.out,
         min_frequency=args.min_frequency,

@@ -222,7 +222,8 @@ def train_wordpiece(
 ) -> AlignTokenizer:
     """Train a BERT WordPiece vocabulary, as the ALIGN paper does on its own captions.
 
-    `files_or_texts` is a text file path (one caption a line), a list of paths, or an iterator of captions.
+    `files_or_texts`: one caption file (str or Path; one caption a line), a list of `pathlib.Path` files,
+    or any iterable of caption strings.
     When `out_dir` is given, the result is saved there in a layout both openalign and transformers load.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
@@ -241,16 +242,11 @@ def train_wordpiece(
         continuing_subword_prefix="##",
         show_progress=show_progress,
     )
-    if isinstance(files_or_texts, (str, pathlib.Path)):
-        files_or_texts = [files_or_texts]
-    items = list(files_or_texts) if isinstance(files_or_texts, (list, tuple)) else None
-    if items is not None and all(isinstance(item, pathlib.Path) or _is_file(item) for item in items):
-        missing = [str(item) for item in items if not pathlib.Path(item).is_file()]
-        if missing:
-            raise FileNotFoundError(f"caption file not found: {missing[0]}")
-        tokenizer.train([str(item) for item in items], trainer)
+    files = caption_files(files_or_texts)
+    if files is not None:
+        tokenizer.train([str(path) for path in files], trainer)
     else:
-        tokenizer.train_from_iterator(items if items is not None else files_or_texts, trainer)
+        tokenizer.train_from_iterator(files_or_texts, trainer)
     _add_post_processor(tokenizer, config)
     result = AlignTokenizer(tokenizer, config)
     if out_dir is not None:
@@ -258,8 +254,24 @@ def train_wordpiece(
     return result
 
 
-def _is_file(item: Any) -> bool:
-    return isinstance(item, str) and "\n" not in item and len(item) < 4096 and pathlib.Path(item).is_file()
+def caption_files(files_or_texts: Any) -> list[pathlib.Path] | None:
+    """The caption files named by `train_wordpiece`'s first argument, or None when it holds captions.
+
+    A lone str is a path; inside a list, only `pathlib.Path` items are, so a list of captions is never mistaken
+    for file names. Missing files raise FileNotFoundError naming the first.
+    """
+    if isinstance(files_or_texts, (str, pathlib.Path)):
+        files = [pathlib.Path(files_or_texts)]
+    elif isinstance(files_or_texts, (list, tuple)) and files_or_texts and all(
+        isinstance(item, pathlib.Path) for item in files_or_texts
+    ):
+        files = list(files_or_texts)
+    else:
+        return None
+    missing = [path for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"caption file not found: {missing[0]}")
+    return files
 
 
 def _bert_normalizer(config: dict) -> normalizers.BertNormalizer:
