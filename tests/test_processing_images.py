@@ -313,3 +313,14 @@ def test_nan_float_mode_image_names_the_item():
     nan_image = Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32), mode="F")
     with pytest.raises(ImageLoadError, match=r"item 1 .*NaN"):
         AlignImageProcessor()([random_image(8, 8), nan_image])
+
+
+def test_jpeg_exif_rotation_swaps_width_and_height(tmp_path, photos):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the camera was turned 90 degrees clockwise
+    stored = photos[1].resize((64, 40))
+    stored.save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    loaded = load_image(tmp_path / "sideways.jpg")
+    assert loaded.size == (40, 64)
+    expected = np.rot90(np.asarray(stored, dtype=np.int16), -1)
+    assert np.abs(np.asarray(loaded, dtype=np.int16) - expected).mean() < 4  # JPEG loss only
