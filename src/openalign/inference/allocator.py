@@ -27,10 +27,9 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit) through mallopt, but the
-# largest align-base activation is under that at the batch sizes we use: (8, 192, 145, 145) float32 is 129 MB,
-# so mallopt alone is not enough there; see `configure_allocator` for what is done about it.
-MALLOPT_MMAP_LIMIT = 32 * 1024 * 1024
+# Some glibc versions refuse an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit) through mallopt;
+# then we fall back to that cap, which still covers most align-base activations at small batch sizes.
+MALLOPT_MMAP_CAP = 32 * 1024 * 1024
 ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 _state: dict = {"configured": None}
@@ -53,13 +52,13 @@ def environment_configured() -> bool:
     return all(os.environ.get(name) == value for name, value in ENVIRONMENT.items())
 
 
-def configure_allocator(mmap_threshold: int = MALLOPT_MMAP_LIMIT, trim_threshold: int = 2**31 - 1) -> dict:
+def configure_allocator(mmap_threshold: int = 1_000_000_000, trim_threshold: int = 2**31 - 1) -> dict:
     """Opt-in, process-wide: raise glibc's mmap and trim thresholds with `mallopt` so that freed activations
     stay in the heap and are reused by the next forward pass. Returns what was done; a no-op off glibc.
 
-    mallopt takes an int and glibc caps the mmap threshold at 32 MiB, so blocks above that are still mmapped
-    each time; the environment variables in the module docstring have no such cap but must be set before the
-    process starts. Idempotent.
+    The defaults match the environment variables in the module docstring (mallopt takes a C int, so the trim
+    threshold is 2 GiB rather than 10 GB). Where glibc refuses the mmap threshold it falls back to 32 MiB and
+    reports it. Idempotent: the first call's result is returned again.
     """
     if _state["configured"] is not None:
         return _state["configured"]
@@ -68,6 +67,9 @@ def configure_allocator(mmap_threshold: int = MALLOPT_MMAP_LIMIT, trim_threshold
         result = {"applied": False, "reason": "not glibc on Linux"}
     else:
         mmap_ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+        if not mmap_ok and mmap_threshold > MALLOPT_MMAP_CAP:
+            mmap_threshold = MALLOPT_MMAP_CAP
+            mmap_ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
         trim_ok = bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
         result = {
             "applied": mmap_ok and trim_ok,
