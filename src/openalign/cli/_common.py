@@ -1,0 +1,35 @@
+"""Arguments shared by the commands that load a checkpoint's encoders (zero-shot, embed, search, eval, compare)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model, --device, --dtype, --batch-size, --no-optimize."""
+    parser.add_argument("--model", "-m", required=required,
+                        help="checkpoint folder holding config.json, the weights and the tokenizer files")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="inference precision")
+    parser.add_argument("--batch-size", type=int, default=None, help="items per forward (default: tuned per tower)")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="run the plain model instead of its optimize_for_inference copy")
+
+
+def encoders_from_arguments(args: argparse.Namespace, device=None):
+    """Load the encoders the arguments describe, after opting in to the allocator settings that keep freed
+    activations in the heap (openalign's command-line entry points do; see inference/allocator.py)."""
+    from openalign.inference.allocator import configure_allocator
+    from openalign.inference.encoders import load_encoders
+
+    configure_allocator()
+    return load_encoders(args.model, device=device or args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         optimize=not args.no_optimize)
+
+
+def print_json(value) -> None:
+    """Print value as indented JSON (numpy values and NaN made JSON-safe)."""
+    from openalign.eval.report import to_jsonable
+
+    print(json.dumps(to_jsonable(value), indent=1))
