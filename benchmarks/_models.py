@@ -23,9 +23,12 @@ def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> N
 
 
 def build_openalign(preset: str = "align-base", seed: int = 0) -> AlignModel:
-    """An eval-mode AlignModel with trainable_init weights and randomised BatchNorm."""
+    """An eval-mode AlignModel (bert-base-uncased vocabulary) with trainable_init weights, randomised BatchNorm."""
     torch.manual_seed(seed)
-    model = AlignModel(get_preset(preset))
+    config = get_preset(preset)
+    # The benchmark tokenizes with bert-base-uncased; small presets get its vocabulary size.
+    config.text_config = config.text_config.replace(vocab_size=30522)
+    model = AlignModel(config)
     trainable_init(model)
     randomise_batchnorm(model, torch.Generator().manual_seed(seed))
     return model.eval()
