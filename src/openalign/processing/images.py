@@ -162,6 +162,10 @@ def _open_and_decode(file: Any, label: str, max_pixels: int | None) -> Image.Ima
         image = Image.open(file)
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{label}: refused, too many pixels ({error})") from error
+    except Image.UnidentifiedImageError as error:
+        # PIL's own message names an in-memory file by its address, which would differ from run to run (and
+        # break the byte-identical resume of an embedding run, whose skipped lists hold these messages).
+        raise ImageLoadError(f"{label}: not a readable image (PIL cannot identify its format)") from error
     except Exception as error:
         raise ImageLoadError(f"{label}: not a readable image ({error})") from error
     # The header is read; the pixels are not. This is the moment to refuse a bomb.
