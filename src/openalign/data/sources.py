@@ -142,6 +142,18 @@ def _pick_column(columns: list[str], requested: str | None, candidates: tuple[st
                     f"or pass {role}_column=")
 
 
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-empty line of a JSON-lines manifest, read as a stream."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"manifest {path}, line {number}: invalid JSON ({error})") from error
+
+
 def _read_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Column names and an iterator of row dicts for a manifest file."""
     suffix = path.suffix.lower()
@@ -156,21 +168,19 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
 
         return columns, rows()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            lines = [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
-        parsed = []
-        for number, line in lines:
-            try:
-                parsed.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"manifest {path}, line {number}: invalid JSON ({error})") from error
-        columns = list(dict.fromkeys(key for row in parsed for key in row))
-        return columns, iter(parsed)
+        # Two streaming passes (column names, then rows) so a manifest larger than memory still reads.
+        columns = list(dict.fromkeys(key for _, row in _jsonl_rows(path) for key in row))
+        return columns, (row for _, row in _jsonl_rows(path))
     if suffix == ".parquet":
         import pyarrow.parquet as parquet
 
-        table = parquet.read_table(path)
-        return list(table.column_names), iter(table.to_pylist())
+        parquet_file = parquet.ParquetFile(path)
+
+        def parquet_rows() -> Iterator[dict[str, Any]]:
+            for batch in parquet_file.iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
+
+        return list(parquet_file.schema_arrow.names), parquet_rows()
     raise DataError(f"manifest {path}: unknown format {suffix!r}; expected one of {list(MANIFEST_SUFFIXES)}")
 
 
