@@ -25,7 +25,7 @@ COMPARED = ("loss", "temperature", "lr", "grad_norm", "epoch", "skipped_samples"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     # 96 pairs, batch 16: 6 steps an epoch, so the kill (after step 4) is mid-epoch and the run crosses an epoch.
-    return make_data(tmp_path_factory.mktemp("data"), num_pairs=96, samples_per_shard=40)
+    return make_data(tmp_path_factory.mktemp("data"), num_pairs=96)
 
 
 def _write_config(data, run_dir: Path) -> Path:

@@ -3,27 +3,61 @@ captions, and a tiny-model TrainConfig that trains on them in seconds on a CPU."
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
-from openalign.data.sources import iter_records
-from openalign.data.synth import NOISE_KINDS, SynthConfig, generate
+from PIL import Image, ImageDraw
+
+from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.processing.tokenizer import train_wordpiece
 from openalign.train.config import TrainConfig, load_config
 
 IMAGE_SIZE = 32
 
 
-def make_data(folder: Path, num_pairs: int = 320, samples_per_shard: int = 100) -> dict[str, Path]:
-    """Clean coloured-shape pairs (manifest and WebDataset shards), a held-out manifest and a WordPiece
-    tokenizer; returns their paths."""
-    config = SynthConfig(image_size=IMAGE_SIZE, **{f"{kind}_rate": 0.0 for kind in NOISE_KINDS})
-    summary = generate(folder, num_pairs, config, seed=0, workers=1, shards=True,
-                       samples_per_shard=samples_per_shard, heldout_n=64)
-    manifest = folder / summary["manifests"]["train"]
-    captions = [record.caption for record in iter_records(manifest)]
-    train_wordpiece(captions, vocab_size=160, out_dir=folder / "tokenizer", min_frequency=1)
-    return {"train": manifest, "val": folder / summary["manifests"]["heldout"], "shards": folder / "shards",
-            "tokenizer": folder / "tokenizer"}
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 220, 40),
+           "purple": (140, 40, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle", "bar")
+
+
+def draw_pair(rng: random.Random, index: int) -> tuple[Image.Image, str]:
+    """A shape of one colour on a grey background, at a random place and size, and "a {colour} {shape}"."""
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128 + rng.randint(-20, 20),) * 3)
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(6, 11)
+    x, y = rng.uniform(radius, IMAGE_SIZE - radius), rng.uniform(radius, IMAGE_SIZE - radius)
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    elif shape == "triangle":
+        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLOURS[colour])
+    else:
+        draw.rectangle((x - radius, y - radius / 3, x + radius, y + radius / 3), fill=COLOURS[colour])
+    return image, f"a {colour} {shape}"
+
+
+def make_data(folder: Path, num_pairs: int = 320, samples_per_shard: int = 100, num_val: int = 64) -> dict[str, Path]:
+    """Coloured-shape pairs as PNG files with a manifest (and as WebDataset shards), a held-out manifest, and a
+    WordPiece tokenizer trained on the captions; returns their paths."""
+    rng = random.Random(0)
+    paths = {}
+    for split, count in (("train", num_pairs), ("val", num_val)):
+        (folder / split).mkdir(parents=True)
+        records = []
+        for index in range(count):
+            image, caption = draw_pair(rng, index)
+            image_path = folder / split / f"{index:05d}.png"
+            image.save(image_path)
+            records.append(Record(key=f"{split}-{index:05d}", caption=caption, image_path=image_path))
+        paths[split] = write_manifest(records, folder / split / "manifest.jsonl")
+        if split == "train":
+            write_shards(records, folder / "shards", samples_per_shard=samples_per_shard)
+            captions = [record.caption for record in records]
+    train_wordpiece(captions, vocab_size=100, out_dir=folder / "tokenizer", min_frequency=1)
+    return {**paths, "shards": folder / "shards", "tokenizer": folder / "tokenizer"}
 
 
 def tiny_config(data: dict[str, Path], run_dir: Path, **overrides) -> TrainConfig:
