@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -145,7 +146,11 @@ class Stepper:
             if self.after_step is not None:
                 self.after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped first step trips PyTorch's "scheduler before optimizer" heuristic; the schedule still
+            # follows the step count, which is what we want.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         return StepResult(float(loss), float(grad_norm), skipped)
 
     def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:

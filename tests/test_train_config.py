@@ -1,0 +1,78 @@
+"""TrainConfig: files, overrides, typed coercion, errors naming the key, the saved config reloading to the
+same values, and the recipes validating."""
+
+from __future__ import annotations
+
+import pytest
+
+from openalign.cli import build_parser
+from openalign.errors import ConfigError
+from openalign.train.config import TrainConfig, field_names, load_config
+from openalign.train.recipes import RECIPES, get_recipe
+
+
+def test_yaml_then_overrides_then_roundtrip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.98]\nrun:\n  dtype: bf16\n  ema_decay: 0.999\n")
+    config = load_config(path, ["optim.lr=5e-4", "data.flip=auto", "optim.grad_clip=none", "data.train=2024"])
+    assert config.optim.lr == 5e-4 and isinstance(config.optim.lr, float)  # YAML 1.1 reads "1e-3" as a string
+    assert config.optim.betas == (0.9, 0.98)
+    assert (config.run.dtype, config.run.ema_decay, config.data.flip) == ("bf16", 0.999, "auto")
+    assert config.optim.grad_clip is None
+    assert config.data.train == "2024"  # a string field keeps a numeric-looking path as written
+    saved = config.save(tmp_path / "config.yaml")
+    assert load_config(saved).to_dict() == config.to_dict()
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optim]\nname = "adamw"\nlr = 0.002\n[model]\ngradient_checkpointing = "both"\n')
+    config = load_config(path)
+    assert (config.optim.name, config.optim.lr, config.model.gradient_checkpointing) == ("adamw", 0.002, "both")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("optimizer.lr=1", "optimizer"),
+    ("optim.lr=fast", "optim.lr"),
+    ("run.dtype=fp8", "run.dtype"),
+    ("optim.batch_size=0", "optim.batch_size"),
+    ("data.flip=maybe", "data.flip"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.learning_rate"):
+        load_config(path)
+
+
+def test_accumulation_must_divide_batch():
+    with pytest.raises(ConfigError, match="accumulation"):
+        load_config(overrides={"optim.batch_size": 10, "optim.accumulation": 3})
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_validate(name):
+    config = load_config(base=get_recipe(name))
+    assert isinstance(config, TrainConfig)
+
+
+def test_paper_recipe_holds_the_published_settings():
+    config = load_config(base=get_recipe("paper"))
+    assert (config.optim.name, config.optim.lr, config.optim.weight_decay) == ("lamb", 1e-3, 1e-5)
+    assert (config.optim.warmup_steps, config.optim.total_steps, config.optim.schedule) == (10_000, 1_200_000,
+                                                                                             "linear")
+    assert (config.optim.batch_size, config.data.image_size, config.data.resize) == (16_384, 289, 346)
+    assert (config.data.flip, config.data.max_length, config.loss.label_smoothing) == (True, 64, 0.1)
+
+
+def test_every_field_is_a_command_line_flag():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--optim.lr", "3e-4", "--set", "run.seed=7", "--data.train", "x.jsonl"])
+    assert getattr(args, "field:optim.lr") == "3e-4" and args.set == ["run.seed=7"]
+    assert len(field_names()) == sum(len(section) for section in TrainConfig().to_dict().values())
