@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,14 @@ def make_images(folder: Path, count: int, seed: int = 0, size=(40, 40), suffix: 
     return paths
 
 
+@functools.lru_cache(maxsize=4)
+def _plain_model_and_processor(folder: Path):
+    return AlignModel.from_pretrained(folder).eval(), AlignProcessor.from_pretrained(folder)
+
+
 def direct_image_embeddings(folder: Path, paths) -> torch.Tensor:
     """Oracle: normalised image embeddings from the plain AlignModel and processor, one call, no batching."""
-    model = AlignModel.from_pretrained(folder).eval()
-    processor = AlignProcessor.from_pretrained(folder)
+    model, processor = _plain_model_and_processor(Path(folder))
     with torch.no_grad():
         features = model.get_image_features(processor(images=[str(path) for path in paths])["pixel_values"])
     return torch.nn.functional.normalize(features, dim=-1)
@@ -75,8 +80,7 @@ def direct_image_embeddings(folder: Path, paths) -> torch.Tensor:
 
 def direct_text_embeddings(folder: Path, texts) -> torch.Tensor:
     """Oracle: normalised text embeddings from the plain AlignModel, every text padded to max_length."""
-    model = AlignModel.from_pretrained(folder).eval()
-    processor = AlignProcessor.from_pretrained(folder)
+    model, processor = _plain_model_and_processor(Path(folder))
     batch = processor(text=list(texts), padding="max_length")
     with torch.no_grad():
         features = model.get_text_features(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])

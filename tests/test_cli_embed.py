@@ -156,7 +156,11 @@ def test_torchrun_two_ranks_embed_every_item_exactly_once(checkpoint, tmp_path):
     assert sorted(indices) == [index for index in range(13) if index != 5]  # each readable item exactly once
     assert len(parts) == 5
 
-    torch.set_num_threads(1)
-    main(["embed", str(images), "--model", str(checkpoint), "--out", str(tmp_path / "single"), "--part-size", "3",
-          "--batch-size", "2", "--no-progress"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran
+    try:
+        main(["embed", str(images), "--model", str(checkpoint), "--out", str(tmp_path / "single"), "--part-size",
+              "3", "--batch-size", "2", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     assert _folder_bytes(tmp_path / "ranks") == _folder_bytes(tmp_path / "single")
