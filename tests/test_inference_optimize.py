@@ -98,9 +98,10 @@ def test_fold_conv_batchnorm_equals_conv_then_batchnorm():
         {"fold_batchnorm": False, "channels_last": False},  # text rewrites and in-place blocks alone
         {"fold_batchnorm": True, "channels_last": False},
         {"fold_batchnorm": False, "channels_last": True},
+        {"fuse_activation": True},  # oneDNN conv + SiLU, on by default in bf16 only
         {},  # everything, the default
     ],
-    ids=["rewrites-only", "fold", "channels-last", "combined"],
+    ids=["rewrites-only", "fold", "channels-last", "fused-silu", "combined"],
 )
 def test_float32_path_equals_plain_path(model, inputs, options):
     image_reference, text_reference = reference(model, inputs)
