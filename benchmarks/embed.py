@@ -1,0 +1,158 @@
+"""Embedding throughput end to end from files on disk: images/s and texts/s of `openalign embed`'s pipeline.
+
+    python benchmarks/embed.py [--preset efficientnet-b0+bert-mini] [--images 64] [--texts 1024] [--json]
+
+What is timed is `embed_to_folder` exactly as the command drives it: JPEG files read from a folder (decode,
+EXIF, RGB, resize + crop, rescale), the model, L2-normalisation, float16 .npy + Parquet parts written; for
+texts, a caption file read line by line, tokenized, length-bucketed, embedded and written. Peers measured in
+the same run, same allocator settings (`configure_allocator()`, as the commands call it):
+
+- "plain": the same pipeline on the plain AlignModel instead of its `optimize_for_inference` copy;
+- "no model": the same pipeline with an encoder that returns zeros, i.e. the ceiling the reading, decoding,
+  preprocessing and writing allow.
+
+Weights are random (trainable_init, randomised BatchNorm), so numbers depend on the architecture only. Best
+of --repeats runs each. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import build_openalign  # noqa: E402
+from openalign.cli.embed import caption_lines  # noqa: E402
+from openalign.data.sources import iter_records  # noqa: E402
+from openalign.inference.allocator import configure_allocator  # noqa: E402
+from openalign.inference.embed import embed_to_folder  # noqa: E402
+from openalign.inference.encoders import load_encoders  # noqa: E402
+from openalign.processing.image_processor import AlignImageProcessor  # noqa: E402
+from openalign.processing.processor import AlignProcessor  # noqa: E402
+from openalign.processing.tokenizer import train_wordpiece  # noqa: E402
+
+WORDS = (
+    "a the of with and in on at photo picture close up portrait young old man woman child dog cat bird horse car "
+    "bike boat train house street city beach mountain lake river forest park garden kitchen table chair window "
+    "sky sunset night winter summer snow rain red blue green yellow black white small large running sitting"
+).split()
+
+
+def write_images(folder: Path, count: int, size=(400, 300), seed: int = 0) -> None:
+    """count JPEGs of smooth colour gradients plus noise (photo-like file sizes, about 30-60 kB)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    for index in range(count):
+        base = rng.uniform(0, 255, 3) + rng.uniform(-0.4, 0.4, 3) * xs[..., None] + rng.uniform(-0.4, 0.4, 3) * ys[
+            ..., None]
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=90)
+
+
+def write_captions(path: Path, count: int, seed: int = 0) -> list[str]:
+    """count alt-text-like captions of 6-22 words, one a line."""
+    generator = random.Random(seed)
+    captions = [" ".join(generator.choices(WORDS, k=generator.randint(6, 22))) for _ in range(count)]
+    path.write_text("\n".join(captions) + "\n", encoding="utf-8")
+    return captions
+
+
+def write_checkpoint(folder: Path, preset: str, captions: list[str]) -> None:
+    """A random-weight checkpoint of the preset with a WordPiece vocabulary trained on the captions."""
+    model = build_openalign(preset)
+    model.save_pretrained(folder)
+    image_size = model.config.vision_config.image_size
+    resize = round(image_size * 346 / 289)  # align-base's resize / crop ratio
+    image_processor = AlignImageProcessor(size={"height": resize, "width": resize},
+                                          crop_size={"height": image_size, "width": image_size})
+    tokenizer = train_wordpiece(captions, vocab_size=min(2000, model.config.text_config.vocab_size))
+    AlignProcessor(tokenizer, image_processor).save_pretrained(folder)
+
+
+def timed_run(items, encode, kind: str, batch_size: int, num_workers: int, repeats: int) -> float:
+    """Best wall time of embed_to_folder over repeats, each into a fresh folder."""
+    best = float("inf")
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            embed_to_folder(items(), encode, out, kind=kind, batch_size=batch_size, num_workers=num_workers,
+                            progress=False)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="efficientnet-b0+bert-mini", help="model preset (random weights)")
+    parser.add_argument("--images", type=int, default=64, help="JPEG files to embed")
+    parser.add_argument("--texts", type=int, default=1024, help="captions to embed")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--num-workers", type=int, default=0, help="decoding threads per batch")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    arguments = parser.parse_args()
+    configure_allocator()
+
+    with tempfile.TemporaryDirectory() as workspace:
+        workspace = Path(workspace)
+        captions = write_captions(workspace / "captions.txt", arguments.texts)
+        write_images(workspace / "images", arguments.images)
+        write_checkpoint(workspace / "checkpoint", arguments.preset, captions)
+
+        def image_items():
+            return iter_records(workspace / "images")
+
+        def text_items():
+            return caption_lines(workspace / "captions.txt")
+
+        results = {"preset": arguments.preset, "dtype": arguments.dtype, "images": arguments.images,
+                   "texts": arguments.texts, "threads": torch.get_num_threads(), "rows": {}}
+        for name, optimize in (("optimized", True), ("plain", False)):
+            encoders = load_encoders(workspace / "checkpoint", device="cpu", dtype=arguments.dtype, optimize=optimize)
+            # Warm-up outside the timing: first-touch allocations and one-off kernel selection.
+            encoders.encode_images(sorted((workspace / "images").iterdir())[: encoders.image_batch_size])
+            encoders.encode_texts(captions[: encoders.text_batch_size])
+            image_seconds = timed_run(image_items, encoders.encode_loaded_images, "image", encoders.image_batch_size,
+                                      arguments.num_workers, arguments.repeats)
+            text_seconds = timed_run(text_items, encoders.encode_texts, "text", encoders.text_batch_size,
+                                     arguments.num_workers, arguments.repeats)
+            results["rows"][name] = {"images_per_s": arguments.images / image_seconds,
+                                     "texts_per_s": arguments.texts / text_seconds}
+        dim = encoders.dim
+
+        def no_model(batch):
+            return torch.zeros(len(batch), dim)
+
+        results["rows"]["no model"] = {
+            "images_per_s": arguments.images / timed_run(image_items, no_model, "image", encoders.image_batch_size,
+                                                         arguments.num_workers, arguments.repeats),
+            "texts_per_s": arguments.texts / timed_run(text_items, no_model, "text", encoders.text_batch_size,
+                                                       arguments.num_workers, arguments.repeats),
+        }
+    rows = results["rows"]
+    results["optimized_vs_plain"] = {key: rows["optimized"][key] / rows["plain"][key] for key in rows["plain"]}
+
+    if arguments.json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"embed end to end from files, {arguments.preset} ({arguments.dtype}), {arguments.images} JPEGs "
+          f"400x300, {arguments.texts} captions, {results['threads']} thread(s), best of {arguments.repeats}")
+    print(f"{'pipeline':10} {'images/s':>10} {'texts/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:10} {row['images_per_s']:10.1f} {row['texts_per_s']:10.1f}")
+    ratio = results["optimized_vs_plain"]
+    print(f"optimized / plain: images {ratio['images_per_s']:.2f}x, texts {ratio['texts_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
