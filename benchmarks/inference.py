@@ -74,13 +74,14 @@ def text_flops(model, tokenizer, texts: list[str]) -> int:
     return sum(per_length[length] for length in lengths)
 
 
-def transformers_text(model, tokenizer, texts, batch_size, padding, autocast_dtype):
+def transformers_text(model, tokenizer, texts, batch_size, padding, autocast_dtype, device):
     """A transformers user's loop: processor (its ALIGN defaults: max_length 64) then get_text_features."""
     results = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=padding, max_length=64, truncation=True,
-                          return_tensors="pt")
-        with torch.inference_mode(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                          return_tensors="pt").to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
             results.append(model.get_text_features(**batch).pooler_output.float())
     return torch.cat(results)
 
@@ -164,7 +165,8 @@ def run_fight(args) -> dict:
         report["rows"].append(row)
         row, references[("text", dtype_name)] = measure(
             f"{label}", "text", dtype_name, allocator=allocator,
-            run=lambda a=autocast_dtype: transformers_text(twin, their_tokenizer, texts, text_batch, text_padding, a))
+            run=lambda a=autocast_dtype: transformers_text(
+                twin, their_tokenizer, texts, text_batch, text_padding, a, device))
         report["rows"].append(row)
     if shipped:
         # Ours in the same glibc state first, then with the allocator our entry points configure.

@@ -287,7 +287,10 @@ def optimize_for_inference(
     if compile:
         # dynamic=False: a static graph per input shape is what inductor optimises best; a new batch or
         # sequence length recompiles (bounded by torch._dynamo's cache size limit).
-        optimized.vision = torch.compile(optimized.vision, dynamic=False)
+        # On CUDA the image tower (one fixed batch shape in a stream) also replays as a CUDA graph, which
+        # removes the launch overhead of its ~800 small kernels.
+        vision_mode = "reduce-overhead" if device.type == "cuda" else None
+        optimized.vision = torch.compile(optimized.vision, dynamic=False, mode=vision_mode)
         optimized.text = torch.compile(optimized.text, dynamic=None)
         optimized.compiled = True
     for parameter in optimized.parameters():
