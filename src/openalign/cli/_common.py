@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -33,3 +35,23 @@ def print_json(value) -> None:
     from openalign.eval.report import to_jsonable
 
     print(json.dumps(to_jsonable(value), indent=1))
+
+
+def reports_errors(command: str):
+    """Decorate a command's run function: an OpenAlignError (whose message names the file, key or value) is
+    printed as one line on stderr with exit status 1 instead of a traceback."""
+
+    def decorate(run):
+        @functools.wraps(run)
+        def wrapper(args: argparse.Namespace) -> int:
+            from openalign.errors import OpenAlignError
+
+            try:
+                return run(args)
+            except OpenAlignError as error:
+                print(f"openalign {command}: {error}", file=sys.stderr)
+                return 1
+
+        return wrapper
+
+    return decorate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@reports_errors("compare")
 def run(args: argparse.Namespace) -> int:
     """Compute the matrix, draw it, print it."""
     from openalign.eval.compare import format_matrix, plot_similarity_heatmap, similarity_matrix

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
 
 MODEL_FILE = "model.json"  # names the checkpoint an embedding folder was made with, for index and search
 
@@ -53,6 +53,7 @@ def iter_items(sources, kind: str):
             yield from iter_records(source)
 
 
+@reports_errors("embed")
 def run(args: argparse.Namespace) -> int:
     """Join torchrun's process group when there is one, embed this rank's parts, print the summary."""
     from openalign.distributed import destroy_distributed, init_distributed

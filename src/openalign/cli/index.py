@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+from openalign.cli._common import reports_errors
 from openalign.cli.embed import MODEL_FILE
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@reports_errors("index")
 def run(args: argparse.Namespace) -> int:
     """Build and save the index; copy the embedding folder's model.json so search knows the checkpoint."""
     from openalign.index.faiss_index import build_index

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
 from openalign.cli.embed import MODEL_FILE
 
 
@@ -33,6 +33,7 @@ def search_index(index_dir, encoders, texts=(), images=(), k: int = 10) -> list[
     return [{"query": query, "kind": kind, "hits": hits} for (kind, query), hits in zip(queries, results)]
 
 
+@reports_errors("search")
 def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
     from openalign.index.html import write_results_html
