@@ -130,7 +130,8 @@ def test_gradients_equal_transformers(tmp_path):
     assert checked == len(list(ours.parameters())) - 2
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("where", ["model", "vision tower", "text tower"])
+def test_gradient_checkpointing_same_gradients(where):
     config = tiny_config(image_size=33)
     model = randomize(AlignModel(config), seed=3).train()
     inputs = {**text_inputs(config, 3, 8, seed=4), "pixel_values": pixel_inputs(config, 3, 5)}
@@ -144,7 +145,12 @@ def test_gradient_checkpointing_same_gradients():
     plain = gradients()
     stats_after_plain = model.vision_model.embeddings.batchnorm.running_mean.clone()
     model.vision_model.embeddings.batchnorm.running_mean.copy_(stats_before)
-    model.gradient_checkpointing_enable()
+    {
+        "model": model.gradient_checkpointing_enable,
+        "vision tower": model.vision_model.gradient_checkpointing_enable,
+        "text tower": model.text_model.gradient_checkpointing_enable,
+    }[where]()
+    assert model.is_gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     for name in plain:

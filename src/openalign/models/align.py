@@ -48,13 +48,19 @@ class AlignModel(PretrainedMixin, nn.Module):
         with torch.no_grad():
             self.temperature.fill_(self.config.temperature_init_value)
 
-    def gradient_checkpointing_enable(self, text: bool = True, vision: bool = True) -> None:
-        """Recompute activations in the backward pass, per BERT layer and per MBConv block."""
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, *, text: bool = True, vision: bool = True
+    ) -> None:
+        """Recompute activations in the backward pass, per BERT layer and per MBConv block, on either tower."""
         self.text_model.encoder.gradient_checkpointing = text
         self.vision_model.encoder.gradient_checkpointing = vision
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing_enable(text=False, vision=False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.text_model.is_gradient_checkpointing or self.vision_model.is_gradient_checkpointing
 
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """Projected [CLS] state of the last layer, (B, D), not normalised."""

@@ -185,6 +185,17 @@ class AlignTextModel(PretrainedMixin, nn.Module):
         self.pooler = Pooler(config) if add_pooling_layer else None
         self.init_weights()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass (transformers' name and signature)."""
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
     def init_weights(self) -> None:
         """transformers' initialisation: normal(0, initializer_range), zero biases and padding row."""
         normal_init(self, self.config.initializer_range)

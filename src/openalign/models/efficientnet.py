@@ -216,6 +216,17 @@ class AlignVisionModel(PretrainedMixin, nn.Module):
         self.encoder = AlignVisionEncoder(config)
         self.init_weights()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass (transformers' name and signature)."""
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
     def init_weights(self) -> None:
         """transformers' initialisation: normal(0, initializer_range) convs, unit BatchNorm, fresh statistics."""
         normal_init(self, self.config.initializer_range)
