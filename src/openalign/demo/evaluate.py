@@ -1,0 +1,155 @@
+"""Held-out figures of the demo: retrieval with its ceilings, zero-shot colour / shape / pair accuracy, chance.
+
+The held-out split holds colour-shape pairs never seen in training, so every figure here measures composition:
+the model knows each colour and each shape, but never saw them together.
+
+Zero-shot prompts are ensembles built from the generator's own caption templates (the ones that name only
+colour and shape), filled with the canonical words ("a photo of a red circle"). Colour and shape are read from
+the pair classifier by marginalising its softmax (temperature: the model's) over the other attribute; the
+shape-only classifier uses the same templates with the colour word taken out ("a photo of a circle").
+
+Retrieval pairs each held-out image with its own caption. Many held-out captions are identical strings
+("a red circle"); identical captions get identical embeddings (each distinct string is embedded once), and
+under the optimistic tie rule of `openalign.eval.retrieval` a tied caption never pushes the right one down, so
+image->text can reach 1.0. Text->image cannot: a caption shared by m images points at one of them, which no
+model can tell from the other m - 1, so its best expected R@k is min(1, k / m); the ceiling is the mean of
+that over captions.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openalign.data import captions
+from openalign.eval.retrieval import retrieval_metrics
+
+RECALL_KS = (1, 5)
+
+
+def read_rows(manifest: str | Path) -> list[dict]:
+    """The rows of a JSON-lines manifest, in order."""
+    return [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+
+
+def pair_templates() -> list[str]:
+    """Single-object caption templates whose only fields are the article, colour and shape."""
+    templates = []
+    for template in captions.SINGLE_TEMPLATES:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+        if fields <= {"a", "colour", "shape"} and {"colour", "shape"} <= fields:
+            templates.append(template)
+    return templates
+
+
+def shape_only_templates() -> list[str]:
+    """The pair templates in which the colour word directly precedes the shape, with the colour removed."""
+    return [template.replace("{colour} ", "") for template in pair_templates() if "{colour} {shape}" in template]
+
+
+def fill(template: str, colour: str | None, shape: str) -> str:
+    """A prompt from a template and canonical words, with the article agreeing with the word after it."""
+    fields = {"colour": colour or "", "shape": shape}
+    if "{a} " in template:
+        following = template.split("{a} ", 1)[1].split()[0].format(**fields)
+        fields["a"] = captions.article_for(following)
+    return " ".join(template.format(**fields).split())
+
+
+def class_embeddings(encode_texts, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(C, D): per class, the renormalised mean of its normalised prompt embeddings (one encoder call)."""
+    flat = [prompt for prompts in prompts_per_class for prompt in prompts]
+    embeddings = torch.nn.functional.normalize(encode_texts(flat).float(), dim=-1)  # (sum of prompts, D)
+    out, start = [], 0
+    for prompts in prompts_per_class:
+        out.append(torch.nn.functional.normalize(embeddings[start:start + len(prompts)].mean(0), dim=-1))
+        start += len(prompts)
+    return torch.stack(out)
+
+
+def zero_shot_accuracies(image_embeds: torch.Tensor, rows: Sequence[dict], colours: Sequence[str],
+                         shapes: Sequence[str], encode_texts, temperature: float,
+                         train_pairs: Sequence[Sequence[str]] = ()) -> dict:
+    """Colour, shape and pair accuracy from pair prompts, and shape accuracy from shape-only prompts; with
+    `train_pairs`, also how often the predicted pair is one seen in training."""
+    pairs = [(colour, shape) for colour in colours for shape in shapes]
+    templates = pair_templates()
+    pair_classes = class_embeddings(encode_texts, [[fill(t, c, s) for t in templates] for c, s in pairs])
+    probabilities = (image_embeds @ pair_classes.T / temperature).softmax(dim=-1)  # (N, C * S)
+    by_colour_shape = probabilities.reshape(len(image_embeds), len(colours), len(shapes))
+    colour_predicted = by_colour_shape.sum(2).argmax(1).numpy()
+    shape_predicted = by_colour_shape.sum(1).argmax(1).numpy()
+    pair_predicted = probabilities.argmax(1).numpy()
+
+    shape_classes = class_embeddings(encode_texts, [[fill(t, None, s) for t in shape_only_templates()]
+                                                    for s in shapes])
+    shape_only_predicted = (image_embeds @ shape_classes.T).argmax(1).numpy()
+
+    colour_true = np.array([colours.index(row["colour"]) for row in rows])
+    shape_true = np.array([shapes.index(row["shape"]) for row in rows])
+    pair_true = colour_true * len(shapes) + shape_true
+    seen = {tuple(pair) for pair in train_pairs}
+    figures = {
+        "colour_accuracy": float(np.mean(colour_predicted == colour_true)),
+        "shape_accuracy": float(np.mean(shape_predicted == shape_true)),
+        "shape_only_prompt_accuracy": float(np.mean(shape_only_predicted == shape_true)),
+        "pair_accuracy": float(np.mean(pair_predicted == pair_true)),
+    }
+    if seen:  # the pull of familiar combinations on images of unfamiliar ones
+        figures["predicted_pair_seen_in_training"] = float(np.mean([pairs[p] in seen for p in pair_predicted]))
+    return figures
+
+
+def recall_ceilings(texts: Sequence[str], ks: Sequence[int] = RECALL_KS) -> dict:
+    """Best expected recall when each text belongs to one image and identical texts tie (module docstring)."""
+    counts = Counter(texts)
+    ceilings = {}
+    for k in ks:
+        ceilings[f"text_to_image_r{k}"] = float(np.mean([min(1.0, k / counts[text]) for text in texts]))
+        ceilings[f"image_to_text_r{k}"] = 1.0
+    return ceilings
+
+
+def retrieval_figures(image_embeds: torch.Tensor, texts: Sequence[str], encode_texts) -> dict:
+    """Image->text and text->image R@1/R@5 (fractions) of each image against its own caption."""
+    unique = sorted(set(texts))
+    unique_embeds = encode_texts(unique).float()
+    position = {text: index for index, text in enumerate(unique)}
+    text_embeds = unique_embeds[[position[text] for text in texts]]  # identical strings, identical rows
+    metrics = retrieval_metrics(image_embeds, text_embeds, np.arange(len(texts)), ks=RECALL_KS)
+    return {f"{direction}_r{k}": metrics[f"{direction}_r{k}"] / 100.0
+            for direction in ("image_to_text", "text_to_image") for k in RECALL_KS}
+
+
+def chance_levels(num_images: int, colours: Sequence[str], shapes: Sequence[str], texts: Sequence[str]) -> dict:
+    """What a model guessing at random scores on each figure."""
+    num_texts = len(texts)
+    chance = {
+        "colour_accuracy": 1 / len(colours), "shape_accuracy": 1 / len(shapes),
+        "shape_only_prompt_accuracy": 1 / len(shapes), "pair_accuracy": 1 / (len(colours) * len(shapes)),
+    }
+    for k in RECALL_KS:
+        chance[f"image_to_text_r{k}"] = min(1.0, k / num_texts)
+        chance[f"text_to_image_r{k}"] = min(1.0, k / num_images)
+    return chance
+
+
+def evaluate_heldout(encoders, rows: Sequence[dict], split_dir: str | Path, summary: dict) -> dict:
+    """Every held-out figure, its chance level and (retrieval) its ceiling, for a model behind `encoders`
+    (an `openalign.inference.encoders.Encoders`); `summary` is the generator's dataset.json."""
+    split_dir = Path(split_dir)
+    colours, shapes = list(summary["colours"]), list(summary["shapes"])
+    image_embeds = encoders.encode_images([split_dir / row["image_path"] for row in rows])  # (N, D)
+    texts = [row["caption"] for row in rows]
+    figures = retrieval_figures(image_embeds, texts, encoders.encode_texts)
+    figures.update(zero_shot_accuracies(image_embeds, rows, colours, shapes, encoders.encode_texts,
+                                        encoders.temperature, summary.get("train_pairs", ())))
+    figures["chance"] = chance_levels(len(rows), colours, shapes, texts)
+    figures["ceiling"] = recall_ceilings(texts)
+    return figures

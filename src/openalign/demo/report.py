@@ -1,0 +1,99 @@
+"""What the demo leaves behind besides the checkpoint: a similarity heat-map, report.md and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+# The figures metrics.json promises, in the order the report lists them: (key, label).
+HEADLINE = (
+    ("colour_accuracy", "zero-shot colour accuracy (pair prompts)"),
+    ("shape_accuracy", "zero-shot shape accuracy (pair prompts)"),
+    ("shape_only_prompt_accuracy", "zero-shot shape accuracy (shape-only prompts)"),
+    ("pair_accuracy", "zero-shot colour-shape pair accuracy"),
+    ("image_to_text_r1", "image -> text R@1"),
+    ("image_to_text_r5", "image -> text R@5"),
+    ("text_to_image_r1", "text -> image R@1"),
+    ("text_to_image_r5", "text -> image R@5"),
+)
+
+
+def heatmap_examples(rows: Sequence[dict], pairs: Sequence[Sequence[str]], limit: int = 6) -> list[int]:
+    """Row indices of up to `limit` held-out images, one per held-out pair, single-object images first."""
+    chosen, seen = [], set()
+    for single_first in (True, False):
+        for index, row in enumerate(rows):
+            pair = (row["colour"], row["shape"])
+            if pair in seen or (single_first and row.get("count", 1) != 1) or list(pair) not in list(map(list, pairs)):
+                continue
+            chosen.append(index)
+            seen.add(pair)
+            if len(chosen) == limit:
+                return chosen
+    return chosen
+
+
+def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, pairs: Sequence[Sequence[str]]
+                  ) -> Path:
+    """Cosine similarities of a few held-out images (one per held-out pair) against the prompts naming those
+    pairs, as a PNG: the diagonal is the right answer."""
+    from openalign.eval.compare import plot_similarity_heatmap, similarity_matrix
+
+    indices = heatmap_examples(rows, pairs)
+    images = [split_dir / rows[index]["image_path"] for index in indices]
+    texts = [f"a {rows[index]['colour']} {rows[index]['shape']}" for index in indices]
+    matrix = similarity_matrix(encoders, images, texts)
+    return plot_similarity_heatmap(images, texts, matrix, path)
+
+
+def _figure_rows(metrics: dict) -> list[str]:
+    lines = ["| figure | held-out | chance | ceiling |", "|---|---:|---:|---:|"]
+    for key, label in HEADLINE:
+        ceiling = metrics.get("ceiling", {}).get(key)
+        lines.append(f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
+                     f"{'' if ceiling is None else f'{ceiling:.3f}'} |")
+    return lines
+
+
+def markdown_report(metrics: dict, filter_report: dict | None) -> str:
+    """A short markdown report: the held-out figures against chance and ceilings, the data, the run."""
+    data, training, seconds = metrics["data"], metrics["training"], metrics["seconds"]
+    config = metrics["config"]
+    pairs = ", ".join(f"{colour} {shape}" for colour, shape in data["heldout_colour_shape_pairs"])
+    lines = [
+        "# openalign demo", "",
+        f"Held-out split: {data['heldout_pairs']} images of colour-shape pairs never seen in training ({pairs}).",
+        "",
+        *_figure_rows(metrics), "",
+        f"How often the predicted pair is a training pair: {metrics.get('predicted_pair_seen_in_training', 0):.3f}.",
+        "",
+        "## Data", "",
+        f"- {data['train_pairs']} training pairs generated; noise: "
+        + ", ".join(f"{kind} {count}" for kind, count in data["noise_counts"].items()),
+    ]
+    if filter_report is not None:
+        dropped = ", ".join(f"{rule} {count}" for rule, count in filter_report["dropped_by_rule"].items() if count)
+        lines.append(f"- filters kept {filter_report['kept']} of {filter_report['total']} (dropped by rule: {dropped})")
+    else:
+        lines.append("- filters switched off (--no-filter): trained on every generated pair")
+    lines += [
+        "", "## Run", "",
+        f"- model: EfficientNet width x{config['width_coefficient']}, depth x{config['depth_coefficient']} at "
+        f"{config['image_size']} px; BERT {config['text_layers']} layers x {config['text_width']}",
+        f"- {training['steps']} steps of {config['batch_size']} ({training['samples_seen']} samples, "
+        f"{training['samples_per_s']:.0f} samples/s measured before training), stopped: {training['stop_reason']}; "
+        f"final loss {training['final_loss']:.3f}, temperature {training['temperature']:.4f}",
+        "- seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()),
+        f"- whole command: {metrics['minutes']:.2f} minutes",
+        "", "Files: model/ (checkpoint + processor), plots/, heatmap.png, metrics.json.", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, metrics: dict, filter_report: dict | None) -> dict[str, Path]:
+    """Write report.md and metrics.json into `out`; returns their paths."""
+    report_path, metrics_path = out / "report.md", out / "metrics.json"
+    report_path.write_text(markdown_report(metrics, filter_report))
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return {"report": report_path, "metrics": metrics_path}
