@@ -121,3 +121,9 @@ def test_search_with_encoders_and_html(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(IndexBuildError, match="index.faiss is missing"):
         Index.load(tmp_path)
+
+
+def test_approximate_index_on_too_few_vectors_is_refused_clearly():
+    with pytest.raises(IndexBuildError, match="at least 16 vectors; this collection has 10"):
+        choose_index(10, 64, kind="pq")
+    assert choose_index(10, 64, kind="auto").kind == "flat"

@@ -70,6 +70,9 @@ def _pq_subquantizers(dim: int) -> int:
     return dim // 2 if dim % 2 == 0 else dim
 
 
+PQ_CENTROIDS = 16  # 4-bit fast-scan codes
+
+
 def choose_index(
     num_vectors: int,
     dim: int,
@@ -89,6 +92,11 @@ def choose_index(
         reason = "requested" if kind == "flat" else f"N={num_vectors} <= {exact_max_vectors} and fits the budget"
         return IndexPlan("flat", "Flat", num_vectors, dim, flat_bytes, reason=reason)
 
+    if num_vectors < PQ_CENTROIDS:
+        raise IndexBuildError(
+            f"an approximate ({kind}) index trains {PQ_CENTROIDS} centroids per sub-quantizer and needs at least "
+            f"{PQ_CENTROIDS} vectors; this collection has {num_vectors}: use kind='flat'"
+        )
     subquantizers = _pq_subquantizers(dim)
     code_bytes = num_vectors * subquantizers // 2
     nlist = 0
