@@ -145,3 +145,33 @@ def test_invalid_config_names_the_field():
         SynthConfig(colours=("red", "teal")).validate()
     with pytest.raises(ConfigError, match="sum"):
         SynthConfig(mismatch_rate=0.6, junk_rate=0.6).validate()
+
+
+def test_partial_captions_name_only_the_shape_or_only_the_colour(tmp_path):
+    def words(table):
+        return {word for synonyms in table.values() for entry in synonyms
+                for word in (entry if isinstance(entry, tuple) else (entry,))}
+
+    colour_words, shape_words = words(captions.COLOUR_WORDS), words(captions.SHAPE_WORDS)
+
+    def names(caption, vocabulary):
+        return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in vocabulary)
+
+    generate(tmp_path / "plain", 400, SynthConfig(), seed=3, heldout_n=20, workers=1)
+    generate(tmp_path / "partial", 400, SynthConfig(partial_caption_rate=0.5), seed=3, heldout_n=20, workers=1)
+    plain = read_rows(tmp_path / "plain" / "train" / "manifest.jsonl")
+    partial = read_rows(tmp_path / "partial" / "train" / "manifest.jsonl")
+    clean = [(a, b) for a, b in zip(plain, partial) if a["noise"] == "clean"]
+    changed = [b["caption"] for a, b in clean if a["caption"] != b["caption"]]
+    assert 0.35 < len(changed) / len(clean) < 0.65
+    shape_only = [c for c in changed if names(c, shape_words) and not names(c, colour_words)]
+    colour_only = [c for c in changed if names(c, colour_words) and not names(c, shape_words)]
+    assert len(shape_only) + len(colour_only) == len(changed) and shape_only and colour_only
+    assert all(3 <= len(c.split()) <= 20 for c in changed)
+    # Held-out captions stay complete, and so does every noisy record.
+    assert read_rows(tmp_path / "plain" / "heldout" / "manifest.jsonl") == \
+        read_rows(tmp_path / "partial" / "heldout" / "manifest.jsonl")
+    assert all(a == b for a, b in zip(plain, partial) if a["noise"] != "clean")
+    # Captions only: every image is byte-identical.
+    images = [tree_digest(tmp_path / name / "train" / "images") for name in ("plain", "partial")]
+    assert images[0] == images[1]

@@ -113,6 +113,41 @@ def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size:
     return template.format(a=article_for(next_word), **fields)
 
 
+# Alt-text often names only part of what it shows. Colour-only templates say "object" or "thing", never a shape.
+COLOUR_ONLY_SINGLE = [
+    "{a} {colour} object", "a photo of {a} {colour} object", "something {colour} on a {background} background",
+    "{a} {size} {colour} thing {position}", "an image of a {colour} item",
+]
+COLOUR_ONLY_MULTI = ["{count} {colour} objects", "a photo of {count} {colour} things"]
+
+
+def partial_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
+                    background: str, keep: str) -> str:
+    """A caption naming only the shape (keep="shape": a clean template with its colour word taken out) or only
+    the colour (keep="colour"); like clean captions, 3 to 20 words long."""
+    colour_word = pick_synonym(rng, COLOUR_WORDS[colour])
+    singular, plural = pick_synonym(rng, SHAPE_WORDS[shape])
+    fields = {
+        "colour": colour_word, "shape": singular, "shapes": plural,
+        "count": COUNT_WORDS.get(count, str(count)), "size": rng.choice(SIZE_WORDS[size]),
+        "position": POSITION_WORDS[position], "background": rng.choice(BACKGROUND_WORDS[background]),
+    }
+    if keep == "shape":
+        templates = [t.replace("{colour} ", "") for t in (MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES)
+                     if "{colour} {shape" in t]
+    elif keep == "colour":
+        templates = COLOUR_ONLY_MULTI if count > 1 else COLOUR_ONLY_SINGLE
+    else:
+        raise ValueError(f"keep must be 'shape' or 'colour', got {keep!r}")
+    template = rng.choice(templates)
+    following = template.split("{a} ", 1)[1] if "{a} " in template else ""
+    next_word = following.split()[0].format(**fields) if following else ""
+    caption = template.format(a=article_for(next_word), **fields)
+    if len(caption.split()) < 3:  # "a circle": pad as alt-text would, above the paper's 3-word minimum
+        caption = f"a picture of {caption}"
+    return caption
+
+
 def boilerplate_caption(rng: random.Random) -> str:
     """One of a small pool of strings that many images share."""
     return rng.choice(BOILERPLATE)

@@ -64,6 +64,9 @@ class SynthConfig:
     long_rate: float = 0.02
     undersized_rate: float = 0.02
     extreme_aspect_rate: float = 0.02
+    # Of the clean training captions, the fraction that name only the shape or only the colour (half each), as
+    # alt-text often does; it lets shape words be learnt apart from the colours they came with. Not noise.
+    partial_caption_rate: float = 0.0
 
     def noise_rates(self) -> dict[str, float]:
         """Rate per noise kind, keyed by the kind's name in the manifest."""
@@ -82,6 +85,8 @@ class SynthConfig:
         for kind, rate in self.noise_rates().items():
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"SynthConfig.{kind}_rate must lie in [0, 1], got {rate}")
+        if not 0.0 <= self.partial_caption_rate <= 1.0:
+            raise ConfigError(f"SynthConfig.partial_caption_rate must lie in [0, 1], got {self.partial_caption_rate}")
         if sum(self.noise_rates().values()) > 1.0:
             raise ConfigError(f"SynthConfig noise rates sum to {sum(self.noise_rates().values())} > 1")
         if not 0 <= self.num_heldout_pairs <= len(self.colours) * len(self.shapes) - max(
@@ -239,6 +244,12 @@ def make_record(seed: int, split: str, index: int, pair: tuple[str, str], noise:
         caption = captions.short_caption(rng, colour, shape)
     elif noise == "long":
         caption = captions.long_caption(rng, caption)
+    # From a generator of its own, so that the option changes captions only, never the images.
+    elif noise == "clean" and split == "train" and config.partial_caption_rate > 0:
+        partial_rng = random.Random(f"{seed}:{split}:{index}:partial")
+        if partial_rng.random() < config.partial_caption_rate:
+            keep = "shape" if partial_rng.random() < 0.5 else "colour"
+            caption = captions.partial_caption(partial_rng, colour, shape, count, size, position, background, keep)
 
     image = render_image(rng, numpy_rng, width, height, colour, shape, count, size, position, background,
                          config.pixel_noise)
