@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
 from openalign.data.synth import SynthConfig
 from openalign.errors import ConfigError
@@ -70,7 +68,8 @@ class DemoConfig:
 
     def synth_config(self) -> SynthConfig:
         """The generator's settings for this demo."""
-        config = SynthConfig(image_size=self.image_size, **self.synth_overrides)
+        config = SynthConfig(image_size=self.image_size, partial_caption_rate=self.partial_caption_rate,
+                             **self.synth_overrides)
         if self.noise_rate is not None:
             rates = config.noise_rates()
             total = sum(rates.values())
@@ -78,8 +77,6 @@ class DemoConfig:
                 setattr(config, f"{kind}_rate", self.noise_rate * rate / total if total else 0.0)
         if self.mismatch_rate is not None:
             config.mismatch_rate = self.mismatch_rate
-        if self.partial_caption_rate and hasattr(config, "partial_caption_rate"):
-            config.partial_caption_rate = self.partial_caption_rate
         config.validate()
         return config
 
@@ -154,6 +151,8 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
 def measure_throughput(model_config: AlignConfig, batch_size: int, text_length: int = 12, steps: int = 2) -> float:
     """Training samples per second of a fresh model on random inputs: forward, loss, backward and AdamW step,
     channels-last, after one warm-up step. Used to size the run; data loading is not included."""
+    import torch
+
     from openalign.losses import build_loss
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
@@ -211,6 +210,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     transformers and by AlignProcessor.from_pretrained), plots/, heatmap.png, report.md and metrics.json, next
     to the working folders data/, filtered/, tokenizer/ and run/.
     """
+    import torch
+
     from openalign.demo import evaluate, report
     from openalign.processing.image_processor import AlignImageProcessor
     from openalign.processing.processor import AlignProcessor
