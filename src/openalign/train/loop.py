@@ -130,14 +130,16 @@ class Stepper:
             self.scaler.unscale_(self.optimizer)
         gradients = [parameter.grad for parameter in self.parameters if parameter.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        # Under FSDP2 the norm is a DTensor (already reduced over shards): clip with it, check its plain value.
+        plain_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # With a grad scaler, inf gradients are its business (it lowers the scale and skips); only the loss counts.
-        bad = ~torch.isfinite(loss) if self.scaler.is_enabled() else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        bad = bad.float()
+        finite = torch.isfinite(loss) if self.scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(plain_norm)
+        bad = (~finite).float()
         if world_info().world_size > 1:
             dist.all_reduce(bad)  # every rank must take the same decision, or DDP deadlocks at the next step
         skipped = bool(bad.item())
         if skipped:
-            self._non_finite(step_number, float(loss), float(grad_norm))
+            self._non_finite(step_number, float(loss), float(plain_norm))
         else:
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(gradients, self.grad_clip, grad_norm)
@@ -151,7 +153,7 @@ class Stepper:
             # follows the step count, which is what we want.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
-        return StepResult(float(loss), float(grad_norm), skipped)
+        return StepResult(float(loss), float(plain_norm), skipped)
 
     def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:
         message = (f"step {step_number}: non-finite loss or gradient (loss {loss}, gradient norm {grad_norm}); "
@@ -185,6 +187,10 @@ def validate(stepper: Stepper, model: nn.Module, loader, max_batches: int | None
             text_parts.append(all_text.cpu())
     finally:
         model.train(was_training)
+        if hasattr(model, "reshard"):
+            # FSDP2 keeps the root's parameters gathered after a forward without backward; the optimiser and
+            # its state dict know the sharded ones.
+            model.reshard()
     if not losses:
         raise OpenAlignError("the validation set yielded no batch; give more samples or a smaller batch size")
     loss = torch.stack(losses).mean()

@@ -288,7 +288,11 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     checkpointing_mode = config.model.gradient_checkpointing
     model.gradient_checkpointing_enable(text=checkpointing_mode in ("text", "both"),
                                         vision=checkpointing_mode in ("vision", "both"))
-    channels_last = run.channels_last if isinstance(run.channels_last, bool) else device.type == "cpu"
+    # FSDP2 cannot shard channels-last (non-contiguous) conv weights.
+    channels_last = run.channels_last if isinstance(run.channels_last, bool) else device.type == "cpu" and not fsdp
+    if channels_last and fsdp:
+        raise ConfigError("run.channels_last = true does not work with distributed.strategy = 'fsdp' "
+                          "(FSDP2 shards only contiguous parameters); use 'auto' or false")
     model.to(device)
     if channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
@@ -317,6 +321,8 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     features = wrap_model(features, config.distributed.strategy, config.distributed.sync_batchnorm,
                           shard_modules=shard_modules)
     holder = nn.ModuleList([model, loss_module])  # every trainable parameter, for the optimiser
+    # The optimiser state under FSDP is keyed through the sharded root (the wrapped features module).
+    state_holder = nn.ModuleList([features, loss_module]) if fsdp else holder
     optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
     scheduler = build_scheduler(optimizer, optim.warmup_steps, optim.total_steps, optim.schedule,
                                 optim.min_lr_ratio)
@@ -340,7 +346,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     torch.manual_seed(run.seed + 1_000_003 * rank)  # dropout differs across ranks
     if trainer_state is not None:
         step, skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
-        _load_optimizer_state(holder, optimizer, trainer_state["optimizer"], fsdp)
+        _load_optimizer_state(state_holder, optimizer, trainer_state["optimizer"], fsdp)
         scheduler.load_state_dict(trainer_state["scheduler"])
         scaler.load_state_dict(trainer_state["scaler"])
         loss_module.load_state_dict(trainer_state["loss"])
@@ -365,7 +371,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     def save(step_number: int) -> Path:
         state = {
             "step": step_number, "skipped_steps": skipped_steps,
-            "optimizer": _optimizer_state(holder, optimizer, fsdp), "scheduler": scheduler.state_dict(),
+            "optimizer": _optimizer_state(state_holder, optimizer, fsdp), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "loss": loss_module.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "data": train_loader.state_dict(),
             "rng": _all_ranks(checkpointing.rng_state(), world_size),
@@ -403,10 +409,12 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
                 losses = window["losses"]
                 last_record = {
                     "step": step, "epoch": train_loader.epoch,
-                    "loss": sum(losses) / len(losses) if losses else float("nan"),
+                    # Each rank's loss covers its rows of the global batch; their mean is the global loss.
+                    "loss": _sum_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world_size)
+                    / world_size,
                     "temperature": temperature, "lr": learning_rate, "grad_norm": result.grad_norm,
                     "samples_per_s": global_batch * window["steps"] / max(elapsed, 1e-9),
-                    "skipped_samples": _total(sum(train_loader.skipped.values()), world_size),
+                    "skipped_samples": int(_sum_over_ranks(sum(train_loader.skipped.values()), world_size)),
                     "skipped_steps": skipped_steps, "elapsed_s": time.monotonic() - start_time,
                 }
                 log.write(last_record)
@@ -450,10 +458,10 @@ def _agree(flag: bool, world_size: int) -> bool:
     return bool(value.item())
 
 
-def _total(count: int, world_size: int) -> int:
-    """A per-rank count summed over ranks."""
+def _sum_over_ranks(value: float, world_size: int) -> float:
+    """A per-rank number summed over ranks."""
     if world_size == 1:
-        return count
-    value = torch.tensor([count], dtype=torch.float64, device=world_info().device)
-    dist.all_reduce(value)
-    return int(value.item())
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=world_info().device)
+    dist.all_reduce(total)
+    return float(total.item())
