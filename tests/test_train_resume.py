@@ -32,6 +32,7 @@ def _write_config(data, run_dir: Path) -> Path:
     config = tiny_config(data, run_dir, **{
         "optim.total_steps": TOTAL_STEPS, "run.checkpoint_every": CHECKPOINT_EVERY, "run.keep_last": 2,
         "data.flip": True,  # augmentation randomness must replay too
+        "run.ema_decay": 0.8,  # the weight average resumes too
     })
     run_dir.mkdir(parents=True)
     return config.save(run_dir.parent / f"{run_dir.name}.yaml")
@@ -85,10 +86,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     # The loss did move: equal curves are not two constant ones.
     assert len({record["loss"] for record in reference_steps.values()}) > 1
 
-    final_reference, final_resumed = read_state_dict(reference_dir / "model"), read_state_dict(killed_dir / "model")
-    assert final_reference.keys() == final_resumed.keys()
-    differing = [key for key in final_reference if not torch.equal(final_reference[key], final_resumed[key])]
-    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    for folder in ("model", "model-ema"):
+        final_reference, final_resumed = read_state_dict(reference_dir / folder), read_state_dict(killed_dir / folder)
+        assert final_reference.keys() == final_resumed.keys()
+        differing = [key for key in final_reference if not torch.equal(final_reference[key], final_resumed[key])]
+        assert not differing, f"{folder}: {len(differing)} tensors differ, e.g. {differing[:3]}"
     # keep_last=2: only the two newest checkpoints remain.
     assert sorted(path.name for path in killed_dir.glob("checkpoint-*")) == ["checkpoint-00000008",
                                                                               "checkpoint-00000010"]
