@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=defaults.n, help=f"training pairs (default {defaults.n})")
     parser.add_argument("--heldout-n", type=int, default=defaults.heldout_n,
                         help=f"held-out pairs (default {defaults.heldout_n})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps (still capped by --minutes); default: as many as fit")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"training batch (default {defaults.batch_size})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and training seed")
     parser.add_argument("--threads", type=int, default=defaults.workers,
                         help=f"CPU threads and data worker processes (default {defaults.workers})")
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seed=args.seed,
         filter=not args.no_filter, noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
         partial_caption_rate=args.partial_caption_rate, workers=args.threads, progress=not args.quiet,
+        steps=args.steps, batch_size=args.batch_size,
     )
     result = run_demo(config)
     metrics = result.metrics

@@ -56,6 +56,7 @@ class DemoConfig:
     vocab_size: int = 1000
     max_length: int = 32
     batch_size: int = 256
+    steps: int | None = None  # a fixed number of training steps (still capped by `minutes`); default: from time
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
@@ -238,17 +239,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     heldout_rows = evaluate.read_rows(out / "data" / "heldout" / "manifest.jsonl")
     evaluation_reserve = EVALUATION_FIXED_SECONDS + EVALUATION_SECONDS_PER_IMAGE * len(heldout_rows)
-    measure_started = time.monotonic()
-    throughput = measure_throughput(model_config, min(config.batch_size, 128))
-    timings["throughput_probe"] = time.monotonic() - measure_started
+    throughput = None
+    if config.steps is None:
+        measure_started = time.monotonic()
+        throughput = measure_throughput(model_config, min(config.batch_size, 128))
+        timings["throughput_probe"] = time.monotonic() - measure_started
     train_seconds = config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
     if train_seconds < 10:
         raise ConfigError(f"--minutes {config.minutes} leaves {train_seconds:.0f} s for training after data "
                           f"preparation and evaluation; give it more time or fewer images")
     # Data loading and logging cost about 15% on top of the model's own step time.
-    total_steps = max(1, math.floor(0.85 * throughput * train_seconds / config.batch_size))
-    _log(config.progress, f"training for {train_seconds:.0f} s: {total_steps} steps of {config.batch_size} "
-                          f"(measured {throughput:.0f} samples/s)")
+    total_steps = config.steps or max(1, math.floor(0.85 * throughput * train_seconds / config.batch_size))
+    _log(config.progress, f"training {total_steps} steps of {config.batch_size} in at most {train_seconds:.0f} s"
+                          + (f" (measured {throughput:.0f} samples/s)" if throughput else ""))
     train_config = training_config(config, manifest, out / "tokenizer", model_config_path, out / "run",
                                    total_steps, train_seconds / 60)
     training_started = time.monotonic()
@@ -268,13 +271,14 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     from openalign.inference.encoders import load_encoders
 
-    encoders = load_encoders(model_dir, device="cpu", optimize=False)
+    encoders = load_encoders(model_dir, device="cpu", batch_size=64, optimize=False)
     held = evaluate.evaluate_heldout(encoders, heldout_rows, out / "data" / "heldout", summary)
     timings["evaluate"] = time.monotonic() - evaluation_started
     timings["total"] = time.monotonic() - started
     metrics = {
         **held, "minutes": timings["total"] / 60,
-        "training": {"steps": result.step, "stop_reason": result.stop_reason, "samples_per_s": throughput,
+        "training": {"steps": result.step, "stop_reason": result.stop_reason,
+                     "samples_per_s": result.step * config.batch_size / timings["train"],
                      "samples_seen": result.step * config.batch_size,
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},
         "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows),

@@ -38,11 +38,12 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
                   ) -> Path:
     """Cosine similarities of a few held-out images (one per held-out pair) against the prompts naming those
     pairs, as a PNG: the diagonal is the right answer."""
+    from openalign.demo.evaluate import fill
     from openalign.eval.compare import plot_similarity_heatmap, similarity_matrix
 
     indices = heatmap_examples(rows, pairs)
     images = [split_dir / rows[index]["image_path"] for index in indices]
-    texts = [f"a {rows[index]['colour']} {rows[index]['shape']}" for index in indices]
+    texts = [fill("{a} {colour} {shape}", rows[index]["colour"], rows[index]["shape"]) for index in indices]
     matrix = similarity_matrix(encoders, images, texts)
     return plot_similarity_heatmap(images, texts, matrix, path)
 
@@ -82,7 +83,7 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
         f"- model: EfficientNet width x{config['width_coefficient']}, depth x{config['depth_coefficient']} at "
         f"{config['image_size']} px; BERT {config['text_layers']} layers x {config['text_width']}",
         f"- {training['steps']} steps of {config['batch_size']} ({training['samples_seen']} samples, "
-        f"{training['samples_per_s']:.0f} samples/s measured before training), stopped: {training['stop_reason']}; "
+        f"{training['samples_per_s']:.0f} samples/s), stopped: {training['stop_reason']}; "
         f"final loss {training['final_loss']:.3f}, temperature {training['temperature']:.4f}",
         "- seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()),
         f"- whole command: {metrics['minutes']:.2f} minutes",
