@@ -1,11 +1,12 @@
 """Training-step throughput and peak memory: openalign's trainer step against transformers' AlignModel doing
 the same step (same config, weights, batch, dtype, optimiser), with and without gradient checkpointing.
+Not a test: the numbers depend on the machine and its load.
 
     python benchmarks/train.py [--preset efficientnet-b0+bert-mini] [--image-size 128] [--batch-size 16]
 
 Each measurement runs in a fresh subprocess, so peak memory is that one configuration's: on CUDA
-torch.cuda.max_memory_allocated, on CPU the growth of the peak resident set (ru_maxrss) over the resident set
-before the first step. Both sides run under the same allocator settings and memory format. openalign's step is
+torch.cuda.max_memory_allocated over the first step, on CPU the growth of the peak resident set (ru_maxrss)
+over the resident set before the first step (activations, gradients and optimiser state). Both sides run under the same allocator settings and memory format. openalign's step is
 `openalign.train.loop.Stepper` (features -> ALIGN loss -> backward -> AdamW); transformers' is
 `AlignModel(..., return_loss=True).loss.backward()` -> AdamW. transformers checkpoints only the text tower
 (its EfficientNet has no gradient checkpointing), so the "checkpointing" rows compare text-only checkpointing,
@@ -105,20 +106,24 @@ def worker(args: argparse.Namespace) -> dict:
         def step():
             stepper.step(batch, 0)
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    # Memory from the first step: later steps reuse the heap the first one grew (the allocator keeps it), so
+    # the resident set would no longer show what a step needs. It includes gradients and optimiser state.
     resident_before = _resident_bytes()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident_before
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"samples_per_s": args.batch_size * args.steps / elapsed, "peak_bytes": peak, "device": device.type}
 
@@ -160,7 +165,7 @@ def main() -> None:
     print(f"{args.preset} at {args.image_size} px, batch {args.batch_size}, {args.seq_len} tokens, {args.dtype}, "
           f"channels_last={args.channels_last}, {args.steps} timed steps on {device}")
     print("peak memory: " + ("torch.cuda.max_memory_allocated" if device == "cuda" else
-                             "growth of peak RSS over RSS before the timed steps"))
+                             "growth of peak RSS over RSS before the first step"))
     print(f"{'checkpointing':<28}{'impl':<14}{'samples/s':>11}{'peak MiB':>11}")
     for (implementation, checkpointing), result in results.items():
         label = {"none": "none", "text": "text tower", "both": "both towers (no peer)"}[checkpointing]
