@@ -6,12 +6,11 @@ Not a test: the numbers depend on the machine and its load.
 
 Each measurement runs in a fresh subprocess, so peak memory is that one configuration's: on CUDA
 torch.cuda.max_memory_allocated over the first step, on CPU the growth of the peak resident set (ru_maxrss)
-over the resident set before the first step (activations, gradients and optimiser state). Both sides run under the same allocator settings and
-memory format. openalign's step is
-`openalign.train.loop.Stepper` (features -> ALIGN loss -> backward -> AdamW); transformers' is
-`AlignModel(..., return_loss=True).loss.backward()` -> AdamW. transformers checkpoints only the text tower
-(its EfficientNet has no gradient checkpointing), so the "checkpointing" rows compare text-only checkpointing,
-and openalign's both-towers row has no peer.
+over the resident set before the first step (activations, gradients and optimiser state). Both sides run under
+the same allocator settings and memory format. openalign's step is `openalign.train.loop.Stepper` (features ->
+ALIGN loss -> backward -> AdamW); transformers' is `AlignModel(..., return_loss=True).loss.backward()` -> AdamW.
+transformers checkpoints only the text tower (its EfficientNet has no gradient checkpointing), so the
+"checkpointing" rows compare text-only checkpointing, and openalign's both-towers row has no peer.
 """
 
 from __future__ import annotations
