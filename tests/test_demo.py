@@ -1,0 +1,123 @@
+"""The shortened demo, end to end through the command: generate, filter, tokenize, train, evaluate, report.
+
+It trains for a fixed number of steps (so a slow machine takes longer rather than learning less) and checks
+that learning happened: held-out figures well above chance, a text search over an index of held-out images
+that finds the right colour, and a checkpoint that openalign and transformers both load to the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from openalign.demo import evaluate
+
+METRIC_KEYS = ("colour_accuracy", "shape_accuracy", "shape_only_prompt_accuracy", "pair_accuracy",
+               "image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run `openalign demo` once, small: 3,000 pairs, 90 steps of 128 (30-90 s of training here, depending on
+    what else runs; --minutes is only a cap, so that a slow machine trains as much, for longer)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    # A process of its own, as the README runs it: torch is already loaded here, and OpenMP reads its wait
+    # policy (which the command sets) only when torch loads.
+    completed = subprocess.run(
+        [sys.executable, "-m", "openalign", "demo", "--out", str(out), "--minutes", "6", "--n", "3000",
+         "--heldout-n", "300", "--steps", "90", "--batch-size", "128", "--quiet"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out, json.loads((out / "metrics.json").read_text()), completed.stdout
+
+
+def test_outputs_are_all_in_the_folder_and_printed(demo):
+    out, metrics, printed = demo
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                 "model/preprocessor_config.json", "plots/loss.png", "heatmap.png", "report.md", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert set(METRIC_KEYS) | {"chance", "minutes"} <= set(metrics)
+    assert set(METRIC_KEYS) <= set(metrics["chance"])
+    assert metrics["training"]["steps"] == 90 and metrics["training"]["stop_reason"] == "finished"
+    for key in METRIC_KEYS:
+        assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
+    for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
+        assert str(out / name) in printed
+
+
+def test_learning_happened_on_unseen_colour_shape_pairs(demo):
+    _, metrics, _ = demo
+    chance = metrics["chance"]
+    # Colour is the first thing learnt and generalises to unseen pairs at once; retrieval follows it.
+    assert metrics["colour_accuracy"] >= max(0.5, 3 * chance["colour_accuracy"])
+    assert metrics["text_to_image_r5"] >= 4 * chance["text_to_image_r5"]
+    assert metrics["image_to_text_r5"] >= 4 * chance["image_to_text_r5"]
+    assert metrics["pair_accuracy"] >= 2 * chance["pair_accuracy"]
+    assert metrics["data"]["kept_after_filter"] < metrics["data"]["train_pairs"]  # the filters ran
+
+
+def test_text_search_over_an_index_of_heldout_images_finds_the_colour(demo, tmp_path):
+    from openalign.index.faiss_index import Index, build_index
+    from openalign.inference.embed import embed_to_folder
+    from openalign.inference.encoders import load_encoders
+
+    out, metrics, _ = demo
+    encoders = load_encoders(out / "model", device="cpu", batch_size=64)
+    split = out / "data" / "heldout"
+    rows = evaluate.read_rows(split / "manifest.jsonl")
+    embed_to_folder([str(split / row["image_path"]) for row in rows], encoders.encode_loaded_images,
+                    tmp_path / "embeddings", kind="image", progress=False)
+    build_index(tmp_path / "embeddings", tmp_path / "index")
+    index = Index.load(tmp_path / "index", encode_texts=encoders.encode_texts)
+    pairs = sorted({(row["colour"], row["shape"]) for row in rows})
+    results = index.search(texts=[f"a {colour} {shape}" for colour, shape in pairs], k=10)
+    by_path = {str(split / row["image_path"]): row for row in rows}
+    colour_hits, shape_hits = [], []
+    for (colour, shape), hits in zip(pairs, results):
+        truths = [by_path[hit["source"]] for hit in hits]
+        colour_hits.append(np.mean([truth["colour"] == colour for truth in truths]))
+        shape_hits.append(np.mean([truth["shape"] == shape for truth in truths]))
+    # No colour is in more than two of the ten held-out pairs: a model that knew nothing would find the right
+    # colour in about a fifth of the top ten.
+    assert np.mean(colour_hits) >= 0.6, colour_hits
+    if metrics["shape_accuracy"] >= 0.5:  # the short run learnt shape too: then search must show it
+        assert np.mean(shape_hits) >= 0.4, shape_hits
+
+
+def test_checkpoint_loads_in_openalign_and_transformers_alike(demo):
+    transformers = pytest.importorskip("transformers")
+    from openalign.models.align import AlignModel
+    from openalign.processing.processor import AlignProcessor
+
+    out, _, _ = demo
+    processor = AlignProcessor.from_pretrained(out / "model")
+    rows = evaluate.read_rows(out / "data" / "heldout" / "manifest.jsonl")[:4]
+    inputs = processor(text=[row["caption"] for row in rows],
+                       images=[out / "data" / "heldout" / row["image_path"] for row in rows])
+    ours = AlignModel.from_pretrained(out / "model").eval()
+    theirs = transformers.AlignModel.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        mine = ours(**inputs)
+        other = theirs(**inputs)
+    torch.testing.assert_close(mine.logits_per_image, other.logits_per_image, rtol=1e-4, atol=1e-4)
+
+
+def test_recall_ceilings_count_identical_captions():
+    ceilings = evaluate.recall_ceilings(["a red circle"] * 10 + ["a blue star"] * 2 + ["unique"], ks=(1, 5))
+    # A caption shared by m images scores at best min(1, k / m) on text -> image.
+    assert ceilings["text_to_image_r1"] == pytest.approx((10 * 0.1 + 2 * 0.5 + 1) / 13)
+    assert ceilings["text_to_image_r5"] == pytest.approx((10 * 0.5 + 2 * 1 + 1) / 13)
+    assert ceilings["image_to_text_r5"] == 1.0
+
+
+def test_prompt_templates_come_from_the_caption_templates():
+    pair = [evaluate.fill(t, "orange", "circle") for t in evaluate.pair_templates()]
+    shape = [evaluate.fill(t, None, "circle") for t in evaluate.shape_only_templates()]
+    assert "an orange circle" in pair and "a photo of an orange circle" in pair
+    assert "a circle" in shape and all("orange" not in text and "  " not in text for text in shape)
