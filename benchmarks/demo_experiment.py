@@ -51,6 +51,23 @@ def run_grid(out_dir: Path, minutes: float, noise_rates, n: int, heldout_n: int,
     return rows
 
 
+def reevaluate(rows: list[dict], out_dir: Path) -> list[dict]:
+    """The rows with their held-out figures recomputed from the saved runs by the current evaluation code
+    (for a grid that ran before a change to the evaluation); training figures are kept."""
+    from openalign.demo import evaluate
+    from openalign.inference.encoders import load_encoders
+
+    updated = []
+    for row in rows:
+        run = out_dir / f"noise{round(100 * row['noise_rate']):02d}-{'filtered' if row['filter'] else 'unfiltered'}"
+        summary = json.loads((run / "data" / "dataset.json").read_text())
+        heldout = evaluate.read_rows(run / "data" / "heldout" / "manifest.jsonl")
+        encoders = load_encoders(run / "model", device="cpu", batch_size=64, optimize=False)
+        figures = evaluate.evaluate_heldout(encoders, heldout, run / "data" / "heldout", summary)
+        updated.append({**row, **{key: figures[key] for key, _ in COLUMNS}})
+    return updated
+
+
 def format_table(rows: list[dict]) -> str:
     """The grid as a markdown table, one row per run."""
     header = "| noise | filters | pairs trained on | steps | " + " | ".join(label for _, label in COLUMNS) + " |"
@@ -76,17 +93,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps of 256 per run (--minutes becomes a cap)")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--reevaluate", default=None,
+                        help="instead of training, re-evaluate the runs under --out listed in this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only before torch loads, which is below
     from openalign.inference.allocator import configure_allocator
 
     configure_allocator()
-    rows = run_grid(Path(args.out), args.minutes, args.noise_rates, args.n, args.heldout_n, args.seed,
-                    args.partial_caption_rate, args.threads, args.steps)
+    if args.reevaluate:
+        rows = reevaluate(json.loads(Path(args.reevaluate).read_text()), Path(args.out))
+    else:
+        rows = run_grid(Path(args.out), args.minutes, args.noise_rates, args.n, args.heldout_n, args.seed,
+                        args.partial_caption_rate, args.threads, args.steps)
     print()
     budget = f"{args.steps} steps of 256" if args.steps else f"{args.minutes:g} minutes (whole demo)"
-    print(f"{budget} per run, {args.n} pairs generated, seed {args.seed}, "
-          f"partial captions {args.partial_caption_rate:g}")
+    if not args.reevaluate:
+        print(f"{budget} per run, {args.n} pairs generated, seed {args.seed}, "
+              f"partial captions {args.partial_caption_rate:g}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -17,6 +17,8 @@ HEADLINE = (
     ("text_to_image_r1", "text -> image R@1"),
     ("text_to_image_r5", "text -> image R@5"),
 )
+FULL_GALLERY = (("full_gallery_image_to_text_r5", "image -> text R@5"), ("full_gallery_text_to_image_r5",
+                                                                         "text -> image R@5"))
 
 
 def heatmap_examples(rows: Sequence[dict], pairs: Sequence[Sequence[str]], limit: int = 6) -> list[int]:
@@ -49,8 +51,11 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
 
 
 def _figure_rows(metrics: dict) -> list[str]:
+    gallery = metrics["retrieval_gallery_size"]
     lines = ["| figure | held-out | chance | ceiling |", "|---|---:|---:|---:|"]
-    for key, label in HEADLINE:
+    rows = [*HEADLINE[:4], *((key, f"{label} ({gallery}-pair galleries)") for key, label in HEADLINE[4:]),
+            *((key, f"{label} (all {metrics['data']['heldout_pairs']} held-out pairs)") for key, label in FULL_GALLERY)]
+    for key, label in rows:
         ceiling = metrics.get("ceiling", {}).get(key)
         lines.append(f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
                      f"{'' if ceiling is None else f'{ceiling:.3f}'} |")
