@@ -67,6 +67,7 @@ def test_shard_folder_with_a_corrupt_sample_is_counted(data, tmp_path):
     config = tiny_config(data, tmp_path / "run", **{
         "data.train": shard_dir, "optim.total_steps": 3, "run.checkpoint_every": 3,
         "optim.accumulation": 2,  # exact accumulation through the feature cache, in the real loop
+        "loss.name": "clip", "loss.label_smoothing": 0.0,  # a loss that owns its scale
     })
     result = train(config)
     assert result.step == 3 and result.skipped_samples == 1
@@ -76,9 +77,12 @@ def test_shard_folder_with_a_corrupt_sample_is_counted(data, tmp_path):
 
 
 def test_time_budget_stops_with_a_checkpoint(data, tmp_path):
-    config = tiny_config(data, tmp_path / "run", **{"run.max_minutes": 1e-6, "optim.total_steps": 50})
+    config = tiny_config(data, tmp_path / "run", **{"run.max_minutes": 1e-6, "optim.total_steps": 50,
+                                                    "run.dtype": "bf16", "loss.name": "siglip"})
     result = train(config)
     assert (result.step, result.stop_reason) == (1, "time_budget")
+    # SigLIP's scale starts at 10, i.e. temperature 1/10, and moved one step.
+    assert result.metrics["loss"] > 0 and result.metrics["temperature"] == pytest.approx(0.1, rel=0.05)
     [(step, folder)] = list_checkpoints(result.run_dir)
     assert step == 1
     verify_checkpoint(folder)

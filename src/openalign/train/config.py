@@ -163,6 +163,9 @@ class TrainConfig:
                               f"optim.accumulation = {self.optim.accumulation} equal micro-batches")
         if self.run.ema_decay is not None and not 0.0 < self.run.ema_decay < 1.0:
             raise ConfigError(f"run.ema_decay = {self.run.ema_decay} must lie in (0, 1)")
+        if self.optim.accumulation > 1 and (self.model.freeze_text or self.model.freeze_vision):
+            raise ConfigError("optim.accumulation > 1 with a frozen tower is not supported: the feature cache "
+                              "backpropagates through both towers; use accumulation 1")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self

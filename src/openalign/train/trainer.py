@@ -195,7 +195,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         loss_kwargs.update(label_smoothing=config.loss.label_smoothing, gather_with_grad=config.loss.gather_with_grad,
                            local_loss=config.loss.local_loss)
     if loss_name == "clip":
-        loss_kwargs["logit_scale_init"] = -math.log(float(model.temperature))
+        loss_kwargs["logit_scale_init"] = -math.log(float(model.temperature.detach()))
     loss_module = build_loss(loss_name, **loss_kwargs).to(device)
     if loss_name == "align":
         loss_parameters = [model.temperature] if model.temperature.requires_grad else []
