@@ -30,7 +30,6 @@ _EXPORTS = {
     "retrieval_metrics": "openalign.eval.retrieval",
     "TrainConfig": "openalign.train.config",
     "load_config": "openalign.train.config",
-    "train": "openalign.train.trainer",
     "CheckpointError": "openalign.errors",
     "ConfigError": "openalign.errors",
     "ImageLoadError": "openalign.errors",
