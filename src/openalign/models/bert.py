@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from openalign.checkpoint import PretrainedMixin
 from openalign.configs import AlignTextConfig
 from openalign.models.outputs import AlignTextOutput
-from openalign.models.utils import activation, normal_init
+from openalign.models.utils import CheckpointingTower, activation, normal_init
 
 
 class TextEmbeddings(nn.Module):
@@ -171,7 +171,7 @@ def expand_head_mask(head_mask: torch.Tensor | None, num_layers: int, dtype: tor
     return head_mask[:, None, :, None, None].to(dtype)
 
 
-class AlignTextModel(PretrainedMixin, nn.Module):
+class AlignTextModel(PretrainedMixin, CheckpointingTower, nn.Module):
     """BERT text tower. `last_hidden_state[:, 0]` ([CLS]) feeds AlignModel's text projection."""
 
     config_class = AlignTextConfig
@@ -184,17 +184,6 @@ class AlignTextModel(PretrainedMixin, nn.Module):
         self.encoder = TextEncoder(config)
         self.pooler = Pooler(config) if add_pooling_layer else None
         self.init_weights()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each layer's activations in the backward pass (transformers' name and signature)."""
-        self.encoder.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.encoder.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
 
     def init_weights(self) -> None:
         """transformers' initialisation: normal(0, initializer_range), zero biases and padding row."""

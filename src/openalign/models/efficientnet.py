@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from openalign.checkpoint import PretrainedMixin
 from openalign.configs import AlignVisionConfig, round_filters
 from openalign.models.outputs import AlignVisionOutput
-from openalign.models.utils import activation, no_batchnorm_update, normal_init
+from openalign.models.utils import CheckpointingTower, activation, no_batchnorm_update, normal_init
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def _checkpoint_contexts(module: nn.Module):
     return lambda: (contextlib.nullcontext(), no_batchnorm_update(module))
 
 
-class AlignVisionModel(PretrainedMixin, nn.Module):
+class AlignVisionModel(PretrainedMixin, CheckpointingTower, nn.Module):
     """EfficientNet image tower: `pooler_output` (B, C) is the global mean (or max) of the last block."""
 
     config_class = AlignVisionConfig
@@ -215,17 +215,6 @@ class AlignVisionModel(PretrainedMixin, nn.Module):
         self.embeddings = VisionStem(config)
         self.encoder = AlignVisionEncoder(config)
         self.init_weights()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each layer's activations in the backward pass (transformers' name and signature)."""
-        self.encoder.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.encoder.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
 
     def init_weights(self) -> None:
         """transformers' initialisation: normal(0, initializer_range) convs, unit BatchNorm, fresh statistics."""

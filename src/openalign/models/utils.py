@@ -53,6 +53,21 @@ def no_batchnorm_update(module: nn.Module):
                 m.num_batches_tracked.copy_(tracked)
 
 
+class CheckpointingTower:
+    """Gradient-checkpointing switches (transformers' names) for a tower whose `encoder` has the flag."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass."""
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
