@@ -12,10 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from openalign.configs import AlignConfig
 from openalign.models.align import AlignModel
 from openalign.models.efficientnet import block_specs
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+from openalign.models.utils import count_parameters
 
 
 def model_summary(config: AlignConfig, text_length: int = 64) -> dict:
@@ -37,11 +34,11 @@ def model_summary(config: AlignConfig, text_length: int = 64) -> dict:
     vision, text = config.vision_config, config.text_config
     return {
         "parameters": {
-            "vision": _count(model.vision_model),
-            "text": _count(model.text_model),
-            "text_pooler_unused": _count(model.text_model.pooler) if model.text_model.pooler is not None else 0,
-            "projection_and_temperature": _count(model.text_projection) + 1,
-            "total": _count(model),
+            "vision": count_parameters(model.vision_model),
+            "text": count_parameters(model.text_model),
+            "text_pooler_unused": count_parameters(model.text_model.pooler or torch.nn.Module()),
+            "projection_and_temperature": count_parameters(model.text_projection) + 1,
+            "total": count_parameters(model),
         },
         "vision": {
             "image_size": size,
