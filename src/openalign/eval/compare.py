@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from openalign.errors import OpenAlignError
+from openalign.figures import pyplot, save_figure
 
 
 class CompareInputError(OpenAlignError, ValueError):
@@ -51,10 +52,7 @@ def plot_similarity_heatmap(
 ) -> Path:
     """Write a PNG: one row per image (its thumbnail on the left), one column per text, cells coloured and
     labelled with the similarity. Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (len(images), len(texts)):
@@ -83,9 +81,4 @@ def plot_similarity_heatmap(
     for spine in axes.spines.values():
         spine.set_visible(False)
     figure.colorbar(heat, ax=axes, fraction=0.046, label="cosine similarity")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

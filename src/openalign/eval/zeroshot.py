@@ -14,6 +14,7 @@ import torch
 
 from openalign.errors import OpenAlignError
 from openalign.eval.templates import check_templates
+from openalign.figures import pyplot, save_figure
 
 
 class ZeroShotInputError(OpenAlignError, ValueError):
@@ -140,10 +141,7 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, no
     Rows are normalised to fractions of each true class when normalize is set. Class names are drawn on the
     axes only up to 50 classes, beyond which they would overlap.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
@@ -161,9 +159,4 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, no
         ticks = np.arange(len(labels))
         axes.set_xticks(ticks, labels=list(labels), rotation=90)
         axes.set_yticks(ticks, labels=list(labels))
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from openalign.errors import ConfigError
+from openalign.figures import pyplot, save_figure
 from openalign.train.run_log import METRICS_NAME, read_metrics
 
 PANELS = {  # file stem: (title, y label, [(metric key, legend label)], log scale)
@@ -26,10 +27,7 @@ PANELS = {  # file stem: (title, y label, [(metric key, legend label)], log scal
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write one PNG per panel that has data (loss.png, temperature.png, learning_rate.png, val_recall.png)
     into `out_dir` (default RUN_DIR/plots); return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -56,9 +54,5 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         if len(curves) > 1:
             axes.legend()
         axes.grid(alpha=0.3)
-        figure.tight_layout()
-        path = out_dir / f"{stem}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(save_figure(figure, out_dir / f"{stem}.png"))
     return written
