@@ -95,17 +95,23 @@ def pick_synonym(rng: random.Random, words: list):
     return rng.choice(words[1:])
 
 
-def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
-                  background: str) -> str:
-    """A caption that names the colour and shape of the image's objects (and sometimes count, size,
-    position or background)."""
+def _caption_fields(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
+                    background: str) -> dict[str, str]:
+    """The words a template is filled with; synonyms drawn in a fixed order, so captions stay reproducible."""
     colour_word = pick_synonym(rng, COLOUR_WORDS[colour])
     singular, plural = pick_synonym(rng, SHAPE_WORDS[shape])
-    fields = {
+    return {
         "colour": colour_word, "shape": singular, "shapes": plural,
         "count": COUNT_WORDS.get(count, str(count)), "size": rng.choice(SIZE_WORDS[size]),
         "position": POSITION_WORDS[position], "background": rng.choice(BACKGROUND_WORDS[background]),
     }
+
+
+def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
+                  background: str) -> str:
+    """A caption that names the colour and shape of the image's objects (and sometimes count, size,
+    position or background)."""
+    fields = _caption_fields(rng, colour, shape, count, size, position, background)
     template = rng.choice(MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES)
     # The article agrees with the word right after "{a}", which is the size or the colour word.
     following = template.split("{a} ", 1)[1] if "{a} " in template else "{colour}"
@@ -125,13 +131,7 @@ def partial_caption(rng: random.Random, colour: str, shape: str, count: int, siz
                     background: str, keep: str) -> str:
     """A caption naming only the shape (keep="shape": a clean template with its colour word taken out) or only
     the colour (keep="colour"); like clean captions, 3 to 20 words long."""
-    colour_word = pick_synonym(rng, COLOUR_WORDS[colour])
-    singular, plural = pick_synonym(rng, SHAPE_WORDS[shape])
-    fields = {
-        "colour": colour_word, "shape": singular, "shapes": plural,
-        "count": COUNT_WORDS.get(count, str(count)), "size": rng.choice(SIZE_WORDS[size]),
-        "position": POSITION_WORDS[position], "background": rng.choice(BACKGROUND_WORDS[background]),
-    }
+    fields = _caption_fields(rng, colour, shape, count, size, position, background)
     if keep == "shape":
         templates = [t.replace("{colour} ", "") for t in (MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES)
                      if "{colour} {shape" in t]
