@@ -146,6 +146,34 @@ def test_iterating_leaves_the_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_image_cache_gives_the_same_samples_without_reading_again(tmp_path):
+    records = [Record(key=str(index), caption=f"sample {index}", image_ext="png",
+                      image_bytes=b"not an image" if index == 3 else image_bytes(index)) for index in range(8)]
+    manifest = write_manifest(records, tmp_path / "train.jsonl")
+
+    def loader(cache: bool):
+        dataset = ImageTextDataset(manifest, transform=SMALL, seed=5, cache_images=cache)
+        return make_loader(dataset, batch_size=3)
+
+    plain, cached = loader(False), loader(True)
+    expected = [list(plain) for _ in range(2)]  # two epochs, each in its own order, crops and flips
+    first_epoch = list(cached)
+    assert len(cached.dataset.image_cache) == 7  # every readable image, decoded once
+    for image in (tmp_path / "train_images").iterdir():
+        if image.stem != "000000003":  # the corrupt one stays, to be skipped again
+            image.unlink()  # the second epoch must come from memory
+    second_epoch = list(cached)
+    assert captions_of(second_epoch) != captions_of(first_epoch)  # a new order, not a replay
+    for want, got in zip(expected, [first_epoch, second_epoch], strict=True):
+        assert captions_of(got) == captions_of(want)
+        for want_batch, got_batch in zip(want, got, strict=True):
+            assert torch.equal(got_batch["pixel_values"], want_batch["pixel_values"])
+    # The corrupt image is not cached: it is skipped and counted each time it comes up, as without the cache
+    # (at least once an epoch; a stream that runs short wraps into a new pass and may meet it again).
+    assert dict(cached.skipped) == dict(plain.skipped)
+    assert set(cached.skipped) == {"corrupt_image"} and cached.skipped["corrupt_image"] >= 2
+
+
 def test_collate_tokenizes_captions_with_default_transform(tmp_path):
     make_shards(tmp_path, [3])
 

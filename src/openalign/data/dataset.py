@@ -56,15 +56,18 @@ def train_transform(image: Image.Image, *, resize: int = 346, crop: int = 289) -
 
 @contextmanager
 def _seeded_rng(seed: int):
-    """Seed torch, random and numpy for one sample, then restore them (the caller's RNG stream is untouched)."""
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    """Seed torch's CPU generator, random and numpy for one sample, then restore them (the caller's RNG stream
+    is untouched). Only the CPU generator: `torch.manual_seed` also queues a seeding of every CUDA device, and
+    with CUDA not yet initialised each queued call records a stack trace, which cost half of the loader's time."""
+    generator = torch.default_generator
+    states = generator.get_state(), random.getstate(), np.random.get_state()
+    generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
         yield
     finally:
-        torch.set_rng_state(states[0])
+        generator.set_state(states[0])
         random.setstate(states[1])
         np.random.set_state(states[2])
 
@@ -105,6 +108,11 @@ class ImageTextDataset(IterableDataset):
     the pixels of a resumed run exact. The transform should not flip; `flip` does (True, False, or "auto":
     not when the caption says left or right). Unusable samples are skipped, logged with their key and
     counted by reason; `max_consecutive_skips` in a row mean a broken source and raise DataError.
+
+    `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's
+    key) after its first use, so later epochs skip reading and decoding; the transform still runs per sample,
+    so augmentation and the pixels of every epoch are unchanged. For data that fits in memory: each process
+    (and each loader worker) holds its own copy of what it has read.
     """
 
     def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = train_transform,
@@ -112,7 +120,7 @@ class ImageTextDataset(IterableDataset):
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, max_consecutive_skips: int = 1000):
+                 world_size: int | None = None, max_consecutive_skips: int = 1000, cache_images: bool = False):
         if flip not in (True, False, "auto"):
             raise ConfigError(f"flip must be True, False or 'auto', got {flip!r}")
         if epoch_size is not None and epoch_size < 1:
@@ -121,6 +129,7 @@ class ImageTextDataset(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer, self.resampled = seed, shuffle, shuffle_buffer, resampled
         self.flip, self.epoch_size, self.max_consecutive_skips = flip, epoch_size, max_consecutive_skips
         self._rank, self._world_size = rank, world_size
+        self.image_cache: dict[str, np.ndarray] | None = {} if cache_images else None
         if is_shard_source(source):
             self.shards, self.records = expand_shards(source), None
         else:
@@ -235,18 +244,25 @@ class ImageTextDataset(IterableDataset):
     def _load(self, record: Record, sample_seed: int, skipped: Counter) -> torch.Tensor | None:
         """Pixels of one record, or None (logged and counted by reason) when it cannot be used."""
         reason, error = None, None
+        cached = self.image_cache.get(record.key) if self.image_cache is not None else None
         if record.caption is None or not record.caption.strip():
             reason = "missing_caption"
+        elif cached is not None:
+            image = Image.fromarray(cached)
         else:
             try:
                 data = record.open_image_bytes()
             except (OSError, DataError) as caught:
                 reason, error = "unreadable_image", caught
-        if reason is None:
-            try:
-                image = self.decode(data)
-            except Exception as caught:  # decoders raise many types on bad bytes; all mean a corrupt sample
-                reason, error = "corrupt_image", caught
+            if reason is None:
+                try:
+                    image = self.decode(data)
+                except Exception as caught:  # decoders raise many types on bad bytes; all mean a corrupt sample
+                    reason, error = "corrupt_image", caught
+            if reason is None and self.image_cache is not None:
+                array = np.asarray(image)
+                array.flags.writeable = False  # a transform gets a fresh image over it and cannot change it
+                self.image_cache[record.key] = array
         if reason is None:
             try:
                 with _seeded_rng(sample_seed):

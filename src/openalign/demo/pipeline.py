@@ -194,7 +194,7 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
         "model.batch_norm_momentum": config.batch_norm_momentum,
         "data.train": str(manifest), "data.tokenizer": str(tokenizer_dir), "data.image_size": config.image_size,
         "data.resize": round(config.image_size * 72 / 64), "data.flip": False, "data.max_length": config.max_length,
-        "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers,
+        "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
         "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
         "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
         "loss.label_smoothing": config.label_smoothing,

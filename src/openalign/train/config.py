@@ -58,6 +58,7 @@ class DataSection:
     resampled: bool = False
     shuffle_buffer: int = 1000
     epoch_size: int | None = None
+    cache_images: bool = False  # keep decoded images in memory after their first epoch (data that fits in RAM)
     val_max_samples: int = 1000
 
 
