@@ -64,6 +64,23 @@ def _activate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 1, 1), the squeeze of squeeze-excite.
+
+    In bf16 / fp16 channels-last on CPU it is a batched matmul of a row of ones with the (B, H*W, C) view of
+    `x`, divided by H*W: ATen's mean first converts the whole activation to float32 (a copy as large as the
+    activation), and the product measured 2-4x faster on align-base's layers, about a seventh of the bf16
+    image tower's eager time. float32 keeps ATen's mean (no copy there, and the same summation order as the
+    plain model)."""
+    batch, channels, height, width = x.shape
+    reduced = x.dtype in (torch.bfloat16, torch.float16)
+    if not (reduced and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.mean(dim=(2, 3), keepdim=True)
+    rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view of channels-last memory
+    ones = torch.ones(batch, 1, height * width, dtype=x.dtype, device=x.device)
+    return torch.bmm(ones, rows).div_(height * width).view(batch, channels, 1, 1)
+
+
 class FoldedStem(nn.Module):
     """Stem with its BatchNorm folded: pad right/bottom, 3x3 stride-2 conv (+bias), activation."""
 
@@ -119,7 +136,7 @@ class FoldedMBConv(nn.Module):
             h = conv_silu(self.depthwise_conv, self.depthwise_act, h, fuse=True)
         else:
             h = _activate(self.depthwise_act, self.depthwise_norm(self.depthwise_conv(h)))
-        gate = h.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        gate = spatial_mean(h)  # (B, C, 1, 1)
         gate = torch.sigmoid(self.gate_expand(self.gate_act(self.gate_reduce(gate))))
         h = self.project_norm(self.project_conv(h.mul_(gate)))
         if self.residual:
@@ -143,7 +160,7 @@ class InferenceVision(nn.Module):
         x = self.stem(pixel_values)
         for block in self.blocks:
             x = block(x)
-        return x.amax(dim=(2, 3)) if self.pooling_type == "max" else x.mean(dim=(2, 3))  # (B, C)
+        return x.amax(dim=(2, 3)) if self.pooling_type == "max" else spatial_mean(x).flatten(1)  # (B, C)
 
 
 class InferenceTextLayer(nn.Module):
