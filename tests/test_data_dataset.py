@@ -174,6 +174,46 @@ def test_image_cache_gives_the_same_samples_without_reading_again(tmp_path):
     assert set(cached.skipped) == {"corrupt_image"} and cached.skipped["corrupt_image"] >= 2
 
 
+def grouped_manifest(folder: Path, counts: dict[str, int]) -> Path:
+    records = [Record(key=f"{colour}{index}", caption=f"{colour}{index}", image_bytes=image_bytes(index),
+                      image_ext="png", extra={"colour": colour})
+               for colour, count in counts.items() for index in range(count)]
+    return write_manifest(records, folder / "grouped.jsonl")
+
+
+def test_group_by_shuffles_in_runs_sharing_a_column(tmp_path):
+    manifest = grouped_manifest(tmp_path, {"red": 10, "blue": 10, "green": 10, "pink": 10})
+
+    def keys(seed: int, epoch: int) -> list[str]:
+        dataset = ImageTextDataset(manifest, transform=SMALL, seed=seed, group_by="colour", group_size=5)
+        return [sample["caption"] for sample in dataset.iter_samples(0, 1, epoch=epoch)]
+
+    order = keys(4, 0)
+    assert sorted(order) == sorted(f"{c}{i}" for c in ("red", "blue", "green", "pink") for i in range(10))
+    runs = [order[start : start + 5] for start in range(0, 40, 5)]
+    assert all(len({key.rstrip("0123456789") for key in run}) == 1 for run in runs)  # one colour per run
+    colour_sequence = [run[0].rstrip("0123456789") for run in runs]
+    assert colour_sequence != sorted(colour_sequence)  # the runs themselves are shuffled
+    assert keys(4, 0) == order and keys(4, 1) != order and keys(5, 0) != order
+
+
+def test_group_by_keeps_every_row_with_uneven_groups_and_refuses_what_it_cannot_group(tmp_path):
+    manifest = grouped_manifest(tmp_path, {"red": 7, "blue": 3})
+    dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=4)
+    order = [sample["caption"] for sample in dataset.iter_samples(0, 1)]
+    assert sorted(order) == sorted([f"red{i}" for i in range(7)] + [f"blue{i}" for i in range(3)])
+    colours = [key.rstrip("0123456789") for key in order]
+    changes = sum(a != b for a, b in zip(colours, colours[1:]))
+    assert changes <= 3  # runs red 4 + red 3 + blue 3 in some order: at most three colour changes
+    with pytest.raises(ConfigError, match="'shape'"):
+        ImageTextDataset(manifest, transform=SMALL, group_by="shape")
+    with pytest.raises(ConfigError, match="group_size"):
+        ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=0)
+    make_shards(tmp_path / "shards", [3])
+    with pytest.raises(ConfigError, match="manifest"):
+        ImageTextDataset(tmp_path / "shards", transform=SMALL, group_by="colour")
+
+
 def test_collate_tokenizes_captions_with_default_transform(tmp_path):
     make_shards(tmp_path, [3])
 

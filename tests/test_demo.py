@@ -121,3 +121,12 @@ def test_prompt_templates_come_from_the_caption_templates():
     shape = [evaluate.fill(t, None, "circle") for t in evaluate.shape_only_templates()]
     assert "an orange circle" in pair and "a photo of an orange circle" in pair
     assert "a circle" in shape and all("orange" not in text and "  " not in text for text in shape)
+
+
+def test_openmp_threads_wait_passively_only_when_others_share_the_cores():
+    from openalign.cli.demo import omp_wait_policy
+
+    assert omp_wait_policy(load=0.3, cores=2) == "ACTIVE"  # a quiet machine: spinning threads are faster
+    assert omp_wait_policy(load=1.0, cores=2) == "PASSIVE"  # another process keeps a core busy
+    assert omp_wait_policy(load=3.9, cores=8) == "ACTIVE"
+    assert omp_wait_policy(load=4.0, cores=8) == "PASSIVE"

@@ -79,6 +79,22 @@ def _permutation(size: int, shuffle: bool, seed: str) -> list[int]:
     return order
 
 
+def _grouped_permutation(labels: list[Any], group_size: int, seed: str) -> list[int]:
+    """A shuffled order in runs of up to `group_size` consecutive indices sharing a label: each label's indices
+    shuffled and cut into runs, the runs shuffled. A batch then holds a few labels with many rows each."""
+    rng = random.Random(seed)
+    by_label: dict[Any, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    runs = []
+    for label in sorted(by_label, key=repr):  # a fixed label order, whatever the manifest's row order
+        indices = by_label[label]
+        rng.shuffle(indices)
+        runs.extend(indices[start : start + group_size] for start in range(0, len(indices), group_size))
+    rng.shuffle(runs)
+    return [index for run in runs for index in run]
+
+
 def _buffer_shuffle(records: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
     """Bounded shuffle: each incoming record replaces a random one of `size` held back, which goes out."""
     buffer: list[Record] = []
@@ -109,6 +125,11 @@ class ImageTextDataset(IterableDataset):
     not when the caption says left or right). Unusable samples are skipped, logged with their key and
     counted by reason; `max_consecutive_skips` in a row mean a broken source and raise DataError.
 
+    `group_by` (manifests only) names a manifest column: each pass is then shuffled in runs of `group_size`
+    consecutive rows sharing that column's value, so a batch holds a few values with many rows each (hard
+    negatives: with `group_by="colour"` and runs of half a batch, most in-batch negatives share the anchor's
+    colour and differ in what else the caption says). Rows without the column form one group.
+
     `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's
     key) after its first use, so later epochs skip reading and decoding; the transform still runs per sample,
     so augmentation and the pixels of every epoch are unchanged. For data that fits in memory: each process
@@ -120,7 +141,8 @@ class ImageTextDataset(IterableDataset):
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, max_consecutive_skips: int = 1000, cache_images: bool = False):
+                 world_size: int | None = None, max_consecutive_skips: int = 1000, cache_images: bool = False,
+                 group_by: str | None = None, group_size: int = 128):
         if flip not in (True, False, "auto"):
             raise ConfigError(f"flip must be True, False or 'auto', got {flip!r}")
         if epoch_size is not None and epoch_size < 1:
@@ -136,6 +158,17 @@ class ImageTextDataset(IterableDataset):
             self.shards, self.records = None, list(iter_records(source))
             if not self.records:
                 raise DataError(f"data source {source} holds no records")
+        self.group_by, self.group_size = group_by, group_size
+        self._group_labels: list[Any] | None = None
+        if group_by is not None:
+            if self.records is None or resampled:
+                raise ConfigError(f"group_by={group_by!r} needs a manifest read in passes (not shards, not "
+                                  "resampled)")
+            if group_size < 1:
+                raise ConfigError(f"group_size must be positive, got {group_size}")
+            self._group_labels = [record.extra.get(group_by) for record in self.records]
+            if all(label is None for label in self._group_labels):
+                raise ConfigError(f"group_by={group_by!r}: no row of {source} has that column")
         self._num_samples: int | None = None
         # Set by the loader before each epoch; pickled into the workers with the dataset.
         self.epoch = 0
@@ -204,7 +237,12 @@ class ImageTextDataset(IterableDataset):
         for pass_index in itertools.count():
             produced = 0
             size = len(self.records) if self.records is not None else len(self.shards)
-            for index in _permutation(size, self.shuffle, f"{self.seed}:{epoch}:{pass_index}"):
+            seed = f"{self.seed}:{epoch}:{pass_index}"
+            if self._group_labels is not None and self.shuffle:
+                order = _grouped_permutation(self._group_labels, self.group_size, seed)
+            else:
+                order = _permutation(size, self.shuffle, seed)
+            for index in order:
                 for record in ([self.records[index]] if self.records is not None
                                else self._read_shard(self.shards[index], skipped)):
                     produced += 1

@@ -65,6 +65,8 @@ class DemoConfig:
     batch_norm_momentum: float = 0.9
     workers: int = 2
     loader_workers: int = 0  # processes decoding training batches beside the training loop
+    group_by: str | None = None  # a manifest column for hard-negative batches (e.g. "colour"), see data.group_by
+    group_size: int = 128
     progress: bool = True
     synth_overrides: dict = field(default_factory=dict)
 
@@ -195,6 +197,7 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
         "data.train": str(manifest), "data.tokenizer": str(tokenizer_dir), "data.image_size": config.image_size,
         "data.resize": round(config.image_size * 72 / 64), "data.flip": False, "data.max_length": config.max_length,
         "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
+        "data.group_by": config.group_by, "data.group_size": config.group_size,
         "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
         "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
         "loss.label_smoothing": config.label_smoothing,
@@ -243,7 +246,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     throughput = None
     if config.steps is None:
         measure_started = time.monotonic()
-        throughput = measure_throughput(model_config, min(config.batch_size, 128))
+        throughput = measure_throughput(model_config, config.batch_size)
         timings["throughput_probe"] = time.monotonic() - measure_started
     train_seconds = config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
     if train_seconds < 10:

@@ -59,6 +59,8 @@ class DataSection:
     shuffle_buffer: int = 1000
     epoch_size: int | None = None
     cache_images: bool = False  # keep decoded images in memory after their first epoch (data that fits in RAM)
+    group_by: str | None = None  # a manifest column: shuffle in runs of group_size rows sharing its value
+    group_size: int = 128
     val_max_samples: int = 1000
 
 
@@ -133,7 +135,7 @@ CHOICES = {
     "run.nan_policy": ("halt", "skip"),
     "distributed.strategy": ("ddp", "fsdp"),
 }
-POSITIVE = ("data.max_length", "optim.lr", "optim.total_steps", "optim.batch_size", "optim.accumulation",
+POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size", "optim.accumulation",
             "run.checkpoint_every", "run.keep_last", "run.log_every")
 
 
