@@ -8,6 +8,7 @@ that finds the right colour, and a checkpoint that openalign and transformers bo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -124,9 +125,10 @@ def test_prompt_templates_come_from_the_caption_templates():
 
 
 def test_openmp_threads_wait_passively_only_when_others_share_the_cores():
-    from openalign.cli.demo import omp_wait_policy
+    from openalign.cli.demo import busy_cores, omp_wait_policy
 
-    assert omp_wait_policy(load=0.3, cores=2) == "ACTIVE"  # a quiet machine: spinning threads are faster
-    assert omp_wait_policy(load=1.0, cores=2) == "PASSIVE"  # another process keeps a core busy
-    assert omp_wait_policy(load=3.9, cores=8) == "ACTIVE"
-    assert omp_wait_policy(load=4.0, cores=8) == "PASSIVE"
+    assert omp_wait_policy(busy=0.3, cores=2) == "ACTIVE"  # a quiet machine: spinning threads are faster
+    assert omp_wait_policy(busy=1.0, cores=2) == "PASSIVE"  # another process keeps a core busy
+    assert omp_wait_policy(busy=3.9, cores=8) == "ACTIVE"
+    assert omp_wait_policy(busy=4.0, cores=8) == "PASSIVE"
+    assert 0.0 <= busy_cores(interval=0.05) <= os.cpu_count()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -290,6 +291,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                  "noise_counts": summary["noise_counts"], "heldout_colour_shape_pairs": summary["heldout_pairs"]},
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
+        "threads": {"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
     }
     heatmap = report.write_heatmap(out / "heatmap.png", encoders, heldout_rows, out / "data" / "heldout",
                                    summary["heldout_pairs"])

@@ -135,8 +135,8 @@ CHOICES = {
     "run.nan_policy": ("halt", "skip"),
     "distributed.strategy": ("ddp", "fsdp"),
 }
-POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size", "optim.accumulation",
-            "run.checkpoint_every", "run.keep_last", "run.log_every")
+POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size",
+            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every")
 
 
 @dataclass
