@@ -197,6 +197,23 @@ def test_group_by_shuffles_in_runs_sharing_a_column(tmp_path):
     assert keys(4, 0) == order and keys(4, 1) != order and keys(5, 0) != order
 
 
+def test_group_fraction_scatters_the_runs_it_does_not_keep(tmp_path):
+    manifest = grouped_manifest(tmp_path, {"red": 200, "blue": 200})
+
+    def runs_kept(fraction: float) -> float:
+        dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=20,
+                                   group_fraction=fraction)
+        colours = [sample["caption"].rstrip("0123456789") for sample in dataset.iter_samples(0, 1)]
+        assert len(colours) == 400
+        # Rows whose colour equals their neighbour's: 19 of every whole run of 20, about half of scattered rows.
+        return sum(a == b for a, b in zip(colours, colours[1:])) / 399
+
+    whole, half, none = runs_kept(1.0), runs_kept(0.5), runs_kept(0.0)
+    assert whole > 0.9 and 0.35 < none < 0.65 and none < half < whole
+    with pytest.raises(ConfigError, match="group_fraction"):
+        ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_fraction=1.5)
+
+
 def test_group_by_keeps_every_row_with_uneven_groups_and_refuses_what_it_cannot_group(tmp_path):
     manifest = grouped_manifest(tmp_path, {"red": 7, "blue": 3})
     dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=4)

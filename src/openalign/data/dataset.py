@@ -79,20 +79,24 @@ def _permutation(size: int, shuffle: bool, seed: str) -> list[int]:
     return order
 
 
-def _grouped_permutation(labels: list[Any], group_size: int, seed: str) -> list[int]:
+def _grouped_permutation(labels: list[Any], group_size: int, seed: str, fraction: float = 1.0) -> list[int]:
     """A shuffled order in runs of up to `group_size` consecutive indices sharing a label: each label's indices
-    shuffled and cut into runs, the runs shuffled. A batch then holds a few labels with many rows each."""
+    shuffled and cut into runs, the runs shuffled. A batch then holds a few labels with many rows each. With
+    `fraction` < 1 each run stays whole with that probability and is otherwise scattered as single rows, so
+    about that share of the rows come in runs and the rest as in a plain shuffle."""
     rng = random.Random(seed)
     by_label: dict[Any, list[int]] = {}
     for index, label in enumerate(labels):
         by_label.setdefault(label, []).append(index)
-    runs = []
+    units = []
     for label in sorted(by_label, key=repr):  # a fixed label order, whatever the manifest's row order
         indices = by_label[label]
         rng.shuffle(indices)
-        runs.extend(indices[start : start + group_size] for start in range(0, len(indices), group_size))
-    rng.shuffle(runs)
-    return [index for run in runs for index in run]
+        for start in range(0, len(indices), group_size):
+            run = indices[start : start + group_size]
+            units.extend([run] if rng.random() < fraction else [[index] for index in run])
+    rng.shuffle(units)
+    return [index for unit in units for index in unit]
 
 
 def _buffer_shuffle(records: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
@@ -129,6 +133,8 @@ class ImageTextDataset(IterableDataset):
     consecutive rows sharing that column's value, so a batch holds a few values with many rows each (hard
     negatives: with `group_by="colour"` and runs of half a batch, most in-batch negatives share the anchor's
     colour and differ in what else the caption says). Rows without the column form one group.
+    `group_fraction` < 1 keeps only about that share of the rows in runs and scatters the rest, so batches
+    mix hard negatives with ordinary ones.
 
     `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's
     key) after its first use, so later epochs skip reading and decoding; the transform still runs per sample,
@@ -142,7 +148,7 @@ class ImageTextDataset(IterableDataset):
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
                  world_size: int | None = None, max_consecutive_skips: int = 1000, cache_images: bool = False,
-                 group_by: str | None = None, group_size: int = 128):
+                 group_by: str | None = None, group_size: int = 128, group_fraction: float = 1.0):
         if flip not in (True, False, "auto"):
             raise ConfigError(f"flip must be True, False or 'auto', got {flip!r}")
         if epoch_size is not None and epoch_size < 1:
@@ -158,7 +164,7 @@ class ImageTextDataset(IterableDataset):
             self.shards, self.records = None, list(iter_records(source))
             if not self.records:
                 raise DataError(f"data source {source} holds no records")
-        self.group_by, self.group_size = group_by, group_size
+        self.group_by, self.group_size, self.group_fraction = group_by, group_size, group_fraction
         self._group_labels: list[Any] | None = None
         if group_by is not None:
             if self.records is None or resampled:
@@ -166,6 +172,8 @@ class ImageTextDataset(IterableDataset):
                                   "resampled)")
             if group_size < 1:
                 raise ConfigError(f"group_size must be positive, got {group_size}")
+            if not 0.0 <= group_fraction <= 1.0:
+                raise ConfigError(f"group_fraction must lie in [0, 1], got {group_fraction}")
             self._group_labels = [record.extra.get(group_by) for record in self.records]
             if all(label is None for label in self._group_labels):
                 raise ConfigError(f"group_by={group_by!r}: no row of {source} has that column")
@@ -239,7 +247,7 @@ class ImageTextDataset(IterableDataset):
             size = len(self.records) if self.records is not None else len(self.shards)
             seed = f"{self.seed}:{epoch}:{pass_index}"
             if self._group_labels is not None and self.shuffle:
-                order = _grouped_permutation(self._group_labels, self.group_size, seed)
+                order = _grouped_permutation(self._group_labels, self.group_size, seed, self.group_fraction)
             else:
                 order = _permutation(size, self.shuffle, seed)
             for index in order:

@@ -61,6 +61,7 @@ class DataSection:
     cache_images: bool = False  # keep decoded images in memory after their first epoch (data that fits in RAM)
     group_by: str | None = None  # a manifest column: shuffle in runs of group_size rows sharing its value
     group_size: int = 128
+    group_fraction: float = 1.0  # the share of rows that come in runs; the rest are shuffled singly
     val_max_samples: int = 1000
 
 
