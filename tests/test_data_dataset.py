@@ -197,6 +197,17 @@ def test_group_by_shuffles_in_runs_sharing_a_column(tmp_path):
     assert keys(4, 0) == order and keys(4, 1) != order and keys(5, 0) != order
 
 
+def test_group_from_epoch_shuffles_plainly_before_it(tmp_path):
+    manifest = grouped_manifest(tmp_path, {"red": 10, "blue": 10, "green": 10, "pink": 10})
+    dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=5, group_from_epoch=1)
+
+    def one_colour_runs(epoch: int) -> int:
+        order = [sample["caption"].rstrip("0123456789") for sample in dataset.iter_samples(0, 1, epoch=epoch)]
+        return sum(len(set(order[start : start + 5])) == 1 for start in range(0, 40, 5))
+
+    assert one_colour_runs(0) < 8 and one_colour_runs(1) == 8 and one_colour_runs(2) == 8
+
+
 def test_group_fraction_scatters_the_runs_it_does_not_keep(tmp_path):
     manifest = grouped_manifest(tmp_path, {"red": 200, "blue": 200})
 

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-fraction", type=float, default=defaults.group_fraction,
                         help="share of the rows that come in runs with --group-by; the rest are shuffled singly "
                              f"(default {defaults.group_fraction})")
+    parser.add_argument("--group-from-epoch", type=int, default=defaults.group_from_epoch,
+                        help="plain shuffles before this epoch, grouped ones from it on "
+                             f"(default {defaults.group_from_epoch})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and training seed")
     parser.add_argument("--threads", type=int, default=defaults.workers,
                         help=f"CPU threads and data worker processes (default {defaults.workers})")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         partial_caption_rate=args.partial_caption_rate, workers=args.threads, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size,
         group_by=None if args.group_by in (None, "none") else args.group_by, group_size=args.group_size,
-        group_fraction=args.group_fraction,
+        group_fraction=args.group_fraction, group_from_epoch=args.group_from_epoch,
     )
     result = run_demo(config)
     metrics = result.metrics

@@ -134,7 +134,7 @@ class ImageTextDataset(IterableDataset):
     negatives: with `group_by="colour"` and runs of half a batch, most in-batch negatives share the anchor's
     colour and differ in what else the caption says). Rows without the column form one group.
     `group_fraction` < 1 keeps only about that share of the rows in runs and scatters the rest, so batches
-    mix hard negatives with ordinary ones.
+    mix hard negatives with ordinary ones. Epochs before `group_from_epoch` are shuffled plainly.
 
     `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's
     key) after its first use, so later epochs skip reading and decoding; the transform still runs per sample,
@@ -148,7 +148,8 @@ class ImageTextDataset(IterableDataset):
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  flip: bool | str = True, epoch_size: int | None = None, rank: int | None = None,
                  world_size: int | None = None, max_consecutive_skips: int = 1000, cache_images: bool = False,
-                 group_by: str | None = None, group_size: int = 128, group_fraction: float = 1.0):
+                 group_by: str | None = None, group_size: int = 128, group_fraction: float = 1.0,
+                 group_from_epoch: int = 0):
         if flip not in (True, False, "auto"):
             raise ConfigError(f"flip must be True, False or 'auto', got {flip!r}")
         if epoch_size is not None and epoch_size < 1:
@@ -165,6 +166,7 @@ class ImageTextDataset(IterableDataset):
             if not self.records:
                 raise DataError(f"data source {source} holds no records")
         self.group_by, self.group_size, self.group_fraction = group_by, group_size, group_fraction
+        self.group_from_epoch = group_from_epoch
         self._group_labels: list[Any] | None = None
         if group_by is not None:
             if self.records is None or resampled:
@@ -246,7 +248,7 @@ class ImageTextDataset(IterableDataset):
             produced = 0
             size = len(self.records) if self.records is not None else len(self.shards)
             seed = f"{self.seed}:{epoch}:{pass_index}"
-            if self._group_labels is not None and self.shuffle:
+            if self._group_labels is not None and self.shuffle and epoch >= self.group_from_epoch:
                 order = _grouped_permutation(self._group_labels, self.group_size, seed, self.group_fraction)
             else:
                 order = _permutation(size, self.shuffle, seed)

@@ -69,6 +69,7 @@ class DemoConfig:
     group_by: str | None = None  # a manifest column for hard-negative batches (e.g. "colour"), see data.group_by
     group_size: int = 128
     group_fraction: float = 1.0
+    group_from_epoch: int = 0
     progress: bool = True
     synth_overrides: dict = field(default_factory=dict)
 
@@ -200,7 +201,7 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
         "data.resize": round(config.image_size * 72 / 64), "data.flip": False, "data.max_length": config.max_length,
         "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
         "data.group_by": config.group_by, "data.group_size": config.group_size,
-        "data.group_fraction": config.group_fraction,
+        "data.group_fraction": config.group_fraction, "data.group_from_epoch": config.group_from_epoch,
         "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
         "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
         "loss.label_smoothing": config.label_smoothing,

@@ -104,7 +104,7 @@ def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: in
         tokenize=tokenize, seed=config.run.seed, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
         flip=data.flip, epoch_size=data.epoch_size, cache_images=data.cache_images,
         group_by=data.group_by, group_size=data.group_size,
-        group_fraction=data.group_fraction,
+        group_fraction=data.group_fraction, group_from_epoch=data.group_from_epoch,
     )
     # Its own generator: otherwise each new iterator draws a seed from the global RNG, and a resumed run, which
     # starts its iterator at a different moment, would see different dropout masks.

@@ -62,6 +62,7 @@ class DataSection:
     group_by: str | None = None  # a manifest column: shuffle in runs of group_size rows sharing its value
     group_size: int = 128
     group_fraction: float = 1.0  # the share of rows that come in runs; the rest are shuffled singly
+    group_from_epoch: int = 0  # plain shuffles before this epoch
     val_max_samples: int = 1000
 
 
