@@ -174,6 +174,10 @@ def test_image_cache_gives_the_same_samples_without_reading_again(tmp_path):
     assert set(cached.skipped) == {"corrupt_image"} and cached.skipped["corrupt_image"] >= 2
 
 
+def colour_of(caption: str) -> str:
+    return caption.rstrip("0123456789")  # grouped_manifest's captions are "<colour><index>"
+
+
 def grouped_manifest(folder: Path, counts: dict[str, int]) -> Path:
     records = [Record(key=f"{colour}{index}", caption=f"{colour}{index}", image_bytes=image_bytes(index),
                       image_ext="png", extra={"colour": colour})
@@ -191,8 +195,8 @@ def test_group_by_shuffles_in_runs_sharing_a_column(tmp_path):
     order = keys(4, 0)
     assert sorted(order) == sorted(f"{c}{i}" for c in ("red", "blue", "green", "pink") for i in range(10))
     runs = [order[start : start + 5] for start in range(0, 40, 5)]
-    assert all(len({key.rstrip("0123456789") for key in run}) == 1 for run in runs)  # one colour per run
-    colour_sequence = [run[0].rstrip("0123456789") for run in runs]
+    assert all(len({colour_of(key) for key in run}) == 1 for run in runs)  # one colour per run
+    colour_sequence = [colour_of(run[0]) for run in runs]
     assert colour_sequence != sorted(colour_sequence)  # the runs themselves are shuffled
     assert keys(4, 0) == order and keys(4, 1) != order and keys(5, 0) != order
 
@@ -202,7 +206,7 @@ def test_group_from_epoch_shuffles_plainly_before_it(tmp_path):
     dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=5, group_from_epoch=1)
 
     def one_colour_runs(epoch: int) -> int:
-        order = [sample["caption"].rstrip("0123456789") for sample in dataset.iter_samples(0, 1, epoch=epoch)]
+        order = [colour_of(sample["caption"]) for sample in dataset.iter_samples(0, 1, epoch=epoch)]
         return sum(len(set(order[start : start + 5])) == 1 for start in range(0, 40, 5))
 
     assert one_colour_runs(0) < 8 and one_colour_runs(1) == 8 and one_colour_runs(2) == 8
@@ -214,7 +218,7 @@ def test_group_fraction_scatters_the_runs_it_does_not_keep(tmp_path):
     def runs_kept(fraction: float) -> float:
         dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=20,
                                    group_fraction=fraction)
-        colours = [sample["caption"].rstrip("0123456789") for sample in dataset.iter_samples(0, 1)]
+        colours = [colour_of(sample["caption"]) for sample in dataset.iter_samples(0, 1)]
         assert len(colours) == 400
         # Rows whose colour equals their neighbour's: 19 of every whole run of 20, about half of scattered rows.
         return sum(a == b for a, b in zip(colours, colours[1:])) / 399
@@ -230,7 +234,7 @@ def test_group_by_keeps_every_row_with_uneven_groups_and_refuses_what_it_cannot_
     dataset = ImageTextDataset(manifest, transform=SMALL, group_by="colour", group_size=4)
     order = [sample["caption"] for sample in dataset.iter_samples(0, 1)]
     assert sorted(order) == sorted([f"red{i}" for i in range(7)] + [f"blue{i}" for i in range(3)])
-    colours = [key.rstrip("0123456789") for key in order]
+    colours = [colour_of(key) for key in order]
     changes = sum(a != b for a, b in zip(colours, colours[1:]))
     assert changes <= 3  # runs red 4 + red 3 + blue 3 in some order: at most three colour changes
     with pytest.raises(ConfigError, match="'shape'"):

@@ -132,3 +132,13 @@ def test_openmp_threads_wait_passively_only_when_others_share_the_cores():
     assert omp_wait_policy(busy=3.9, cores=8) == "ACTIVE"
     assert omp_wait_policy(busy=4.0, cores=8) == "PASSIVE"
     assert 0.0 <= busy_cores(interval=0.05) <= os.cpu_count()
+
+
+def test_train_overrides_reach_the_training_config(tmp_path):
+    from openalign.demo.pipeline import DemoConfig, training_config
+
+    config = DemoConfig(train_overrides={"data.group_by": "colour", "data.group_size": 64})
+    train_config = training_config(config, tmp_path / "m.jsonl", tmp_path / "tok", tmp_path / "c.json",
+                                   tmp_path / "run", total_steps=10, minutes=1.0)
+    assert (train_config.data.group_by, train_config.data.group_size) == ("colour", 64)
+    assert train_config.data.cache_images and train_config.optim.total_steps == 10  # the demo's own still apply

@@ -13,6 +13,7 @@ from openalign.cli._common import reports_errors
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
     from openalign.demo.pipeline import DemoConfig
+    from openalign.train.config import DataSection
 
     defaults = DemoConfig()
     parser = subparsers.add_parser(
@@ -37,17 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="train exactly this many steps (still capped by --minutes); default: as many as fit")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help=f"training batch (default {defaults.batch_size})")
-    parser.add_argument("--group-by", default=defaults.group_by, choices=["colour", "shape", "none"],
-                        help="hard-negative batches: runs of --group-size pairs sharing this attribute "
-                             f"(default {defaults.group_by or 'none'})")
-    parser.add_argument("--group-size", type=int, default=defaults.group_size,
-                        help=f"rows per run with --group-by (default {defaults.group_size})")
-    parser.add_argument("--group-fraction", type=float, default=defaults.group_fraction,
+    data = DataSection()
+    parser.add_argument("--group-by", choices=["colour", "shape", "none"], default="none",
+                        help="hard-negative batches (data.group_by): runs of --group-size pairs sharing this "
+                             "attribute (default: plain shuffles)")
+    parser.add_argument("--group-size", type=int, default=data.group_size,
+                        help=f"rows per run with --group-by (default {data.group_size})")
+    parser.add_argument("--group-fraction", type=float, default=data.group_fraction,
                         help="share of the rows that come in runs with --group-by; the rest are shuffled singly "
-                             f"(default {defaults.group_fraction})")
-    parser.add_argument("--group-from-epoch", type=int, default=defaults.group_from_epoch,
+                             f"(default {data.group_fraction})")
+    parser.add_argument("--group-from-epoch", type=int, default=data.group_from_epoch,
                         help="plain shuffles before this epoch, grouped ones from it on "
-                             f"(default {defaults.group_from_epoch})")
+                             f"(default {data.group_from_epoch})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and training seed")
     parser.add_argument("--threads", type=int, default=defaults.workers,
                         help=f"CPU threads and data worker processes (default {defaults.workers})")
@@ -99,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         filter=not args.no_filter, noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
         partial_caption_rate=args.partial_caption_rate, workers=args.threads, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size,
-        group_by=None if args.group_by in (None, "none") else args.group_by, group_size=args.group_size,
-        group_fraction=args.group_fraction, group_from_epoch=args.group_from_epoch,
+        train_overrides={} if args.group_by == "none" else {
+            "data.group_by": args.group_by, "data.group_size": args.group_size,
+            "data.group_fraction": args.group_fraction, "data.group_from_epoch": args.group_from_epoch},
     )
     result = run_demo(config)
     metrics = result.metrics

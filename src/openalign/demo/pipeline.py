@@ -66,10 +66,8 @@ class DemoConfig:
     batch_norm_momentum: float = 0.9
     workers: int = 2
     loader_workers: int = 0  # processes decoding training batches beside the training loop
-    group_by: str | None = None  # a manifest column for hard-negative batches (e.g. "colour"), see data.group_by
-    group_size: int = 128
-    group_fraction: float = 1.0
-    group_from_epoch: int = 0
+    # Dotted TrainConfig keys applied after the demo's own, e.g. {"data.group_by": "colour"} (docs/training.md).
+    train_overrides: dict = field(default_factory=dict)
     progress: bool = True
     synth_overrides: dict = field(default_factory=dict)
 
@@ -200,14 +198,13 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
         "data.train": str(manifest), "data.tokenizer": str(tokenizer_dir), "data.image_size": config.image_size,
         "data.resize": round(config.image_size * 72 / 64), "data.flip": False, "data.max_length": config.max_length,
         "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
-        "data.group_by": config.group_by, "data.group_size": config.group_size,
-        "data.group_fraction": config.group_fraction, "data.group_from_epoch": config.group_from_epoch,
         "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
         "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
         "loss.label_smoothing": config.label_smoothing,
         "run.out_dir": str(run_dir), "run.seed": config.seed, "run.max_minutes": minutes,
         "run.checkpoint_every": max(total_steps, 1), "run.keep_last": 1, "run.val_every": 0,
         "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,
+        **config.train_overrides,
     }
     return load_config(base=get_recipe("cpu-small"), overrides=overrides)
 
