@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -147,16 +148,21 @@ def test_invalid_config_names_the_field():
         SynthConfig(mismatch_rate=0.6, junk_rate=0.6).validate()
 
 
+def vocabulary(table: dict) -> set[str]:
+    """Every word or phrase of a synonym table (shape entries are (singular, plural) pairs)."""
+    return {word for synonyms in table.values() for entry in synonyms
+            for word in (entry if isinstance(entry, tuple) else (entry,))}
+
+
+COLOUR_VOCABULARY, SHAPE_VOCABULARY = vocabulary(captions.COLOUR_WORDS), vocabulary(captions.SHAPE_WORDS)
+
+
+def names(caption: str, words: set[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in words)
+
+
 def test_partial_captions_name_only_the_shape_or_only_the_colour(tmp_path):
-    def words(table):
-        return {word for synonyms in table.values() for entry in synonyms
-                for word in (entry if isinstance(entry, tuple) else (entry,))}
-
-    colour_words, shape_words = words(captions.COLOUR_WORDS), words(captions.SHAPE_WORDS)
-
-    def names(caption, vocabulary):
-        return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in vocabulary)
-
+    colour_words, shape_words = COLOUR_VOCABULARY, SHAPE_VOCABULARY
     generate(tmp_path / "plain", 400, SynthConfig(), seed=3, heldout_n=20, workers=1)
     generate(tmp_path / "partial", 400, SynthConfig(partial_caption_rate=0.5), seed=3, heldout_n=20, workers=1)
     plain = read_rows(tmp_path / "plain" / "train" / "manifest.jsonl")
@@ -175,3 +181,42 @@ def test_partial_captions_name_only_the_shape_or_only_the_colour(tmp_path):
     # Captions only: every image is byte-identical.
     images = [tree_digest(tmp_path / name / "train" / "images") for name in ("plain", "partial")]
     assert images[0] == images[1]
+
+
+def test_grayscale_records_are_grey_images_with_colourless_captions(tmp_path):
+    generate(tmp_path / "plain", 400, SynthConfig(), seed=3, heldout_n=20, workers=1)
+    generate(tmp_path / "grey", 400, SynthConfig(grayscale_rate=0.3), seed=3, heldout_n=20, workers=1)
+    plain = read_rows(tmp_path / "plain" / "train" / "manifest.jsonl")
+    grey = read_rows(tmp_path / "grey" / "train" / "manifest.jsonl")
+    clean = [(a, b) for a, b in zip(plain, grey) if a["noise"] == "clean"]
+    turned = [b for a, b in clean if b["colour"] is None]
+    assert 0.2 < len(turned) / len(clean) < 0.4
+    for row in turned:
+        assert names(row["caption"], SHAPE_VOCABULARY) and not names(row["caption"], COLOUR_VOCABULARY), row
+        assert 3 <= len(row["caption"].split()) <= 20
+        pixels = np.asarray(Image.open(tmp_path / "grey" / "train" / row["image_path"]).convert("RGB"), np.int16)
+        assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() <= 3  # grey up to JPEG rounding
+    # Every other record, noisy or clean, and the held-out split are unchanged, pixels included.
+    kept = {a["key"] for a, b in zip(plain, grey) if b["colour"] is not None}
+    assert all(a == b for a, b in zip(plain, grey) if a["key"] in kept)
+    digests = [tree_digest(tmp_path / name / "train" / "images") for name in ("plain", "grey")]
+    assert all(digests[0][f"{key}.jpg"] == digests[1][f"{key}.jpg"] for key in kept)
+    assert tree_digest(tmp_path / "plain" / "heldout") == tree_digest(tmp_path / "grey" / "heldout")
+    with pytest.raises(ConfigError, match="grayscale_rate"):
+        SynthConfig(grayscale_rate=-0.1).validate()
+
+
+def test_seen_split_holds_clean_training_combinations_on_new_images(tmp_path):
+    generate(tmp_path / "plain", 300, SynthConfig(), seed=3, heldout_n=20, workers=1)
+    summary = generate(tmp_path / "seen", 300, SynthConfig(), seed=3, heldout_n=20, workers=1, seen_n=60)
+    rows = read_rows(tmp_path / "seen" / "seen" / "manifest.jsonl")
+    train_pairs = {tuple(pair) for pair in summary["train_pairs"]}
+    assert len(rows) == summary["seen_n"] == 60
+    assert {(row["colour"], row["shape"]) for row in rows} <= train_pairs
+    assert {row["noise"] for row in rows} == {"clean"} and {row["split"] for row in rows} == {"seen"}
+    assert all(names_pair(row["caption"], row["colour"], row["shape"]) for row in rows)
+    # New images, not copies of training ones; and the other splits are unchanged by adding it.
+    train_digests = set(tree_digest(tmp_path / "seen" / "train" / "images").values())
+    assert not set(tree_digest(tmp_path / "seen" / "seen" / "images").values()) & train_digests
+    for split in ("train", "heldout"):
+        assert tree_digest(tmp_path / "plain" / split) == tree_digest(tmp_path / "seen" / split)

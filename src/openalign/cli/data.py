@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--n", type=int, required=True, help="number of training pairs")
     synth.add_argument("--heldout-n", type=int, default=None,
                        help="number of held-out pairs (default: n / 10)")
+    synth.add_argument("--seen-n", type=int, default=0,
+                       help="clean pairs of training combinations on new images, written to seen/ (default 0)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output (default 0)")
     synth.add_argument("--image-size", type=int, default=defaults.image_size,
                        help=f"side of normal images in pixels (default {defaults.image_size})")
@@ -31,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help=f"fraction of training pairs with {kind} noise "
                                 f"(default {getattr(defaults, f'{kind}_rate')})")
     synth.add_argument("--clean", action="store_true", help="set every noise rate to 0")
+    synth.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
+                       help="fraction of clean training images rendered in grey, their captions naming no colour "
+                            f"(default {defaults.grayscale_rate:g})")
     synth.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="manifest format")
     synth.add_argument("--shards", action="store_true", help="also write WebDataset shards under shards/")
     synth.add_argument("--samples-per-shard", type=int, default=1000, help="(default 1000)")
@@ -46,11 +51,12 @@ def run_synth(args: argparse.Namespace) -> int:
 
     rates = {f"{kind}_rate": 0.0 if args.clean else getattr(args, f"{kind}_rate") for kind in NOISE_KINDS}
     config = SynthConfig(image_size=args.image_size, num_heldout_pairs=args.heldout_pairs,
-                         heldout_seed=args.heldout_seed, **rates)
+                         heldout_seed=args.heldout_seed, grayscale_rate=args.grayscale_rate, **rates)
     summary = generate(args.out, args.n, config, seed=args.seed, heldout_n=args.heldout_n,
                        workers=args.workers, shards=args.shards, samples_per_shard=args.samples_per_shard,
-                       manifest_format=args.format, progress=not args.quiet)
-    print(f"wrote {summary['n']} training and {summary['heldout_n']} held-out pairs to {args.out}")
+                       manifest_format=args.format, progress=not args.quiet, seen_n=args.seen_n)
+    seen = f", {summary['seen_n']} seen-combination" if summary["seen_n"] else ""
+    print(f"wrote {summary['n']} training{seen} and {summary['heldout_n']} held-out pairs to {args.out}")
     print(f"noise: {json.dumps(summary['noise_counts'])}")
     print(f"held-out pairs: {', '.join(f'{c} {s}' for c, s in summary['heldout_pairs'])}")
     print(f"suggested filter: {json.dumps(summary['suggested_filter'])}")

@@ -4,6 +4,7 @@ kinds of noise real alt-text has, in configurable proportions.
 Layout written under `out_dir`:
     train/manifest.jsonl, train/images/*.jpg      noisy training pairs
     heldout/manifest.jsonl, heldout/images/*.jpg  clean pairs, colour-shape combinations absent from train
+    seen/manifest.jsonl, seen/images/*.jpg        clean pairs of training combinations, new images (optional)
     shards/{train,heldout}-*.tar                  the same records as WebDataset shards (optional)
     dataset.json                                  config, colours, shapes, held-out pairs, noise counts
 
@@ -41,6 +42,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 BACKGROUNDS = {"light": 225, "mid": 150, "dark": 45}
 SIZE_RANGES = {"small": (0.14, 0.19), "medium": (0.21, 0.28), "large": (0.30, 0.38)}  # radius / shorter side
+SPLIT_IDS = {"train": 0, "heldout": 1, "seen": 2}  # part of every record's numpy seed
+GREY_CONTRAST = 50  # least distance between a grey object and its background's base level, in 0-255 units
 NOISE_KINDS = ("mismatch", "boilerplate", "junk", "short", "long", "undersized", "extreme_aspect")
 
 
@@ -67,6 +70,10 @@ class SynthConfig:
     # Of the clean training captions, the fraction that name only the shape or only the colour (half each), as
     # alt-text often does; it lets shape words be learnt apart from the colours they came with. Not noise.
     partial_caption_rate: float = 0.0
+    # Of the clean training records, the fraction rendered in shades of grey (old photographs, scans) with a
+    # caption that names the shape and no colour. Colour cannot stand in for shape in these images, so the
+    # image tower learns shape features that every colour shares. Not noise; the manifest's colour is None.
+    grayscale_rate: float = 0.0
 
     def noise_rates(self) -> dict[str, float]:
         """Rate per noise kind, keyed by the kind's name in the manifest."""
@@ -85,8 +92,9 @@ class SynthConfig:
         for kind, rate in self.noise_rates().items():
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"SynthConfig.{kind}_rate must lie in [0, 1], got {rate}")
-        if not 0.0 <= self.partial_caption_rate <= 1.0:
-            raise ConfigError(f"SynthConfig.partial_caption_rate must lie in [0, 1], got {self.partial_caption_rate}")
+        for name in ("partial_caption_rate", "grayscale_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"SynthConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if sum(self.noise_rates().values()) > 1.0:
             raise ConfigError(f"SynthConfig noise rates sum to {sum(self.noise_rates().values())} > 1")
         if not 0 <= self.num_heldout_pairs <= len(self.colours) * len(self.shapes) - max(
@@ -143,11 +151,12 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float)
     return [(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles)]
 
 
-def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int, height: int, colour: str,
+def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int, height: int, colour: str | None,
                  shape: str, count: int, size: str, position: str, background: str, pixel_noise: float,
                  ) -> Image.Image:
     """Objects of one colour and shape on a textured grey background: a brightness gradient plus Gaussian
-    pixel noise, so that no two backgrounds are identical."""
+    pixel noise, so that no two backgrounds are identical. With `colour=None` the objects are a shade of grey
+    at least GREY_CONTRAST from the background and the pixel noise is grey too."""
     scale = 2  # draw the mask at twice the size and downsample: cheap antialiasing
     mask = Image.new("L", (width * scale, height * scale), 0)
     draw = ImageDraw.Draw(mask)
@@ -171,9 +180,15 @@ def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int,
     direction = rng.uniform(0, 2 * math.pi)
     xs, ys = _unit_grid(height, width)
     gradient = (math.cos(direction) * xs + math.sin(direction) * ys) * rng.uniform(-20, 20)  # (H, W, 1)
-    fill = np.array(COLOURS[colour], dtype=np.float32) + numpy_rng.uniform(-10, 10, size=3).astype(np.float32)
+    if colour is None:
+        level = rng.uniform(0, 255 - 2 * GREY_CONTRAST)
+        fill = np.full(3, level if level < base - GREY_CONTRAST else level + 2 * GREY_CONTRAST, dtype=np.float32)
+        noise_shape = (height, width, 1)
+    else:
+        fill = np.array(COLOURS[colour], dtype=np.float32) + numpy_rng.uniform(-10, 10, size=3).astype(np.float32)
+        noise_shape = (height, width, 3)
     canvas = (base + gradient) * (1 - alpha) + fill * alpha  # (H, W, 3)
-    canvas += numpy_rng.standard_normal(size=canvas.shape, dtype=np.float32) * pixel_noise
+    canvas += numpy_rng.standard_normal(size=noise_shape, dtype=np.float32) * pixel_noise
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -214,7 +229,7 @@ def make_record(seed: int, split: str, index: int, pair: tuple[str, str], noise:
                 train_pairs: list[tuple[str, str]]) -> tuple[dict, bytes]:
     """One manifest row (without `image_path`) and the JPEG bytes of its image."""
     rng = random.Random(f"{seed}:{split}:{index}")
-    numpy_rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    numpy_rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     colour, shape = pair
     count = rng.choices(range(1, len(config.count_weights) + 1), weights=config.count_weights)[0]
     size = rng.choice(list(SIZE_RANGES) if count == 1 else ["small", "medium"])
@@ -250,6 +265,10 @@ def make_record(seed: int, split: str, index: int, pair: tuple[str, str], noise:
         if partial_rng.random() < config.partial_caption_rate:
             keep = "shape" if partial_rng.random() < 0.5 else "colour"
             caption = captions.partial_caption(partial_rng, colour, shape, count, size, position, background, keep)
+    if noise == "clean" and split == "train" and config.grayscale_rate > 0:
+        if random.Random(f"{seed}:{split}:{index}:grey").random() < config.grayscale_rate:
+            caption = captions.partial_caption(rng, colour, shape, count, size, position, background, "shape")
+            colour = None
 
     image = render_image(rng, numpy_rng, width, height, colour, shape, count, size, position, background,
                          config.pixel_noise)
@@ -296,9 +315,13 @@ def balanced_pairs(pairs: list[tuple[str, str]], n: int, rng: random.Random) -> 
 
 def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = None, seed: int = 0,
              heldout_n: int | None = None, workers: int | None = None, shards: bool = False,
-             samples_per_shard: int = 1000, manifest_format: str = "jsonl", progress: bool = False) -> dict:
+             samples_per_shard: int = 1000, manifest_format: str = "jsonl", progress: bool = False,
+             seen_n: int = 0) -> dict:
     """Write `n` noisy training pairs and `heldout_n` clean held-out pairs (default max(n // 10, number of
     held-out pairs)) under `out_dir`, and return the summary also saved as dataset.json.
+
+    `seen_n` > 0 also writes a `seen` split: clean pairs of the training combinations on new images, the
+    yardstick that tells how much of the held-out error is composition (same figures, familiar pairs).
 
     `manifest_format` is "jsonl" or "parquet"; `shards=True` also writes WebDataset tars under shards/."""
     from openalign.data import sources
@@ -320,6 +343,9 @@ def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = No
         "heldout": list(zip(range(heldout_n), balanced_pairs(held, heldout_n, random.Random(f"{seed}:h")),
                             ["clean"] * heldout_n)) if held else [],
     }
+    if seen_n > 0:
+        plans["seen"] = list(zip(range(seen_n), balanced_pairs(train_pairs, seen_n, random.Random(f"{seed}:s")),
+                                 ["clean"] * seen_n))
     workers = workers or (os.cpu_count() or 1)
     manifests = {}
     for split, jobs in plans.items():
@@ -348,7 +374,7 @@ def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = No
             train_rows = rows
 
     summary = {
-        "seed": seed, "n": n, "heldout_n": heldout_n, "config": dataclasses.asdict(config),
+        "seed": seed, "n": n, "heldout_n": heldout_n, "seen_n": seen_n, "config": dataclasses.asdict(config),
         "colours": {name: list(COLOURS[name]) for name in config.colours}, "shapes": list(config.shapes),
         "heldout_pairs": [list(p) for p in held], "train_pairs": [list(p) for p in train_pairs],
         "noise_counts": dict(sorted(Counter(row["noise"] for row in train_rows).items())),
