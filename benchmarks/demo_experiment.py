@@ -63,7 +63,7 @@ def reevaluate(rows: list[dict], out_dir: Path) -> list[dict]:
         summary = json.loads((run / "data" / "dataset.json").read_text())
         heldout = evaluate.read_rows(run / "data" / "heldout" / "manifest.jsonl")
         encoders = load_encoders(run / "model", device="cpu", batch_size=64, optimize=False)
-        figures = evaluate.evaluate_heldout(encoders, heldout, run / "data" / "heldout", summary)
+        figures = evaluate.evaluate_split(encoders, heldout, run / "data" / "heldout", summary)
         updated.append({**row, **{key: figures[key] for key, _ in COLUMNS}})
     return updated
 

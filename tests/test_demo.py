@@ -31,7 +31,7 @@ def demo(tmp_path_factory):
     # policy (which the command sets) only when torch loads.
     completed = subprocess.run(
         [sys.executable, "-m", "openalign", "demo", "--out", str(out), "--minutes", "6", "--n", "3000",
-         "--heldout-n", "300", "--steps", "90", "--batch-size", "128", "--quiet"],
+         "--heldout-n", "300", "--seen-n", "300", "--steps", "90", "--batch-size", "128", "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -50,6 +50,17 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
     for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
         assert str(out / name) in printed
+
+
+def test_seen_pairs_are_scored_beside_the_heldout_ones(demo):
+    out, metrics, _ = demo
+    seen = metrics["seen_pairs"]
+    assert metrics["data"]["seen_pairs"] == 300
+    assert set(METRIC_KEYS) <= set(seen)
+    assert seen["predicted_pair_seen_in_training"] > 0.5  # familiar images get familiar pairs
+    assert seen["colour_accuracy"] >= max(0.5, 3 * seen["chance"]["colour_accuracy"])
+    report = (out / "report.md").read_text()
+    assert "seen pairs |" in report and f"{seen['shape_accuracy']:.3f} |" in report
 
 
 def test_learning_happened_on_unseen_colour_shape_pairs(demo):
@@ -142,3 +153,19 @@ def test_train_overrides_reach_the_training_config(tmp_path):
                                    tmp_path / "run", total_steps=10, minutes=1.0)
     assert (train_config.data.group_by, train_config.data.group_size) == ("colour", 64)
     assert train_config.data.cache_images and train_config.optim.total_steps == 10  # the demo's own still apply
+
+
+def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
+    from openalign.configs import AlignConfig
+    from openalign.demo.pipeline import DemoConfig, measure_step_seconds, training_config
+    from openalign.processing.tokenizer import AlignTokenizer
+
+    out, metrics, _ = demo
+    config = DemoConfig(batch_size=64)
+    model_config = AlignConfig.from_json_file(out / "model_config.json")
+    train_config = training_config(config, out / "filtered" / "manifest.jsonl", out / "tokenizer",
+                                   out / "model_config.json", out / "probe-run", total_steps=1, minutes=1.0)
+    seconds = measure_step_seconds(model_config, train_config, AlignTokenizer.from_pretrained(out / "tokenizer"))
+    assert set(seconds) == {"load", "model"}
+    assert 0 < seconds["load"] < 30 and 0 < seconds["model"] < 30
+    assert not (out / "probe-run").exists()  # measuring writes nothing

@@ -31,9 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--partial-caption-rate", type=float, default=defaults.partial_caption_rate,
                         help="fraction of clean captions naming only the colour or only the shape "
                              f"(default {defaults.partial_caption_rate:g})")
+    parser.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
+                        help="fraction of clean training images rendered in grey, their captions naming no colour "
+                             f"(default {defaults.grayscale_rate:g})")
     parser.add_argument("--n", type=int, default=defaults.n, help=f"training pairs (default {defaults.n})")
     parser.add_argument("--heldout-n", type=int, default=defaults.heldout_n,
                         help=f"held-out pairs (default {defaults.heldout_n})")
+    parser.add_argument("--seen-n", type=int, default=defaults.seen_n,
+                        help="new images of training combinations scored beside the held-out ones, to show what "
+                             f"composition costs (default {defaults.seen_n}; 0: none)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (still capped by --minutes); default: as many as fit")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -97,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
 
     configure_allocator()
     config = DemoConfig(
-        out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seed=args.seed,
+        out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seen_n=args.seen_n,
+        seed=args.seed,
         filter=not args.no_filter, noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
-        partial_caption_rate=args.partial_caption_rate, workers=args.threads, progress=not args.quiet,
+        partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
+        workers=args.threads, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size,
         train_overrides={} if args.group_by == "none" else {
             "data.group_by": args.group_by, "data.group_size": args.group_size,

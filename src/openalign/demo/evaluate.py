@@ -163,9 +163,10 @@ def chance_levels(gallery: int, colours: Sequence[str], shapes: Sequence[str]) -
     return chance
 
 
-def evaluate_heldout(encoders, rows: Sequence[dict], split_dir: str | Path, summary: dict) -> dict:
-    """Every held-out figure, its chance level and (retrieval) its ceiling, for a model behind `encoders`
-    (an `openalign.inference.encoders.Encoders`); `summary` is the generator's dataset.json."""
+def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summary: dict) -> dict:
+    """Every figure of a split (held-out or seen pairs), its chance level and (retrieval) its ceiling, for a
+    model behind `encoders` (an `openalign.inference.encoders.Encoders`); `summary` is the generator's
+    dataset.json."""
     split_dir = Path(split_dir)
     colours, shapes = list(summary["colours"]), list(summary["shapes"])
     image_embeds = encoders.encode_images([split_dir / row["image_path"] for row in rows])  # (N, D)

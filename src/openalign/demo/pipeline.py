@@ -6,8 +6,9 @@ scratch for whatever is left of the time budget, then evaluate on the held-out s
 seen in training) and write the report. Everything lands in one output folder.
 
 The time budget covers the whole command. Training gets what the other steps leave: the number of steps is
-set from a throughput measured on this machine just before training, so that the cosine schedule ends when
-the time does (a run cut short by `run.max_minutes` would stop with its learning rate still high).
+set from a step time measured on this machine just before training (real batches: loading and model step),
+so that the cosine schedule ends when the time does (a run cut short by `run.max_minutes` stops before its
+learning rate has come down).
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class DemoConfig:
     minutes: float = 10.0
     n: int = 20_000
     heldout_n: int | None = 2_000
+    seen_n: int = 1_000  # clean images of training combinations: the same figures on familiar pairs
     seed: int = 0
     filter: bool = True
     noise_rate: float | None = None
     mismatch_rate: float | None = None
     partial_caption_rate: float = 0.0
+    grayscale_rate: float = 0.0
     image_size: int = 64
     width_coefficient: float = 0.5
     depth_coefficient: float = 0.5
@@ -74,7 +77,7 @@ class DemoConfig:
     def synth_config(self) -> SynthConfig:
         """The generator's settings for this demo."""
         config = SynthConfig(image_size=self.image_size, partial_caption_rate=self.partial_caption_rate,
-                             **self.synth_overrides)
+                             grayscale_rate=self.grayscale_rate, **self.synth_overrides)
         if self.noise_rate is not None:
             rates = config.noise_rates()
             total = sum(rates.values())
@@ -125,7 +128,8 @@ def prepare_data(config: DemoConfig, out: Path, timings: dict) -> tuple[Path, di
 
     started = time.monotonic()
     summary = generate(out / "data", config.n, config.synth_config(), seed=config.seed,
-                       heldout_n=config.heldout_n, workers=config.workers, progress=config.progress)
+                       heldout_n=config.heldout_n, workers=config.workers, progress=config.progress,
+                       seen_n=config.seen_n)
     timings["generate"] = time.monotonic() - started
     manifest = out / "data" / "train" / "manifest.jsonl"
     report = None
@@ -153,36 +157,43 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
     return tokenizer
 
 
-def measure_throughput(model_config: AlignConfig, batch_size: int, text_length: int = 12, steps: int = 2) -> float:
-    """Training samples per second of a fresh model on random inputs: forward, loss, backward and AdamW step,
-    channels-last, after one warm-up step. Used to size the run; data loading is not included."""
+def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 3) -> dict:
+    """Seconds per training step of a fresh model, measured on real batches of the training loader: loading
+    (decode, crop, tokenise; first-epoch cost, before `data.cache_images` has kept anything) and the model
+    step (forward, loss, backward, AdamW; channels-last, after one warm-up step on the first batch). Used to
+    size the run so that the cosine schedule ends when the time does."""
     import torch
 
     from openalign.losses import build_loss
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
+    from openalign.train.builders import build_loaders
+
+    loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
+    iterator = iter(loader)
+    next(iterator)  # the first batch also pays for opening the manifest
+    started = time.monotonic()
+    real = [next(iterator) for _ in range(batches)]
+    load_seconds = (time.monotonic() - started) / batches
 
     model = AlignModel(model_config).train()
     trainable_init(model.vision_model)
     model.vision_model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_module = build_loss("align", normalize=True)
-    size = model_config.vision_config.image_size
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch_size, 3, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
-    input_ids = torch.randint(5, model_config.text_config.vocab_size, (batch_size, text_length), generator=generator)
-    mask = torch.ones_like(input_ids)
     durations = []
-    for _ in range(steps + 1):
+    for batch in [real[0], *real]:
         started = time.monotonic()
+        pixels = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
         image_features = model.get_image_features(pixels)
-        text_features = model.get_text_features(input_ids, mask, torch.zeros_like(input_ids))
+        text_features = model.get_text_features(batch["input_ids"], batch["attention_mask"],
+                                                batch["token_type_ids"])
         loss = loss_module(image_features, text_features, model.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         durations.append(time.monotonic() - started)
-    return batch_size / (sum(durations[1:]) / steps)
+    return {"load": load_seconds, "model": sum(durations[1:]) / batches}
 
 
 def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, model_config_path: Path,
@@ -243,20 +254,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
     model_config.to_json_file(model_config_path)
 
     heldout_rows = evaluate.read_rows(out / "data" / "heldout" / "manifest.jsonl")
-    evaluation_reserve = EVALUATION_FIXED_SECONDS + EVALUATION_SECONDS_PER_IMAGE * len(heldout_rows)
-    throughput = None
+    seen_rows = evaluate.read_rows(out / "data" / "seen" / "manifest.jsonl") if config.seen_n else []
+    evaluation_reserve = EVALUATION_FIXED_SECONDS + EVALUATION_SECONDS_PER_IMAGE * (len(heldout_rows) + len(seen_rows))
+    step_seconds = None
     if config.steps is None:
         measure_started = time.monotonic()
-        throughput = measure_throughput(model_config, config.batch_size)
+        probe_config = training_config(config, manifest, out / "tokenizer", model_config_path, out / "run", 1, 1.0)
+        step_seconds = measure_step_seconds(model_config, probe_config, tokenizer)
         timings["throughput_probe"] = time.monotonic() - measure_started
     train_seconds = config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
     if train_seconds < 10:
         raise ConfigError(f"--minutes {config.minutes} leaves {train_seconds:.0f} s for training after data "
                           f"preparation and evaluation; give it more time or fewer images")
-    # Data loading and logging cost about 15% on top of the model's own step time.
-    total_steps = config.steps or max(1, math.floor(0.85 * throughput * train_seconds / config.batch_size))
+    # Logging, the loss plot and the final checkpoint cost a few percent on top of loading and the model step.
+    total_steps = config.steps or max(1, math.floor(0.96 * train_seconds / sum(step_seconds.values())))
     _log(config.progress, f"training {total_steps} steps of {config.batch_size} in at most {train_seconds:.0f} s"
-                          + (f" (measured {throughput:.0f} samples/s)" if throughput else ""))
+                          + (f" (measured {step_seconds['model']:.2f} s model + {step_seconds['load']:.2f} s "
+                             "loading a step)" if step_seconds else ""))
     train_config = training_config(config, manifest, out / "tokenizer", model_config_path, out / "run",
                                    total_steps, train_seconds / 60)
     training_started = time.monotonic()
@@ -277,16 +291,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from openalign.inference.encoders import load_encoders
 
     encoders = load_encoders(model_dir, device="cpu", batch_size=64, optimize=False)
-    held = evaluate.evaluate_heldout(encoders, heldout_rows, out / "data" / "heldout", summary)
+    held = evaluate.evaluate_split(encoders, heldout_rows, out / "data" / "heldout", summary)
+    if seen_rows:  # how much of the held-out error is composition: the same figures on familiar pairs
+        held["seen_pairs"] = evaluate.evaluate_split(encoders, seen_rows, out / "data" / "seen", summary)
     timings["evaluate"] = time.monotonic() - evaluation_started
     timings["total"] = time.monotonic() - started
     metrics = {
         **held, "minutes": timings["total"] / 60,
-        "training": {"steps": result.step, "stop_reason": result.stop_reason,
+        "training": {"steps": result.step, "planned_steps": total_steps, "stop_reason": result.stop_reason,
+                     "probe_seconds_per_step": step_seconds,
                      "samples_per_s": result.step * config.batch_size / timings["train"],
                      "samples_seen": result.step * config.batch_size,
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},
-        "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows),
+        "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows), "seen_pairs": len(seen_rows),
                  "kept_after_filter": filter_report["kept"] if filter_report else summary["n"],
                  "noise_counts": summary["noise_counts"], "heldout_colour_shape_pairs": summary["heldout_pairs"]},
         "config": dataclasses.asdict(config),

@@ -51,14 +51,20 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
 
 
 def _figure_rows(metrics: dict) -> list[str]:
+    """The figures table: held-out value, chance, ceiling, and (when measured) the value on seen pairs."""
     gallery = metrics["retrieval_gallery_size"]
-    lines = ["| figure | held-out | chance | ceiling |", "|---|---:|---:|---:|"]
+    seen = metrics.get("seen_pairs")
+    lines = ["| figure | held-out | chance | ceiling |" + (" seen pairs |" if seen else ""),
+             "|---|---:|---:|---:|" + ("---:|" if seen else "")]
     rows = [*HEADLINE[:4], *((key, f"{label} ({gallery}-pair galleries)") for key, label in HEADLINE[4:]),
             *((key, f"{label} (all {metrics['data']['heldout_pairs']} held-out pairs)") for key, label in FULL_GALLERY)]
     for key, label in rows:
         ceiling = metrics.get("ceiling", {}).get(key)
-        lines.append(f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
-                     f"{'' if ceiling is None else f'{ceiling:.3f}'} |")
+        line = (f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
+                f"{'' if ceiling is None else f'{ceiling:.3f}'} |")
+        if seen:  # the full-gallery figure of the seen split has a gallery of another size: left blank
+            line += f" {seen[key]:.3f} |" if not key.startswith("full_gallery") else " |"
+        lines.append(line)
     return lines
 
 
@@ -73,6 +79,8 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
         "",
         *_figure_rows(metrics), "",
         f"How often the predicted pair is a training pair: {metrics.get('predicted_pair_seen_in_training', 0):.3f}.",
+        *([f"Seen pairs: {data['seen_pairs']} new images of training combinations, scored the same way; the gap "
+           "between the two columns is what composition costs."] if metrics.get("seen_pairs") else []),
         "",
         "## Data", "",
         f"- {data['train_pairs']} training pairs generated; noise: "
