@@ -27,19 +27,21 @@ COLUMNS = (("colour_accuracy", "colour"), ("shape_accuracy", "shape (pair)"),
 
 
 def run_grid(out_dir: Path, minutes: float, noise_rates, n: int, heldout_n: int, seed: int,
-             partial_caption_rate: float, threads: int, steps: int | None = None) -> list[dict]:
+             partial_caption_rate: float, threads: int, steps: int | None = None,
+             grayscale_rate: float | None = None) -> list[dict]:
     """One demo per (noise rate, filter on/off); returns a row per run with its figures and data counts.
     With `steps`, every run trains exactly that many steps (`minutes` is then only a cap), so that runs stay
     comparable when other processes slow some of them down."""
     from openalign.demo import DemoConfig, run_demo
 
+    extra = {} if grayscale_rate is None else {"grayscale_rate": grayscale_rate}
     rows = []
     for noise_rate in noise_rates:
         for use_filter in (False, True):
             name = f"noise{round(100 * noise_rate):02d}-{'filtered' if use_filter else 'unfiltered'}"
             config = DemoConfig(out_dir=str(out_dir / name), minutes=minutes, n=n, heldout_n=heldout_n, seed=seed,
                                 filter=use_filter, noise_rate=noise_rate, partial_caption_rate=partial_caption_rate,
-                                workers=threads, progress=False, steps=steps)
+                                workers=threads, progress=False, steps=steps, **extra)
             started = time.monotonic()
             metrics = run_demo(config).metrics
             row = {"noise_rate": noise_rate, "filter": use_filter, "seconds": time.monotonic() - started,
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--heldout-n", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial-caption-rate", type=float, default=0.0)
+    parser.add_argument("--grayscale-rate", type=float, default=None,
+                        help="share of clean training images in grey (default: the demo's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps of 256 per run (--minutes becomes a cap)")
@@ -96,7 +100,10 @@ def main() -> None:
     parser.add_argument("--reevaluate", default=None,
                         help="instead of training, re-evaluate the runs under --out listed in this JSON file")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only before torch loads, which is below
+    if "OMP_WAIT_POLICY" not in os.environ:  # as `openalign demo` chooses it; read once, when torch loads below
+        from openalign.cli.demo import omp_wait_policy
+
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
     from openalign.inference.allocator import configure_allocator
 
     configure_allocator()
@@ -104,7 +111,7 @@ def main() -> None:
         rows = reevaluate(json.loads(Path(args.reevaluate).read_text()), Path(args.out))
     else:
         rows = run_grid(Path(args.out), args.minutes, args.noise_rates, args.n, args.heldout_n, args.seed,
-                        args.partial_caption_rate, args.threads, args.steps)
+                        args.partial_caption_rate, args.threads, args.steps, args.grayscale_rate)
     print()
     budget = f"{args.steps} steps of 256" if args.steps else f"{args.minutes:g} minutes (whole demo)"
     if not args.reevaluate:

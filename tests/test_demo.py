@@ -24,14 +24,14 @@ METRIC_KEYS = ("colour_accuracy", "shape_accuracy", "shape_only_prompt_accuracy"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run `openalign demo` once, small: 3,000 pairs, 90 steps of 128 (30-90 s of training here, depending on
+    """Run `openalign demo` once, small: 3,000 pairs, 150 steps of 128 (40-120 s of training here, depending on
     what else runs; --minutes is only a cap, so that a slow machine trains as much, for longer)."""
     out = tmp_path_factory.mktemp("demo") / "out"
     # A process of its own, as the README runs it: torch is already loaded here, and OpenMP reads its wait
     # policy (which the command sets) only when torch loads.
     completed = subprocess.run(
         [sys.executable, "-m", "openalign", "demo", "--out", str(out), "--minutes", "6", "--n", "3000",
-         "--heldout-n", "300", "--seen-n", "300", "--steps", "90", "--batch-size", "128", "--quiet"],
+         "--heldout-n", "300", "--seen-n", "300", "--steps", "150", "--batch-size", "128", "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -45,7 +45,7 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert (out / name).is_file(), name
     assert set(METRIC_KEYS) | {"chance", "minutes"} <= set(metrics)
     assert set(METRIC_KEYS) <= set(metrics["chance"])
-    assert metrics["training"]["steps"] == 90 and metrics["training"]["stop_reason"] == "finished"
+    assert metrics["training"]["steps"] == 150 and metrics["training"]["stop_reason"] == "finished"
     for key in METRIC_KEYS:
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
     for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
@@ -61,6 +61,10 @@ def test_seen_pairs_are_scored_beside_the_heldout_ones(demo):
     assert seen["colour_accuracy"] >= max(0.5, 3 * seen["chance"]["colour_accuracy"])
     report = (out / "report.md").read_text()
     assert "seen pairs |" in report and f"{seen['shape_accuracy']:.3f} |" in report
+    composition = metrics["composition"]
+    assert set(composition) == {"image_shape_accuracy_heldout", "image_shape_accuracy_seen",
+                                "text_pairs_nearest_own_prototype"}
+    assert f"{composition['image_shape_accuracy_heldout']:.3f}" in report
 
 
 def test_learning_happened_on_unseen_colour_shape_pairs(demo):
@@ -166,6 +170,45 @@ def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
     train_config = training_config(config, out / "filtered" / "manifest.jsonl", out / "tokenizer",
                                    out / "model_config.json", out / "probe-run", total_steps=1, minutes=1.0)
     seconds = measure_step_seconds(model_config, train_config, AlignTokenizer.from_pretrained(out / "tokenizer"))
-    assert set(seconds) == {"load", "model"}
-    assert 0 < seconds["load"] < 30 and 0 < seconds["model"] < 30
+    assert set(seconds) == {"load", "decode", "model"}
+    assert 0 < seconds["decode"] <= seconds["load"] < 30 and 0 < seconds["model"] < 30
     assert not (out / "probe-run").exists()  # measuring writes nothing
+
+
+def test_composition_figures_tell_an_additive_image_tower_from_an_entangled_one():
+    colours, shapes = ["red", "green", "blue"], ["circle", "square", "star"]
+    held = [("red", "circle"), ("green", "square"), ("blue", "star")]
+    seen = [(c, s) for c in colours for s in shapes if (c, s) not in held]
+    summary = {"colours": colours, "shapes": shapes, "heldout_pairs": [list(p) for p in held]}
+    basis = torch.eye(len(colours) + len(shapes))
+
+    def embed(colour, shape):  # a tower that composes: the sum of a colour and a shape direction
+        return basis[colours.index(colour)] + basis[len(colours) + shapes.index(shape)]
+
+    def encode_texts(texts):  # prompts composed the same way, read from the canonical words
+        return torch.stack([embed(next(c for c in colours if f" {c} " in f" {t} "),
+                                  next(s for s in shapes if f" {s}" in f" {t}")) for t in texts])
+
+    seen_rows = [{"colour": c, "shape": s} for c, s in seen for _ in range(3)]
+    held_rows = [{"colour": c, "shape": s} for c, s in held for _ in range(2)]
+    seen_embeds = torch.stack([embed(r["colour"], r["shape"]) for r in seen_rows])
+    additive = torch.stack([embed(r["colour"], r["shape"]) for r in held_rows])
+    figures = evaluate.composition_figures(seen_embeds, seen_rows, additive, held_rows, summary, encode_texts)
+    assert figures == {"image_shape_accuracy_heldout": 1.0, "image_shape_accuracy_seen": 1.0,
+                       "text_pairs_nearest_own_prototype": 1.0}
+    # An entangled tower puts each unseen pair's image on a pair its colour was seen with.
+    familiar = {c: next(s for s in shapes if (c, s) in seen) for c in colours}
+    entangled = torch.stack([embed(r["colour"], familiar[r["colour"]]) for r in held_rows])
+    figures = evaluate.composition_figures(seen_embeds, seen_rows, entangled, held_rows, summary, encode_texts)
+    assert figures["image_shape_accuracy_heldout"] == 0.0 and figures["text_pairs_nearest_own_prototype"] == 1.0
+
+
+def test_planned_steps_charge_decoding_to_the_first_epoch_only_when_images_are_cached():
+    from openalign.demo.pipeline import planned_steps
+
+    step = {"model": 0.4, "load": 0.15, "decode": 0.05}
+    # 10 first-epoch steps at 0.55 s take 5.5 s; the other 94.5 s hold 189 steps at 0.5 s.
+    assert planned_steps(100.0, step, steps_per_epoch=10, cached=True, margin=1.0) == 199
+    assert planned_steps(100.0, step, steps_per_epoch=10, cached=False, margin=1.0) == 181  # 100 / 0.55
+    assert planned_steps(3.0, step, steps_per_epoch=10, cached=True, margin=1.0) == 5  # within the first epoch
+    assert planned_steps(0.1, step, steps_per_epoch=10, cached=True) == 1

@@ -163,13 +163,19 @@ def chance_levels(gallery: int, colours: Sequence[str], shapes: Sequence[str]) -
     return chance
 
 
-def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summary: dict) -> dict:
+def encode_split(encoders, rows: Sequence[dict], split_dir: str | Path) -> torch.Tensor:
+    """(N, D) embeddings of a split's images, in row order."""
+    return encoders.encode_images([Path(split_dir) / row["image_path"] for row in rows])
+
+
+def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summary: dict,
+                   image_embeds: torch.Tensor | None = None) -> dict:
     """Every figure of a split (held-out or seen pairs), its chance level and (retrieval) its ceiling, for a
     model behind `encoders` (an `openalign.inference.encoders.Encoders`); `summary` is the generator's
-    dataset.json."""
-    split_dir = Path(split_dir)
+    dataset.json. `image_embeds` saves encoding the images again (see `encode_split`)."""
     colours, shapes = list(summary["colours"]), list(summary["shapes"])
-    image_embeds = encoders.encode_images([split_dir / row["image_path"] for row in rows])  # (N, D)
+    if image_embeds is None:
+        image_embeds = encode_split(encoders, rows, split_dir)
     texts = [row["caption"] for row in rows]
     figures, ceilings = gallery_retrieval(image_embeds, texts, encoders.encode_texts)
     figures["retrieval_gallery_size"] = min(GALLERY_SIZE, len(rows))
@@ -183,3 +189,46 @@ def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summar
     figures["ceiling"] = ceilings
     figures["ceiling"].update({f"full_gallery_{key}": value for key, value in recall_ceilings(texts).items()})
     return figures
+
+
+def additive_prototypes(image_embeds: torch.Tensor, rows: Sequence[dict], colours: Sequence[str],
+                        shapes: Sequence[str]) -> torch.Tensor:
+    """(C * S, D): for every colour-shape pair, mean image of its colour + mean image of its shape - mean
+    image, from normalised embeddings of images of seen pairs; pair (c, s) is row c * S + s. What the image
+    embedding of an unseen pair would be if the image tower composed colour and shape additively."""
+    embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    colour_index = torch.tensor([colours.index(row["colour"]) for row in rows])
+    shape_index = torch.tensor([shapes.index(row["shape"]) for row in rows])
+    colour_means = torch.stack([embeds[colour_index == c].mean(0) for c in range(len(colours))])  # (C, D)
+    shape_means = torch.stack([embeds[shape_index == s].mean(0) for s in range(len(shapes))])  # (S, D)
+    prototypes = colour_means[:, None, :] + shape_means[None, :, :] - embeds.mean(0)  # (C, S, D)
+    return torch.nn.functional.normalize(prototypes.reshape(len(colours) * len(shapes), -1), dim=-1)
+
+
+def composition_figures(seen_embeds: torch.Tensor, seen_rows: Sequence[dict], held_embeds: torch.Tensor,
+                        held_rows: Sequence[dict], summary: dict, encode_texts) -> dict:
+    """Which tower fails to compose, from additive prototypes built on seen-pair images:
+
+    - `image_shape_accuracy_heldout` / `_seen`: shape read from the nearest prototype, for held-out and for
+      seen images. Near the seen figure, the image tower places an unseen pair where colour + shape predicts;
+      far below it, the image of an unseen pair lands elsewhere (usually on a pair its colour was seen with).
+    - `text_pairs_nearest_own_prototype`: the fraction of held-out pairs whose pair-prompt embedding is nearest
+      to its own pair's prototype among all pairs: the text tower's composition of words never seen together.
+    """
+    colours, shapes = list(summary["colours"]), list(summary["shapes"])
+    prototypes = additive_prototypes(seen_embeds, seen_rows, colours, shapes)
+
+    def shape_accuracy(embeds: torch.Tensor, rows: Sequence[dict]) -> float:
+        nearest = (torch.nn.functional.normalize(embeds.float(), dim=-1) @ prototypes.T).argmax(1)
+        truth = torch.tensor([shapes.index(row["shape"]) for row in rows])
+        return float((nearest % len(shapes) == truth).float().mean())
+
+    held_pairs = [tuple(pair) for pair in summary["heldout_pairs"]]
+    prompts = class_embeddings(encode_texts, [[fill(t, c, s) for t in pair_templates()] for c, s in held_pairs])
+    own = [colours.index(c) * len(shapes) + shapes.index(s) for c, s in held_pairs]
+    nearest = (prompts @ prototypes.T).argmax(1)
+    return {
+        "image_shape_accuracy_heldout": shape_accuracy(held_embeds, held_rows),
+        "image_shape_accuracy_seen": shape_accuracy(seen_embeds, seen_rows),
+        "text_pairs_nearest_own_prototype": float(np.mean([int(n) == o for n, o in zip(nearest, own)])),
+    }

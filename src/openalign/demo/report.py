@@ -68,6 +68,16 @@ def _figure_rows(metrics: dict) -> list[str]:
     return lines
 
 
+def _composition_lines(figures: dict | None) -> list[str]:
+    if not figures:
+        return []
+    return ["", "Which tower composes (prototypes: mean seen image of a colour + of a shape - of all): shape read "
+            f"from the nearest prototype is right for {figures['image_shape_accuracy_heldout']:.3f} of held-out "
+            f"images against {figures['image_shape_accuracy_seen']:.3f} of seen ones (image tower); "
+            f"{figures['text_pairs_nearest_own_prototype']:.0%} of held-out pair prompts lie nearest their own "
+            "pair's prototype (text tower)."]
+
+
 def markdown_report(metrics: dict, filter_report: dict | None) -> str:
     """A short markdown report: the held-out figures against chance and ceilings, the data, the run."""
     data, training, seconds = metrics["data"], metrics["training"], metrics["seconds"]
@@ -81,6 +91,7 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
         f"How often the predicted pair is a training pair: {metrics.get('predicted_pair_seen_in_training', 0):.3f}.",
         *([f"Seen pairs: {data['seen_pairs']} new images of training combinations, scored the same way; the gap "
            "between the two columns is what composition costs."] if metrics.get("seen_pairs") else []),
+        *_composition_lines(metrics.get("composition")),
         "",
         "## Data", "",
         f"- {data['train_pairs']} training pairs generated; noise: "
