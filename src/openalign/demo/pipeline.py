@@ -53,8 +53,8 @@ class DemoConfig:
     noise_rate: float | None = None
     mismatch_rate: float | None = None
     partial_caption_rate: float = 0.0
-    # A quarter of the clean training images in grey with colourless captions: retrieval R@5 0.70-0.73 -> 0.78-0.81
-    # in two 10-minute runs each (docs/demo.md).
+    # A quarter of the clean training images in grey with colourless captions: retrieval R@5 0.70-0.73 -> 0.77-0.81
+    # in 10-minute runs (two without, four with; docs/demo.md).
     grayscale_rate: float = 0.25
     image_size: int = 64
     width_coefficient: float = 0.5
@@ -294,7 +294,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         raise ConfigError(f"--minutes {config.minutes} leaves {train_seconds:.0f} s for training after data "
                           f"preparation and evaluation; give it more time or fewer images")
     kept = filter_report["kept"] if filter_report else summary["n"]
-    total_steps = config.steps or planned_steps(train_seconds, step_seconds, kept // config.batch_size, cached=True)
+    total_steps = config.steps or planned_steps(train_seconds, step_seconds, kept // config.batch_size,
+                                                cached=probe_config.data.cache_images)
     _log(config.progress, f"training {total_steps} steps of {config.batch_size} in at most {train_seconds:.0f} s"
                           + (f" (measured a step: model {step_seconds['model']:.2f} s, loading "
                              f"{step_seconds['load']:.2f} s, {step_seconds['decode']:.2f} s of it decoding)"
