@@ -288,3 +288,14 @@ def test_suggested_filter_drops_the_generated_noise_and_no_clean_pair(tmp_path):
     assert rules_by_kind["undersized"] == {"min_side"} and rules_by_kind["extreme_aspect"] == {"aspect"}
     assert rules_by_kind["long"] == {"length"} and "length" in rules_by_kind["short"]
     assert "images_per_caption" in rules_by_kind["boilerplate"]
+
+
+def test_progress_bars_change_nothing_but_the_terminal(tmp_path, capsys):
+    # The counting pass has no total; a bar without one must still be treated as a bar (it once raised).
+    rows = [("a.png", image_bytes(201, 300, 1), "x"), ("b.png", image_bytes(200, 300, 2), "x")]
+    corpus = write_corpus(tmp_path / "in", rows)
+    quiet = run_filter(corpus, tmp_path / "quiet", only("min_side"))
+    shown = run_filter(corpus, tmp_path / "shown", only("min_side"), progress=True)
+    assert outcome(tmp_path / "shown") == outcome(tmp_path / "quiet") == ({"a.png"}, {"b.png": ["min_side"]})
+    assert shown["dropped_by_rule"] == quiet["dropped_by_rule"]
+    assert "filter: counting" in capsys.readouterr().err

@@ -262,8 +262,8 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
     started = time.perf_counter()
 
     bar = _bar(progress, "filter: counting")
-    stats = count_corpus(sources.iter_records(source), config, progress=bar.update if bar else None)
-    if bar:
+    stats = count_corpus(sources.iter_records(source), config, progress=bar.update if bar is not None else None)
+    if bar is not None:
         bar.close()
     dropped_by_rule = dict.fromkeys([*(rule for rule in RULES if config.enabled(rule)), "unreadable"], 0)
     only_rule = dict.fromkeys(dropped_by_rule, 0)
@@ -276,7 +276,7 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
                 nonlocal kept
                 pairs = filter_records(sources.iter_records(source), stats, config)
                 for index, (record, reasons) in enumerate(pairs):
-                    if bar:
+                    if bar is not None:
                         bar.update(1)
                     if not reasons:
                         kept += 1
@@ -297,7 +297,7 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
             else:
                 outputs = {"manifest": str(sources.write_manifest(kept_records(), out / "manifest.jsonl"))}
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
         stats.close()
 
