@@ -337,7 +337,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                      "samples_seen": result.step * config.batch_size,
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},
         "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows), "seen_pairs": len(seen_rows),
-                 "kept_after_filter": filter_report["kept"] if filter_report else summary["n"],
+                 "kept_after_filter": kept,
                  "noise_counts": summary["noise_counts"], "heldout_colour_shape_pairs": summary["heldout_pairs"]},
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
