@@ -215,3 +215,34 @@ def test_raw_items_held_stay_bounded_by_the_batch(tmp_path):
     )
     assert summary["count"] == 1000 and summary["num_parts"] == 10  # count a multiple of part_size
     assert _CountedItem.most_alive <= 8 + 2  # one batch, plus the item being created and the one in hand
+
+
+def test_ranks_starting_together_never_read_a_half_written_config(tmp_path):
+    # Every rank writes or checks embed_config.json on start; one must never read the file another has created
+    # but not yet filled (under torchrun this surfaced as a JSONDecodeError on one rank).
+    import threading
+
+    from openalign.inference.embed import _check_config
+
+    config = {"kinds": ["image"], "part_size": 3}
+    errors = []
+    for trial in range(150):
+        folder = tmp_path / f"run-{trial}"
+        folder.mkdir()
+        start = threading.Barrier(4)
+
+        def rank(folder=folder, start=start):
+            start.wait()
+            try:
+                _check_config(folder, config)
+            except Exception as error:  # any failure is what the test looks for
+                errors.append(error)
+
+        threads = [threading.Thread(target=rank) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert json.loads((folder / "embed_config.json").read_text()) == config
+        assert [path.name for path in folder.iterdir()] == ["embed_config.json"]  # no temporary left behind
+    assert errors == []

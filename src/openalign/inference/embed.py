@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -204,12 +205,19 @@ def _check_config(out_dir: Path, config: dict) -> None:
                 f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
             )
         return
+    # Ranks start together: each fills a private temporary file and publishes it with os.link, which is atomic
+    # and refuses an existing name, so exactly one rank creates the file and no rank reads it half written.
+    temporary = out_dir / f".embed_config.{os.getpid()}.{threading.get_ident()}.tmp"
+    temporary.write_text(json.dumps(config, sort_keys=True))
     try:
-        # O_EXCL: when several ranks start together exactly one creates the file.
-        with open(path, "x") as handle:
-            handle.write(json.dumps(config, sort_keys=True))
+        os.link(temporary, path)
     except FileExistsError:
         _check_config(out_dir, config)
+    except OSError:  # a file system without hard links: publish by rename (atomic, last writer wins)
+        os.replace(temporary, path)
+        _check_config(out_dir, config)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
