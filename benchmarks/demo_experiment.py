@@ -28,13 +28,14 @@ COLUMNS = (("colour_accuracy", "colour"), ("shape_accuracy", "shape (pair)"),
 
 def run_grid(out_dir: Path, minutes: float, noise_rates, n: int, heldout_n: int, seed: int,
              partial_caption_rate: float, threads: int, steps: int | None = None,
-             grayscale_rate: float | None = None) -> list[dict]:
+             demo_overrides: dict | None = None) -> list[dict]:
     """One demo per (noise rate, filter on/off); returns a row per run with its figures and data counts.
     With `steps`, every run trains exactly that many steps (`minutes` is then only a cap), so that runs stay
-    comparable when other processes slow some of them down."""
+    comparable when other processes slow some of them down. `demo_overrides`: further DemoConfig fields
+    (e.g. grayscale_rate) for every run."""
     from openalign.demo import DemoConfig, run_demo
 
-    extra = {} if grayscale_rate is None else {"grayscale_rate": grayscale_rate}
+    extra = dict(demo_overrides or {})
     rows = []
     for noise_rate in noise_rates:
         for use_filter in (False, True):
@@ -93,6 +94,9 @@ def main() -> None:
     parser.add_argument("--partial-caption-rate", type=float, default=0.0)
     parser.add_argument("--grayscale-rate", type=float, default=None,
                         help="share of clean training images in grey (default: the demo's)")
+    parser.add_argument("--colour-background-rate", type=float, default=None,
+                        help="share of clean training images with grey objects on a coloured background "
+                             "(default: the demo's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps of 256 per run (--minutes becomes a cap)")
@@ -111,7 +115,9 @@ def main() -> None:
         rows = reevaluate(json.loads(Path(args.reevaluate).read_text()), Path(args.out))
     else:
         rows = run_grid(Path(args.out), args.minutes, args.noise_rates, args.n, args.heldout_n, args.seed,
-                        args.partial_caption_rate, args.threads, args.steps, args.grayscale_rate)
+                        args.partial_caption_rate, args.threads, args.steps,
+                        {name: getattr(args, name) for name in ("grayscale_rate", "colour_background_rate")
+                         if getattr(args, name) is not None})
     print()
     budget = f"{args.steps} steps of 256" if args.steps else f"{args.minutes:g} minutes (whole demo)"
     if not args.reevaluate:

@@ -249,9 +249,11 @@ def test_tokenize_and_config_errors():
 
 def test_commands_generate_then_filter(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "synth"), "--n", "300", "--heldout-n", "20",
-                 "--workers", "1", "--quiet"]) == 0
+                 "--grayscale-rate", "0.2", "--colour-background-rate", "0.2", "--workers", "1", "--quiet"]) == 0
     summary = json.loads((tmp_path / "synth" / "dataset.json").read_text())
     assert summary["n"] == 300 and len(summary["heldout_pairs"]) == 10
+    assert summary["config"]["grayscale_rate"] == summary["config"]["colour_background_rate"] == 0.2
+    assert summary["clean_renderings"]["grey"] > 0 and summary["clean_renderings"]["colour_background"] > 0
     assert main(["filter", str(tmp_path / "synth" / "train" / "manifest.jsonl"), "--out", str(tmp_path / "f"),
                  "--min-side", "48", "--no-rare-token", "--no-images-per-caption", "--workers", "1",
                  "--quiet"]) == 0

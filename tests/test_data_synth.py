@@ -206,6 +206,41 @@ def test_grayscale_records_are_grey_images_with_colourless_captions(tmp_path):
         SynthConfig(grayscale_rate=-0.1).validate()
 
 
+def test_colour_backgrounds_put_grey_objects_of_every_shape_on_named_colours(tmp_path):
+    generate(tmp_path / "grey", 400, SynthConfig(grayscale_rate=0.2), seed=3, heldout_n=20, workers=1)
+    summary = generate(tmp_path / "both", 400, SynthConfig(grayscale_rate=0.2, colour_background_rate=0.3),
+                       seed=3, heldout_n=20, workers=1)
+    grey = read_rows(tmp_path / "grey" / "train" / "manifest.jsonl")
+    both = read_rows(tmp_path / "both" / "train" / "manifest.jsonl")
+    painted = [b for a, b in zip(grey, both) if "background_colour" in b]
+    clean = [b for b in both if b["noise"] == "clean"]
+    assert 0.2 < len(painted) / len(clean) < 0.4
+    assert all(b["noise"] == "clean" and a["colour"] is not None for a, b in zip(grey, both) if b in painted)
+    for row in painted:
+        colour = row["background_colour"]
+        assert row["colour"] is None and colour in summary["colours"]
+        assert names(row["caption"], SHAPE_VOCABULARY), row
+        named = {c for c, words in captions.COLOUR_WORDS.items() if names(row["caption"], set(words))}
+        assert named == {colour}, row
+        assert 3 <= len(row["caption"].split()) <= 20
+        pixels = np.asarray(Image.open(tmp_path / "both" / "train" / row["image_path"]).convert("RGB"), np.float32)
+        corners = np.concatenate([pixels[:3, :3], pixels[:3, -3:], pixels[-3:, :3], pixels[-3:, -3:]]).reshape(-1, 3)
+        palette = {name: np.array(value, np.float32) for name, value in summary["colours"].items()}
+        nearest = min(palette, key=lambda name: np.abs(corners.mean(0) - palette[name]).sum())
+        assert nearest == colour, (row, corners.mean(0))
+    greys = [row for row in both if row["noise"] == "clean" and row["colour"] is None]
+    assert summary["clean_renderings"] == {"coloured": len(clean) - len(greys), "grey": len(greys) - len(painted),
+                                           "colour_background": len(painted)}
+    # Shapes meet background colours regardless of the held-out pairs (the point of the option)...
+    heldout = {tuple(pair) for pair in summary["heldout_pairs"]}
+    assert {(row["background_colour"], row["shape"]) for row in painted} & heldout
+    # ...while grey records, every other record and the held-out split stay as they were.
+    assert all(a == b for a, b in zip(grey, both) if "background_colour" not in b)
+    assert tree_digest(tmp_path / "grey" / "heldout") == tree_digest(tmp_path / "both" / "heldout")
+    with pytest.raises(ConfigError, match="colour_background_rate"):
+        SynthConfig(grayscale_rate=0.6, colour_background_rate=0.5).validate()
+
+
 def test_seen_split_holds_clean_training_combinations_on_new_images(tmp_path):
     generate(tmp_path / "plain", 300, SynthConfig(), seed=3, heldout_n=20, workers=1)
     summary = generate(tmp_path / "seen", 300, SynthConfig(), seed=3, heldout_n=20, workers=1, seen_n=60)

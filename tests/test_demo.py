@@ -50,6 +50,11 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
     for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
         assert str(out / name) in printed
+    drawn = metrics["data"]["clean_renderings"]  # the demo's default: a quarter of the clean images grey
+    assert sum(drawn.values()) == metrics["data"]["noise_counts"]["clean"]
+    assert 0.15 < drawn["grey"] / sum(drawn.values()) < 0.35 and drawn["colour_background"] == 0
+    report = (out / "report.md").read_text()
+    assert f"clean pairs drawn as: coloured {drawn['coloured']}, grey {drawn['grey']}" in report
 
 
 def test_seen_pairs_are_scored_beside_the_heldout_ones(demo):

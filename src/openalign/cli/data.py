@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
                        help="fraction of clean training images rendered in grey, their captions naming no colour "
                             f"(default {defaults.grayscale_rate:g})")
+    synth.add_argument("--colour-background-rate", type=float, default=defaults.colour_background_rate,
+                       help="fraction of clean training images drawn as grey objects on a background of a random "
+                            f"named colour, captioned with the shape and that colour "
+                            f"(default {defaults.colour_background_rate:g})")
     synth.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="manifest format")
     synth.add_argument("--shards", action="store_true", help="also write WebDataset shards under shards/")
     synth.add_argument("--samples-per-shard", type=int, default=1000, help="(default 1000)")
@@ -51,7 +55,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
     rates = {f"{kind}_rate": 0.0 if args.clean else getattr(args, f"{kind}_rate") for kind in NOISE_KINDS}
     config = SynthConfig(image_size=args.image_size, num_heldout_pairs=args.heldout_pairs,
-                         heldout_seed=args.heldout_seed, grayscale_rate=args.grayscale_rate, **rates)
+                         heldout_seed=args.heldout_seed, grayscale_rate=args.grayscale_rate,
+                         colour_background_rate=args.colour_background_rate, **rates)
     summary = generate(args.out, args.n, config, seed=args.seed, heldout_n=args.heldout_n,
                        workers=args.workers, shards=args.shards, samples_per_shard=args.samples_per_shard,
                        manifest_format=args.format, progress=not args.quiet, seen_n=args.seen_n)

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
                         help="fraction of clean training images rendered in grey, their captions naming no colour "
                              f"(default {defaults.grayscale_rate:g})")
+    parser.add_argument("--colour-background-rate", type=float, default=defaults.colour_background_rate,
+                        help="fraction of clean training images drawn as grey objects on a background of a random "
+                             f"named colour (default {defaults.colour_background_rate:g})")
     parser.add_argument("--n", type=int, default=defaults.n, help=f"training pairs (default {defaults.n})")
     parser.add_argument("--heldout-n", type=int, default=defaults.heldout_n,
                         help=f"held-out pairs (default {defaults.heldout_n})")
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         filter=not args.no_filter, noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
         partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
+        colour_background_rate=args.colour_background_rate,
         workers=args.threads, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size,
         train_overrides={} if args.group_by == "none" else {

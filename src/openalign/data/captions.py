@@ -148,6 +148,28 @@ def partial_caption(rng: random.Random, colour: str, shape: str, count: int, siz
     return caption
 
 
+# Grey objects on a background of a named colour: the caption names the shape and the background's colour.
+BACKGROUND_COLOUR_SINGLE = [
+    "{a} {shape} on {a_colour} {colour} background", "a grey {shape} on {a_colour} {colour} background",
+    "{a} {size} {shape} against {a_colour} {colour} background", "a {colour} background with {a} {shape} {position}",
+    "a picture of {a} {shape} on {a_colour} {colour} background",
+]
+BACKGROUND_COLOUR_MULTI = [
+    "{count} {shapes} on {a_colour} {colour} background", "{count} grey {shapes} on {a_colour} {colour} background",
+    "a {colour} background with {count} {shapes}",
+]
+
+
+def background_colour_caption(rng: random.Random, background_colour: str, shape: str, count: int, size: str,
+                              position: str) -> str:
+    """A caption for grey objects on a coloured background: the shape and the background's colour word."""
+    fields = _caption_fields(rng, background_colour, shape, count, size, position, "mid")
+    template = rng.choice(BACKGROUND_COLOUR_MULTI if count > 1 else BACKGROUND_COLOUR_SINGLE)
+    following = template.split("{a} ", 1)[1] if "{a} " in template else ""
+    next_word = following.split()[0].format(**fields) if following else ""
+    return template.format(a=article_for(next_word), a_colour=article_for(fields["colour"]), **fields)
+
+
 def boilerplate_caption(rng: random.Random) -> str:
     """One of a small pool of strings that many images share."""
     return rng.choice(BOILERPLATE)

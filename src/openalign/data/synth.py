@@ -74,6 +74,12 @@ class SynthConfig:
     # caption that names the shape and no colour. Colour cannot stand in for shape in these images, so the
     # image tower learns shape features that every colour shares. Not noise; the manifest's colour is None.
     grayscale_rate: float = 0.0
+    # Of the clean training records, the fraction drawn as grey objects on a background of a named colour
+    # chosen at random (not tied to the shape), captioned with the shape and the background's colour. Every
+    # shape then meets every colour at its outline, including the held-out pairs' colours, while no object of
+    # a held-out colour-shape pair is ever drawn. Not noise; the manifest's colour is None and its
+    # background_colour names the colour.
+    colour_background_rate: float = 0.0
 
     def noise_rates(self) -> dict[str, float]:
         """Rate per noise kind, keyed by the kind's name in the manifest."""
@@ -92,9 +98,12 @@ class SynthConfig:
         for kind, rate in self.noise_rates().items():
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"SynthConfig.{kind}_rate must lie in [0, 1], got {rate}")
-        for name in ("partial_caption_rate", "grayscale_rate"):
+        for name in ("partial_caption_rate", "grayscale_rate", "colour_background_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"SynthConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.grayscale_rate + self.colour_background_rate > 1.0:
+            raise ConfigError(f"SynthConfig.grayscale_rate + colour_background_rate = "
+                              f"{self.grayscale_rate + self.colour_background_rate} > 1")
         if sum(self.noise_rates().values()) > 1.0:
             raise ConfigError(f"SynthConfig noise rates sum to {sum(self.noise_rates().values())} > 1")
         if not 0 <= self.num_heldout_pairs <= len(self.colours) * len(self.shapes) - max(
@@ -153,10 +162,13 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float)
 
 def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int, height: int, colour: str | None,
                  shape: str, count: int, size: str, position: str, background: str, pixel_noise: float,
-                 ) -> Image.Image:
+                 background_colour: str | None = None) -> Image.Image:
     """Objects of one colour and shape on a textured grey background: a brightness gradient plus Gaussian
     pixel noise, so that no two backgrounds are identical. With `colour=None` the objects are a shade of grey
-    at least GREY_CONTRAST from the background and the pixel noise is grey too."""
+    at least GREY_CONTRAST from the background and the pixel noise is grey too. `background_colour` paints
+    the background in that named colour instead of grey (objects grey, `colour` must be None)."""
+    if background_colour is not None and colour is not None:
+        raise ValueError("a coloured background goes with grey objects (colour=None)")
     scale = 2  # draw the mask at twice the size and downsample: cheap antialiasing
     mask = Image.new("L", (width * scale, height * scale), 0)
     draw = ImageDraw.Draw(mask)
@@ -180,9 +192,14 @@ def render_image(rng: random.Random, numpy_rng: np.random.Generator, width: int,
     direction = rng.uniform(0, 2 * math.pi)
     xs, ys = _unit_grid(height, width)
     gradient = (math.cos(direction) * xs + math.sin(direction) * ys) * rng.uniform(-20, 20)  # (H, W, 1)
+    if background_colour is not None:
+        tint = np.array(COLOURS[background_colour], dtype=np.float32) + numpy_rng.uniform(-10, 10, size=3)
+        base = tint.astype(np.float32)  # (3,): broadcast over the canvas like the grey level
     if colour is None:
+        luminance = float(np.dot(np.broadcast_to(base, 3), (0.299, 0.587, 0.114)))
         level = rng.uniform(0, 255 - 2 * GREY_CONTRAST)
-        fill = np.full(3, level if level < base - GREY_CONTRAST else level + 2 * GREY_CONTRAST, dtype=np.float32)
+        fill = np.full(3, level if level < luminance - GREY_CONTRAST else level + 2 * GREY_CONTRAST,
+                       dtype=np.float32)
         noise_shape = (height, width, 1)
     else:
         fill = np.array(COLOURS[colour], dtype=np.float32) + numpy_rng.uniform(-10, 10, size=3).astype(np.float32)
@@ -265,17 +282,26 @@ def make_record(seed: int, split: str, index: int, pair: tuple[str, str], noise:
         if partial_rng.random() < config.partial_caption_rate:
             keep = "shape" if partial_rng.random() < 0.5 else "colour"
             caption = captions.partial_caption(partial_rng, colour, shape, count, size, position, background, keep)
-    if noise == "clean" and split == "train" and config.grayscale_rate > 0:
-        if random.Random(f"{seed}:{split}:{index}:grey").random() < config.grayscale_rate:
+    background_colour = None
+    if noise == "clean" and split == "train" and config.grayscale_rate + config.colour_background_rate > 0:
+        # One draw decides both options, so records made grey stay the same whichever other rate is set.
+        draw = random.Random(f"{seed}:{split}:{index}:grey").random()
+        if draw < config.grayscale_rate:
             caption = captions.partial_caption(rng, colour, shape, count, size, position, background, "shape")
+            colour = None
+        elif draw < config.grayscale_rate + config.colour_background_rate:
+            background_colour = random.Random(f"{seed}:{split}:{index}:background").choice(config.colours)
+            caption = captions.background_colour_caption(rng, background_colour, shape, count, size, position)
             colour = None
 
     image = render_image(rng, numpy_rng, width, height, colour, shape, count, size, position, background,
-                         config.pixel_noise)
+                         config.pixel_noise, background_colour=background_colour)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=config.jpeg_quality)
     row = {"key": f"{split}-{index:08d}", "caption": caption, "colour": colour, "shape": shape,
            "count": count, "noise": noise, "split": split, "width": width, "height": height}
+    if background_colour is not None:
+        row["background_colour"] = background_colour
     return row, buffer.getvalue()
 
 
@@ -378,11 +404,19 @@ def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = No
         "colours": {name: list(COLOURS[name]) for name in config.colours}, "shapes": list(config.shapes),
         "heldout_pairs": [list(p) for p in held], "train_pairs": [list(p) for p in train_pairs],
         "noise_counts": dict(sorted(Counter(row["noise"] for row in train_rows).items())),
+        "clean_renderings": clean_renderings(train_rows),
         "manifests": {split: str(path.relative_to(out)) for split, path in manifests.items()},
     }
     summary.update(suggest_filter(train_rows, config))
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def clean_renderings(rows: list[dict]) -> dict[str, int]:
+    """How the clean training records are drawn: coloured objects, grey objects, grey objects on a colour."""
+    counts = Counter("colour_background" if "background_colour" in row else "grey" if row["colour"] is None
+                     else "coloured" for row in rows if row["noise"] == "clean")
+    return {kind: counts[kind] for kind in ("coloured", "grey", "colour_background")}
 
 
 def suggest_filter(rows: list[dict], config: SynthConfig) -> dict:

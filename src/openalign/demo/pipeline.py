@@ -56,6 +56,7 @@ class DemoConfig:
     # A quarter of the clean training images in grey with colourless captions: retrieval R@5 0.70-0.73 -> 0.77-0.81
     # in 10-minute runs (two without, four with; docs/demo.md).
     grayscale_rate: float = 0.25
+    colour_background_rate: float = 0.0
     image_size: int = 64
     width_coefficient: float = 0.5
     depth_coefficient: float = 0.5
@@ -81,7 +82,8 @@ class DemoConfig:
     def synth_config(self) -> SynthConfig:
         """The generator's settings for this demo."""
         config = SynthConfig(image_size=self.image_size, partial_caption_rate=self.partial_caption_rate,
-                             grayscale_rate=self.grayscale_rate, **self.synth_overrides)
+                             grayscale_rate=self.grayscale_rate,
+                             colour_background_rate=self.colour_background_rate, **self.synth_overrides)
         if self.noise_rate is not None:
             rates = config.noise_rates()
             total = sum(rates.values())
@@ -338,7 +340,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},
         "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows), "seen_pairs": len(seen_rows),
                  "kept_after_filter": kept,
-                 "noise_counts": summary["noise_counts"], "heldout_colour_shape_pairs": summary["heldout_pairs"]},
+                 "noise_counts": summary["noise_counts"], "clean_renderings": summary.get("clean_renderings", {}),
+                 "heldout_colour_shape_pairs": summary["heldout_pairs"]},
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
         "threads": {"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},

@@ -96,6 +96,9 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
         "## Data", "",
         f"- {data['train_pairs']} training pairs generated; noise: "
         + ", ".join(f"{kind} {count}" for kind, count in data["noise_counts"].items()),
+        *(["- clean pairs drawn as: " + ", ".join(f"{kind.replace('_', ' ')} {count}" for kind, count in
+                                                   data["clean_renderings"].items())]
+          if data.get("clean_renderings") else []),
     ]
     if filter_report is not None:
         dropped = ", ".join(f"{rule} {count}" for rule, count in filter_report["dropped_by_rule"].items() if count)
