@@ -6,6 +6,19 @@ import argparse
 import json
 
 
+def add_rendering_arguments(parser: argparse.ArgumentParser, grayscale_rate: float,
+                            colour_background_rate: float) -> None:
+    """--grayscale-rate and --colour-background-rate (SynthConfig's fields of those names), with these defaults;
+    shared by `openalign data synth` and `openalign demo`."""
+    parser.add_argument("--grayscale-rate", type=float, default=grayscale_rate,
+                        help="fraction of clean training images rendered in grey, their captions naming no colour "
+                             f"(default {grayscale_rate:g})")
+    parser.add_argument("--colour-background-rate", type=float, default=colour_background_rate,
+                        help="fraction of clean training images drawn as grey objects on a background of a random "
+                             "named colour, captioned with the shape and that colour "
+                             f"(default {colour_background_rate:g})")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its `synth` sub-command."""
     from openalign.data.synth import NOISE_KINDS, SynthConfig
@@ -33,13 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help=f"fraction of training pairs with {kind} noise "
                                 f"(default {getattr(defaults, f'{kind}_rate')})")
     synth.add_argument("--clean", action="store_true", help="set every noise rate to 0")
-    synth.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
-                       help="fraction of clean training images rendered in grey, their captions naming no colour "
-                            f"(default {defaults.grayscale_rate:g})")
-    synth.add_argument("--colour-background-rate", type=float, default=defaults.colour_background_rate,
-                       help="fraction of clean training images drawn as grey objects on a background of a random "
-                            f"named colour, captioned with the shape and that colour "
-                            f"(default {defaults.colour_background_rate:g})")
+    add_rendering_arguments(synth, defaults.grayscale_rate, defaults.colour_background_rate)
     synth.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="manifest format")
     synth.add_argument("--shards", action="store_true", help="also write WebDataset shards under shards/")
     synth.add_argument("--samples-per-shard", type=int, default=1000, help="(default 1000)")

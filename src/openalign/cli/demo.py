@@ -12,6 +12,7 @@ from openalign.cli._common import reports_errors
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
+    from openalign.cli.data import add_rendering_arguments
     from openalign.demo.pipeline import DemoConfig
     from openalign.train.config import DataSection
 
@@ -31,12 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--partial-caption-rate", type=float, default=defaults.partial_caption_rate,
                         help="fraction of clean captions naming only the colour or only the shape "
                              f"(default {defaults.partial_caption_rate:g})")
-    parser.add_argument("--grayscale-rate", type=float, default=defaults.grayscale_rate,
-                        help="fraction of clean training images rendered in grey, their captions naming no colour "
-                             f"(default {defaults.grayscale_rate:g})")
-    parser.add_argument("--colour-background-rate", type=float, default=defaults.colour_background_rate,
-                        help="fraction of clean training images drawn as grey objects on a background of a random "
-                             f"named colour (default {defaults.colour_background_rate:g})")
+    add_rendering_arguments(parser, defaults.grayscale_rate, defaults.colour_background_rate)
     parser.add_argument("--n", type=int, default=defaults.n, help=f"training pairs (default {defaults.n})")
     parser.add_argument("--heldout-n", type=int, default=defaults.heldout_n,
                         help=f"held-out pairs (default {defaults.heldout_n})")
