@@ -180,6 +180,26 @@ def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
     assert not (out / "probe-run").exists()  # measuring writes nothing
 
 
+def test_the_image_term_reaches_the_training_config_and_the_step_probe_pays_for_it(demo, monkeypatch):
+    from openalign.configs import AlignConfig
+    from openalign.demo.pipeline import DemoConfig, measure_step_seconds, training_config
+    from openalign.processing.tokenizer import AlignTokenizer
+    from openalign.train.image_ssl import ImageSelfSupervision
+
+    out, _, _ = demo
+    config = DemoConfig(batch_size=32, image_ssl_weight=0.5, image_ssl_images=16)
+    train_config = training_config(config, out / "filtered" / "manifest.jsonl", out / "tokenizer",
+                                   out / "model_config.json", out / "probe-run", total_steps=1, minutes=1.0)
+    assert (train_config.loss.image_ssl_weight, train_config.loss.image_ssl_images) == (0.5, 16)
+    views = []
+    original = ImageSelfSupervision.second_views
+    monkeypatch.setattr(ImageSelfSupervision, "second_views",
+                        lambda self, pixels: views.append(len(pixels)) or original(self, pixels))
+    model_config = AlignConfig.from_json_file(out / "model_config.json")
+    measure_step_seconds(model_config, train_config, AlignTokenizer.from_pretrained(out / "tokenizer"), batches=2)
+    assert views == [32] * 4  # every timed step (two warm-up, two measured) made its second views
+
+
 def test_composition_figures_tell_an_additive_image_tower_from_an_entangled_one():
     colours, shapes = ["red", "green", "blue"], ["circle", "square", "star"]
     held = [("red", "circle"), ("green", "square"), ("blue", "star")]

@@ -28,11 +28,12 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"), num_pairs=96)
 
 
-def _write_config(data, run_dir: Path) -> Path:
+def _write_config(data, run_dir: Path, extra: dict) -> Path:
     config = tiny_config(data, run_dir, **{
         "optim.total_steps": TOTAL_STEPS, "run.checkpoint_every": CHECKPOINT_EVERY, "run.keep_last": 2,
         "data.flip": True,  # augmentation randomness must replay too
         "run.ema_decay": 0.8,  # the weight average resumes too
+        **extra,
     })
     run_dir.mkdir(parents=True)
     return config.save(run_dir.parent / f"{run_dir.name}.yaml")
@@ -51,12 +52,15 @@ def _train_steps(records):
     return {record["step"]: record for record in records if "loss" in record}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
+# The image term adds a head (trainer state), second views (RNG) and a logged share of the loss.
+@pytest.mark.parametrize("extra", [{}, {"loss.image_ssl_weight": 0.5, "loss.image_ssl_images": 8}],
+                         ids=["contrastive", "with-image-ssl"])
+def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path, extra):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_command(_write_config(data, reference_dir)), check=True, env=_environment(),
+    subprocess.run(_command(_write_config(data, reference_dir, extra)), check=True, env=_environment(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
 
-    config_path = _write_config(data, killed_dir)
+    config_path = _write_config(data, killed_dir, extra)
     process = subprocess.Popen(_command(config_path), env=_environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -81,7 +85,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     reference_steps, resumed_steps = _train_steps(reference), _train_steps(resumed_records)
     assert sorted(resumed_steps) == list(range(1, TOTAL_STEPS + 1)) == sorted(reference_steps)
     for step in reference_steps:
-        for key in COMPARED:
+        for key in COMPARED + (("image_ssl_loss",) if extra else ()):
             assert resumed_steps[step][key] == reference_steps[step][key], (step, key)
     # The loss did move: equal curves are not two constant ones.
     assert len({record["loss"] for record in reference_steps.values()}) > 1

@@ -43,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="train exactly this many steps (still capped by --minutes); default: as many as fit")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help=f"training batch (default {defaults.batch_size})")
+    parser.add_argument("--image-ssl-weight", type=float, default=defaults.image_ssl_weight,
+                        help="weight of the label-free image term beside the contrastive loss (loss.image_ssl_weight:"
+                             " each image against a colour-scrambled view of itself; 0: off; "
+                             f"default {defaults.image_ssl_weight})")
+    parser.add_argument("--image-ssl-images", type=int, default=defaults.image_ssl_images,
+                        help="images per batch that get a second view for that term (0: all; "
+                             f"default {defaults.image_ssl_images})")
     data = DataSection()
     parser.add_argument("--group-by", choices=["colour", "shape", "none"], default="none",
                         help="hard-negative batches (data.group_by): runs of --group-size pairs sharing this "
@@ -108,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
         colour_background_rate=args.colour_background_rate,
         workers=args.threads, progress=not args.quiet,
-        steps=args.steps, batch_size=args.batch_size,
+        steps=args.steps, batch_size=args.batch_size, image_ssl_weight=args.image_ssl_weight,
+        image_ssl_images=args.image_ssl_images,
         train_overrides={} if args.group_by == "none" else {
             "data.group_by": args.group_by, "data.group_size": args.group_size,
             "data.group_fraction": args.group_fraction, "data.group_from_epoch": args.group_from_epoch},

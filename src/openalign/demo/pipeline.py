@@ -71,6 +71,9 @@ class DemoConfig:
     warmup_steps: int = 50
     temperature_init: float = 0.07
     label_smoothing: float = 0.1
+    # The label-free image term beside the contrastive loss (TrainConfig loss.image_ssl_*, docs/demo.md).
+    image_ssl_weight: float = 0.0
+    image_ssl_images: int = 128
     batch_norm_momentum: float = 0.9
     workers: int = 2
     loader_workers: int = 0  # processes decoding training batches beside the training loop
@@ -168,17 +171,21 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
 
     - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
     - `decode`: the reading and decoding part of that, which `data.cache_images` saves from the second epoch on;
-    - `model`: forward, loss, backward and AdamW, channels-last, after two warm-up steps.
+    - `model`: the trainer's own step (forward, loss with the self-supervised term when it is on, backward,
+      AdamW), channels-last, after two warm-up steps.
     Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
     import itertools
 
     import torch
+    from torch import nn
 
     from openalign.data import sources
     from openalign.losses import build_loss
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
     from openalign.train.builders import build_loaders
+    from openalign.train.image_ssl import ImageSelfSupervision
+    from openalign.train.loop import DualEncoderFeatures, Stepper
 
     loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
     iterator = iter(loader)
@@ -196,19 +203,23 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     model = AlignModel(model_config).train()
     trainable_init(model.vision_model)
     model.vision_model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss = train_config.loss
+    image_ssl = (ImageSelfSupervision(model_config.projection_dim, loss.image_ssl_weight, loss.image_ssl_images,
+                                      loss.image_ssl_temperature) if loss.image_ssl_weight > 0 else None)
+    holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
+    optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
     loss_module = build_loss("align", normalize=True)
+    stepper = Stepper(
+        features=DualEncoderFeatures(model),
+        loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), parameters=list(holder.parameters()),
+        channels_last=True, image_ssl=image_ssl,
+    )
     durations = []
-    for batch in [*real[:2], *real]:
+    for number, batch in enumerate([*real[:2], *real], start=1):
         started = time.monotonic()
-        pixels = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-        image_features = model.get_image_features(pixels)
-        text_features = model.get_text_features(batch["input_ids"], batch["attention_mask"],
-                                                batch["token_type_ids"])
-        loss = loss_module(image_features, text_features, model.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stepper.step(batch, number)
         durations.append(time.monotonic() - started)
     return {"load": load_seconds, "decode": min(decode_seconds, load_seconds), "model": sum(durations[2:]) / batches}
 
@@ -240,7 +251,8 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
         "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
         "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
         "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
-        "loss.label_smoothing": config.label_smoothing,
+        "loss.label_smoothing": config.label_smoothing, "loss.image_ssl_weight": config.image_ssl_weight,
+        "loss.image_ssl_images": config.image_ssl_images,
         "run.out_dir": str(run_dir), "run.seed": config.seed, "run.max_minutes": minutes,
         "run.checkpoint_every": max(total_steps, 1), "run.keep_last": 1, "run.val_every": 0,
         "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,

@@ -92,6 +92,11 @@ class LossSection:
     label_smoothing: float = 0.1
     local_loss: bool = True
     gather_with_grad: bool = True
+    # A label-free second term (train/image_ssl.py, after SLIP): each image against a colour-scrambled, moved
+    # view of itself, through an MLP head. 0 turns it off; images: how many per batch get a view (0: all).
+    image_ssl_weight: float = 0.0
+    image_ssl_images: int = 0
+    image_ssl_temperature: float = 0.1
 
 
 @dataclass
@@ -171,6 +176,12 @@ class TrainConfig:
         if self.optim.accumulation > 1 and (self.model.freeze_text or self.model.freeze_vision):
             raise ConfigError("optim.accumulation > 1 with a frozen tower is not supported: the feature cache "
                               "backpropagates through both towers; use accumulation 1")
+        if self.loss.image_ssl_weight < 0 or self.loss.image_ssl_images < 0 or self.loss.image_ssl_temperature <= 0:
+            raise ConfigError("loss.image_ssl_weight and loss.image_ssl_images must not be negative and "
+                              "loss.image_ssl_temperature must be positive")
+        if self.loss.image_ssl_weight > 0 and (self.optim.accumulation > 1 or self.model.freeze_vision):
+            raise ConfigError("loss.image_ssl_weight > 0 needs optim.accumulation = 1 and a trainable image tower "
+                              "(model.freeze_vision = false)")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self

@@ -60,6 +60,7 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
+    image_ssl_loss: float | None = None  # the self-supervised term's share of `loss`, when it is on
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Stepper:
     nan_policy: str = "halt"
     after_step: Callable[[], None] | None = None  # e.g. the CLIP scale clamp, the EMA update
     norm_buffers: list[torch.Tensor] = field(default_factory=list)  # BatchNorm statistics to restore on skip
+    image_ssl: nn.Module | None = None  # an ImageSelfSupervision: a label-free second term (train/image_ssl.py)
 
     def __post_init__(self):
         self._saved_buffers = [buffer.clone() for buffer in self.norm_buffers] if self.nan_policy == "skip" else []
@@ -116,8 +118,9 @@ class Stepper:
             torch._foreach_copy_(self._saved_buffers, self.norm_buffers)
         tensors = self.to_device(batch)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        image_ssl_loss = None
         if self.accumulation == 1:
-            loss = self.loss_fn(*self.encode(tensors))
+            loss, image_ssl_loss = self._loss(tensors)
             self.scaler.scale(loss).backward()
             loss = loss.detach()
         else:
@@ -153,7 +156,22 @@ class Stepper:
             # follows the step count, which is what we want.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
-        return StepResult(float(loss), float(plain_norm), skipped)
+        return StepResult(float(loss), float(plain_norm), skipped,
+                          None if image_ssl_loss is None else float(image_ssl_loss))
+
+    def _loss(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the loss of a whole batch, its self-supervised part or None). With the image term on, the second
+        views ride in the same image-tower forward as the batch (one forward per step, as DDP expects)."""
+        if self.image_ssl is None:
+            return self.loss_fn(*self.encode(tensors)), None
+        pixels = tensors[0]
+        views = self.image_ssl.second_views(pixels)  # (n, 3, H, W)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        both = torch.cat([pixels, views]).contiguous(memory_format=memory_format)
+        image_features, text_features = self.encode((both, *tensors[1:]))  # (B + n, D), (B, D)
+        first, second = image_features[:len(pixels)], image_features[len(pixels):]
+        image_ssl_loss = self.image_ssl(first[:len(second)], second)
+        return self.loss_fn(first, text_features) + image_ssl_loss, image_ssl_loss.detach()
 
     def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:
         message = (f"step {step_number}: non-finite loss or gradient (loss {loss}, gradient norm {grad_norm}); "

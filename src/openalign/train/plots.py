@@ -13,7 +13,8 @@ from openalign.figures import pyplot, save_figure
 from openalign.train.run_log import METRICS_NAME, read_metrics
 
 PANELS = {  # file stem: (title, y label, [(metric key, legend label)], log scale)
-    "loss": ("Contrastive loss", "loss", [("loss", "train"), ("val_loss", "validation")], False),
+    "loss": ("Loss", "loss", [("loss", "train"), ("val_loss", "validation"),
+                              ("image_ssl_loss", "train: its image self-supervision share")], False),
     "temperature": ("Temperature", "temperature", [("temperature", "temperature")], True),
     "learning_rate": ("Learning rate", "lr", [("lr", "lr")], False),
     "val_recall": ("Validation recall", "recall (%)", [

@@ -39,6 +39,7 @@ from openalign.train import checkpointing
 from openalign.train.builders import build_loaders, build_model
 from openalign.train.config import TrainConfig
 from openalign.train.ema import ModelEma
+from openalign.train.image_ssl import ImageSelfSupervision
 from openalign.train.loop import DualEncoderFeatures, Stepper, temperature_of, validate
 from openalign.train.optim import build_optimizer, freeze_tower
 from openalign.train.run_log import MetricsLog, Progress
@@ -208,13 +209,20 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         loss_parameters = outside_parameters = [p for p in loss_module.parameters() if p.requires_grad]
         loss_fn = loss_module
 
+    image_ssl = None
+    if config.loss.image_ssl_weight > 0:
+        image_ssl = ImageSelfSupervision(model.config.projection_dim, config.loss.image_ssl_weight,
+                                         config.loss.image_ssl_images, config.loss.image_ssl_temperature).to(device)
+        outside_parameters = [*outside_parameters, *image_ssl.parameters()]  # no DDP wrapper averages them
+
     features = DualEncoderFeatures(model, config.model.freeze_text, config.model.freeze_vision)
     shard_modules = [model.text_model, model.vision_model] if fsdp else None
     features = wrap_model(features, config.distributed.strategy, config.distributed.sync_batchnorm,
                           shard_modules=shard_modules)
-    holder = nn.ModuleList([model, loss_module])  # every trainable parameter, for the optimiser
+    training_only = [loss_module] if image_ssl is None else [loss_module, image_ssl]
+    holder = nn.ModuleList([model, *training_only])  # every trainable parameter, for the optimiser
     # The optimiser state under FSDP is keyed through the sharded root (the wrapped features module).
-    state_holder = nn.ModuleList([features, loss_module]) if fsdp else holder
+    state_holder = nn.ModuleList([features, *training_only]) if fsdp else holder
     optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
     scheduler = build_scheduler(optimizer, optim.warmup_steps, optim.total_steps, optim.schedule,
                                 optim.min_lr_ratio)
@@ -231,7 +239,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         parameters=[p for p in holder.parameters() if p.requires_grad], loss_parameters=loss_parameters,
         outside_parameters=outside_parameters, device=device, autocast_dtype=AUTOCAST_DTYPES[run.dtype],
         channels_last=channels_last, accumulation=optim.accumulation, grad_clip=optim.grad_clip,
-        nan_policy=run.nan_policy, after_step=after_step, norm_buffers=_norm_buffers(model),
+        nan_policy=run.nan_policy, after_step=after_step, norm_buffers=_norm_buffers(holder), image_ssl=image_ssl,
     )
 
     step, skipped_steps = 0, 0
@@ -242,6 +250,12 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         scheduler.load_state_dict(trainer_state["scheduler"])
         scaler.load_state_dict(trainer_state["scaler"])
         loss_module.load_state_dict(trainer_state["loss"])
+        saved_ssl = trainer_state.get("image_ssl")
+        if (saved_ssl is None) != (image_ssl is None):
+            raise CheckpointError(f"{checkpoint_folder} was written with loss.image_ssl_weight "
+                                  f"{'> 0' if saved_ssl is not None else '= 0'}; resume with the same setting")
+        if image_ssl is not None:
+            image_ssl.load_state_dict(saved_ssl)
         if ema is not None:
             ema.load_state_dict(trainer_state["ema"])
         train_loader.load_state_dict(trainer_state["data"])
@@ -256,7 +270,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     progress = Progress(optim.total_steps, step, enabled=main and run.progress)
     global_batch = optim.batch_size * world_size
     start_time = time.monotonic()
-    window = {"losses": [], "start": time.monotonic(), "steps": 0}
+    window = {"losses": [], "ssl_losses": [], "start": time.monotonic(), "steps": 0}
     last_record: dict[str, Any] = {}
     last_checkpoint, stop_reason = checkpoint_folder, "finished"
 
@@ -265,6 +279,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
             "step": step_number, "skipped_steps": skipped_steps,
             "optimizer": _optimizer_state(state_holder, optimizer, fsdp), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "loss": loss_module.state_dict(),
+            "image_ssl": image_ssl.state_dict() if image_ssl is not None else None,
             "ema": ema.state_dict() if ema is not None else None, "data": train_loader.state_dict(),
             "rng": _all_ranks(checkpointing.rng_state(), world_size),
         }
@@ -291,6 +306,8 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
                 ema.update(model)
             if not result.skipped:
                 window["losses"].append(result.loss)
+                if result.image_ssl_loss is not None:
+                    window["ssl_losses"].append(result.image_ssl_loss)
             window["steps"] += 1
             out_of_time = run.max_minutes is not None and _agree(
                 time.monotonic() - start_time > 60 * run.max_minutes, world_size)
@@ -309,10 +326,14 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
                     "skipped_samples": int(_sum_over_ranks(sum(train_loader.skipped.values()), world_size)),
                     "skipped_steps": skipped_steps, "elapsed_s": time.monotonic() - start_time,
                 }
+                if image_ssl is not None:  # its share of `loss`, averaged like it
+                    ssl_losses = window["ssl_losses"]
+                    last_record["image_ssl_loss"] = _sum_over_ranks(
+                        sum(ssl_losses) / len(ssl_losses) if ssl_losses else float("nan"), world_size) / world_size
                 log.write(last_record)
                 progress.update(window["steps"], loss=last_record["loss"], temp=temperature,
                                 samples_s=last_record["samples_per_s"])
-                window = {"losses": [], "start": time.monotonic(), "steps": 0}
+                window = {"losses": [], "ssl_losses": [], "start": time.monotonic(), "steps": 0}
             if val_loader is not None and ((run.val_every and step % run.val_every == 0)
                                            or step == optim.total_steps or out_of_time):
                 val_record = {"step": step, **validate(stepper, features, val_loader)}
