@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from openalign.demo import evaluate
+from openalign.demo.pipeline import DemoConfig
 
 METRIC_KEYS = ("colour_accuracy", "shape_accuracy", "shape_only_prompt_accuracy", "pair_accuracy",
                "image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5")
@@ -50,9 +51,10 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
     for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
         assert str(out / name) in printed
-    drawn = metrics["data"]["clean_renderings"]  # the demo's default: a quarter of the clean images grey
+    drawn = metrics["data"]["clean_renderings"]  # the demo's default share of the clean images is grey
     assert sum(drawn.values()) == metrics["data"]["noise_counts"]["clean"]
-    assert 0.15 < drawn["grey"] / sum(drawn.values()) < 0.35 and drawn["colour_background"] == 0
+    default = DemoConfig().grayscale_rate
+    assert default - 0.1 < drawn["grey"] / sum(drawn.values()) < default + 0.1 and drawn["colour_background"] == 0
     report = (out / "report.md").read_text()
     assert f"clean pairs drawn as: coloured {drawn['coloured']}, grey {drawn['grey']}" in report
 
