@@ -255,3 +255,13 @@ def test_seen_split_holds_clean_training_combinations_on_new_images(tmp_path):
     assert not set(tree_digest(tmp_path / "seen" / "seen" / "images").values()) & train_digests
     for split in ("train", "heldout"):
         assert tree_digest(tmp_path / "plain" / split) == tree_digest(tmp_path / "seen" / split)
+
+
+@pytest.mark.parametrize("template, fields, expected", [
+    ("{a} {colour} {shape}", {"colour": "orange", "shape": "star"}, "an orange star"),
+    ("{a} {size} {colour} {shape}", {"size": "big", "colour": "orange", "shape": "star"}, "a big orange star"),
+    ("a photo of {a} {shape}", {"shape": "hexagon"}, "a photo of a hexagon"),
+    ("{count} {shapes}", {"count": "two", "shapes": "stars"}, "two stars"),  # no article to choose
+])
+def test_templates_get_the_article_of_the_word_after_it(template, fields, expected):
+    assert captions.fill_template(template, **fields) == expected

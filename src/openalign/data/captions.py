@@ -88,6 +88,12 @@ def article_for(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def fill_template(template: str, **fields: str) -> str:
+    """`template` filled with `fields`, its "{a}" the article that agrees with the filled word after it."""
+    following = template.split("{a} ", 1)[1].split()[0].format(**fields) if "{a} " in template else ""
+    return template.format(a=article_for(following), **fields)
+
+
 def pick_synonym(rng: random.Random, words: list):
     """The canonical (first) word with probability CANONICAL_WEIGHT, otherwise one of the others."""
     if len(words) == 1 or rng.random() < CANONICAL_WEIGHT:
@@ -112,11 +118,7 @@ def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size:
     """A caption that names the colour and shape of the image's objects (and sometimes count, size,
     position or background)."""
     fields = _caption_fields(rng, colour, shape, count, size, position, background)
-    template = rng.choice(MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES)
-    # The article agrees with the word right after "{a}", which is the size or the colour word.
-    following = template.split("{a} ", 1)[1] if "{a} " in template else "{colour}"
-    next_word = following.split()[0].format(**fields)
-    return template.format(a=article_for(next_word), **fields)
+    return fill_template(rng.choice(MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES), **fields)
 
 
 # Alt-text often names only part of what it shows. Colour-only templates say "object" or "thing", never a shape.
@@ -139,10 +141,7 @@ def partial_caption(rng: random.Random, colour: str, shape: str, count: int, siz
         templates = COLOUR_ONLY_MULTI if count > 1 else COLOUR_ONLY_SINGLE
     else:
         raise ValueError(f"keep must be 'shape' or 'colour', got {keep!r}")
-    template = rng.choice(templates)
-    following = template.split("{a} ", 1)[1] if "{a} " in template else ""
-    next_word = following.split()[0].format(**fields) if following else ""
-    caption = template.format(a=article_for(next_word), **fields)
+    caption = fill_template(rng.choice(templates), **fields)
     if len(caption.split()) < 3:  # "a circle": pad as alt-text would, above the paper's 3-word minimum
         caption = f"a picture of {caption}"
     return caption
@@ -165,9 +164,7 @@ def background_colour_caption(rng: random.Random, background_colour: str, shape:
     """A caption for grey objects on a coloured background: the shape and the background's colour word."""
     fields = _caption_fields(rng, background_colour, shape, count, size, position, "mid")
     template = rng.choice(BACKGROUND_COLOUR_MULTI if count > 1 else BACKGROUND_COLOUR_SINGLE)
-    following = template.split("{a} ", 1)[1] if "{a} " in template else ""
-    next_word = following.split()[0].format(**fields) if following else ""
-    return template.format(a=article_for(next_word), a_colour=article_for(fields["colour"]), **fields)
+    return fill_template(template, a_colour=article_for(fields["colour"]), **fields)
 
 
 def boilerplate_caption(rng: random.Random) -> str:

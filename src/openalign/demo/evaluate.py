@@ -60,11 +60,7 @@ def shape_only_templates() -> list[str]:
 
 def fill(template: str, colour: str | None, shape: str) -> str:
     """A prompt from a template and canonical words, with the article agreeing with the word after it."""
-    fields = {"colour": colour or "", "shape": shape}
-    if "{a} " in template:
-        following = template.split("{a} ", 1)[1].split()[0].format(**fields)
-        fields["a"] = captions.article_for(following)
-    return " ".join(template.format(**fields).split())
+    return " ".join(captions.fill_template(template, colour=colour or "", shape=shape).split())
 
 
 def class_embeddings(encode_texts, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
