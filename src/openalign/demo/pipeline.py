@@ -185,7 +185,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
     from openalign.train.builders import build_loaders
-    from openalign.train.image_ssl import ImageSelfSupervision
+    from openalign.train.image_ssl import build_image_ssl
     from openalign.train.loop import DualEncoderFeatures, Stepper
 
     loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
@@ -204,9 +204,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     model = AlignModel(model_config).train()
     trainable_init(model.vision_model)
     model.vision_model.to(memory_format=torch.channels_last)
-    loss = train_config.loss
-    image_ssl = (ImageSelfSupervision(model_config.projection_dim, loss.image_ssl_weight, loss.image_ssl_images,
-                                      loss.image_ssl_temperature) if loss.image_ssl_weight > 0 else None)
+    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
     holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
     optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
     loss_module = build_loss("align", normalize=True)

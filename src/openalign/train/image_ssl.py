@@ -15,11 +15,16 @@ Negatives are the local batch's images: under torch.distributed each rank scores
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from openalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    from openalign.train.config import LossSection
 
 # The six orders of three channels; one is drawn per image.
 CHANNEL_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
@@ -55,6 +60,14 @@ def second_view(pixels: torch.Tensor, grey_rate: float = 0.5, brightness: float 
     theta[:, :, 2] = uniform(-shift, shift, b, 2)
     grid = F.affine_grid(theta, list(view.shape), align_corners=False)
     return F.grid_sample(view.contiguous(), grid, padding_mode="border", align_corners=False)  # (B, 3, H, W)
+
+
+def build_image_ssl(loss: LossSection, embed_dim: int) -> ImageSelfSupervision | None:
+    """The term a TrainConfig's loss section asks for (None when `image_ssl_weight` is 0), for an image
+    embedding of `embed_dim`."""
+    if loss.image_ssl_weight == 0:
+        return None
+    return ImageSelfSupervision(embed_dim, loss.image_ssl_weight, loss.image_ssl_images, loss.image_ssl_temperature)
 
 
 class ImageSelfSupervision(nn.Module):

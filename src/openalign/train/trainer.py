@@ -39,7 +39,7 @@ from openalign.train import checkpointing
 from openalign.train.builders import build_loaders, build_model
 from openalign.train.config import TrainConfig
 from openalign.train.ema import ModelEma
-from openalign.train.image_ssl import ImageSelfSupervision
+from openalign.train.image_ssl import build_image_ssl
 from openalign.train.loop import DualEncoderFeatures, Stepper, temperature_of, validate
 from openalign.train.optim import build_optimizer, freeze_tower
 from openalign.train.run_log import MetricsLog, Progress
@@ -209,10 +209,9 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         loss_parameters = outside_parameters = [p for p in loss_module.parameters() if p.requires_grad]
         loss_fn = loss_module
 
-    image_ssl = None
-    if config.loss.image_ssl_weight > 0:
-        image_ssl = ImageSelfSupervision(model.config.projection_dim, config.loss.image_ssl_weight,
-                                         config.loss.image_ssl_images, config.loss.image_ssl_temperature).to(device)
+    image_ssl = build_image_ssl(config.loss, model.config.projection_dim)
+    if image_ssl is not None:
+        image_ssl.to(device)
         outside_parameters = [*outside_parameters, *image_ssl.parameters()]  # no DDP wrapper averages them
 
     features = DualEncoderFeatures(model, config.model.freeze_text, config.model.freeze_vision)
