@@ -53,9 +53,9 @@ class DemoConfig:
     noise_rate: float | None = None
     mismatch_rate: float | None = None
     partial_caption_rate: float = 0.0
-    # Half the clean training images in grey with colourless captions. In 10-minute runs (docs/demo.md): none
-    # i->t R@5 0.71-0.73, a quarter 0.78-0.81 with held-out shape 0.36-0.42, half 0.81-0.84 with shape 0.44-0.50
-    # (seeds 0 and 1 both gain); 70% is too many.
+    # Half the clean training images in grey with colourless captions. In 10-minute runs at 64 px (docs/demo.md):
+    # none i->t R@5 0.71-0.73; a quarter 0.78-0.81, held-out shape 0.36-0.42 (mean 0.39, five runs); half
+    # 0.77-0.84, shape 0.39-0.50 (mean 0.44, three runs; seeds 0 and 1 both gained); 70% (48 px) too many.
     grayscale_rate: float = 0.5
     colour_background_rate: float = 0.0
     image_size: int = 64
