@@ -131,7 +131,11 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     config.validate()
     info = init_distributed(config.distributed.backend)
     try:
-        return _train(config, resume, info)
+        result = _train(config, resume, info)
+        # Leave the group together: rank 0 is still writing the model and plots when the others finish, and a
+        # rank that tears its gloo connections down while a peer still holds them open can abort the process.
+        barrier()
+        return result
     finally:
         destroy_distributed()
 
