@@ -110,3 +110,56 @@ def test_build_loss_selects_by_name_and_rejects_unknown():
         build_loss("sigmoid")
     with pytest.raises(ConfigError, match="1.5"):
         AlignLoss(label_smoothing=1.5)
+
+
+def hard_negative_loss_by_hand(image: torch.Tensor, text: torch.Tensor, temperature: float, beta: float):
+    """Both directions written out row by row: negative j of row i counts (N - 1) exp(beta c_ij) / sum_k≠i
+    exp(beta c_ik) times in the denominator (weights without gradient), the positive once."""
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+
+    def direction(cosines: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        n = cosines.shape[0]
+        for i in range(n):
+            negatives = [j for j in range(n) if j != i]
+            weights = torch.stack([torch.exp(beta * cosines[i, j].detach()) for j in negatives])
+            weights = weights * (n - 1) / weights.sum()
+            denominator = torch.exp(cosines[i, i] / temperature) + sum(
+                weight * torch.exp(cosines[i, j] / temperature) for weight, j in zip(weights, negatives))
+            total = total - (cosines[i, i] / temperature - torch.log(denominator))
+        return total / n
+
+    cosines = image @ text.T
+    return (direction(cosines) + direction(cosines.T)) / 2
+
+
+@pytest.mark.parametrize("loss_class", [AlignLoss, ClipLoss])
+def test_hard_negative_weighting_matches_the_formula_and_its_gradient(loss_class):
+    image, text = embeddings(batch_size=7)
+    image.requires_grad_(True)
+    temperature, beta = 0.3, 4.0
+    if loss_class is AlignLoss:
+        scalar = torch.tensor(temperature, dtype=torch.float64)
+    else:
+        scalar = torch.tensor(-math.log(temperature), dtype=torch.float64)
+    got = loss_class(label_smoothing=0.0, hard_negative_beta=beta)(image, text, scalar)
+    expected = hard_negative_loss_by_hand(image, text, temperature, beta)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, image)[0], torch.autograd.grad(expected, image)[0])
+
+
+def test_hard_negative_weighting_off_is_the_plain_loss_and_on_stresses_close_negatives():
+    image, text = embeddings()
+    temperature = torch.tensor(0.5, dtype=torch.float64)
+    plain = AlignLoss()(image, text, temperature)
+    torch.testing.assert_close(AlignLoss(hard_negative_beta=0.0)(image, text, temperature), plain)
+    # The weights average 1, so they only move the loss where negatives differ in similarity: with every
+    # negative equally similar (orthogonal embeddings) the weighted loss is the plain one.
+    basis = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(AlignLoss(hard_negative_beta=3.0)(basis, basis, temperature),
+                               AlignLoss()(basis, basis, temperature))
+    # Otherwise the close negatives weigh more and the loss rises (weights rising with e^x raise its mean).
+    assert AlignLoss(hard_negative_beta=3.0)(image, text, temperature) > plain
+    with pytest.raises(ConfigError, match="hard_negative_beta"):
+        AlignLoss(hard_negative_beta=-0.5)

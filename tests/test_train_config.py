@@ -38,6 +38,7 @@ def test_toml_file(tmp_path):
     ("run.dtype=fp8", "run.dtype"),
     ("optim.batch_size=0", "optim.batch_size"),
     ("data.flip=maybe", "data.flip"),
+    ("loss.hard_negative_beta=-1", "loss.hard_negative_beta"),
 ])
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

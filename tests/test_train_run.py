@@ -86,3 +86,14 @@ def test_time_budget_stops_with_a_checkpoint(data, tmp_path):
     [(step, folder)] = list_checkpoints(result.run_dir)
     assert step == 1
     verify_checkpoint(folder)
+
+
+def test_hard_negative_beta_reaches_the_loss(data, tmp_path):
+    """The same first batch and initialisation: the weighted loss is higher (close negatives count more)."""
+    first_losses = {}
+    for beta in (0.0, 3.0):
+        config = tiny_config(data, tmp_path / f"beta{beta}", **{
+            "optim.total_steps": 1, "optim.warmup_steps": 0, "run.log_every": 1, "loss.hard_negative_beta": beta})
+        train(config)
+        first_losses[beta] = [record["loss"] for record in read_metrics(tmp_path / f"beta{beta}")][0]
+    assert first_losses[3.0] > first_losses[0.0] + 1e-4, first_losses

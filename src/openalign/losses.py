@@ -43,11 +43,15 @@ def _pick(argument: torch.Tensor | None, owned: nn.Parameter | None, name: str) 
 class _SoftmaxContrastiveLoss(nn.Module):
     """Symmetric cross-entropy over scaled cosine similarities; subclasses say how the scale is made."""
 
-    def __init__(self, label_smoothing: float, gather_with_grad: bool, local_loss: bool, normalize: bool):
+    def __init__(self, label_smoothing: float, gather_with_grad: bool, local_loss: bool, normalize: bool,
+                 hard_negative_beta: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if hard_negative_beta < 0:
+            raise ConfigError(f"hard_negative_beta must not be negative, got {hard_negative_beta}")
         self.label_smoothing = label_smoothing
+        self.hard_negative_beta = hard_negative_beta
         self.gather_with_grad = gather_with_grad
         self.local_loss = local_loss
         self.normalize = normalize
@@ -86,9 +90,27 @@ class _SoftmaxContrastiveLoss(nn.Module):
         """Mean of the image->text and text->image cross-entropies, targets on the (offset) diagonal."""
         logits_per_image, logits_per_text = self.logits(image_embeds, text_embeds, scale)
         labels = self.labels(logits_per_image.shape[0], logits_per_image.device)
+        if self.hard_negative_beta > 0:
+            logits_per_image = self.weight_hard_negatives(logits_per_image, labels, scale)
+            logits_per_text = self.weight_hard_negatives(logits_per_text, labels, scale)
         loss_image = F.cross_entropy(logits_per_image, labels, label_smoothing=self.label_smoothing)
         loss_text = F.cross_entropy(logits_per_text, labels, label_smoothing=self.label_smoothing)
         return (loss_image + loss_text) / 2
+
+
+    def weight_hard_negatives(self, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Importance-weight each row's negatives by their similarity (hard-negative NCE, Radenovic et al. 2023):
+        negative j of row i counts w_ij = (N - 1) * softmax_j(beta * cos_ij) times in the softmax's denominator,
+        i.e. log w_ij is added to its logit; the weights average 1 and carry no gradient, the positive is left
+        alone. beta = 0 is the plain loss; larger beta stresses the negatives the model already confuses."""
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        is_positive = torch.zeros_like(logits, dtype=torch.bool)
+        is_positive[rows, labels] = True
+        with torch.no_grad():
+            cosines = logits / scale
+            weights = (self.hard_negative_beta * cosines).masked_fill(is_positive, float("-inf"))
+            log_weights = weights.log_softmax(dim=-1) + math.log(logits.shape[1] - 1)
+        return logits + log_weights.masked_fill(is_positive, 0.0)
 
 
 class AlignLoss(_SoftmaxContrastiveLoss):
@@ -105,8 +127,9 @@ class AlignLoss(_SoftmaxContrastiveLoss):
         local_loss: bool = True,
         normalize: bool = True,
         temperature_init: float | None = None,
+        hard_negative_beta: float = 0.0,
     ):
-        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize)
+        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize, hard_negative_beta)
         self.temperature = _owned_scalar(temperature_init)
 
     def forward(
@@ -132,8 +155,9 @@ class ClipLoss(_SoftmaxContrastiveLoss):
         normalize: bool = True,
         logit_scale_init: float | None = None,
         max_scale: float = 100.0,
+        hard_negative_beta: float = 0.0,
     ):
-        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize)
+        super().__init__(label_smoothing, gather_with_grad, local_loss, normalize, hard_negative_beta)
         if max_scale <= 0:
             raise ConfigError(f"max_scale must be positive, got {max_scale}")
         self.max_log_scale = math.log(max_scale)

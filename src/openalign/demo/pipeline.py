@@ -207,7 +207,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
     holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
     optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
-    loss_module = build_loss("align", normalize=True)
+    loss_module = build_loss("align", normalize=True, hard_negative_beta=train_config.loss.hard_negative_beta)
     stepper = Stepper(
         features=DualEncoderFeatures(model),
         loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,

@@ -92,6 +92,9 @@ class LossSection:
     label_smoothing: float = 0.1
     local_loss: bool = True
     gather_with_grad: bool = True
+    # Hard-negative weighting (align and clip): each negative counts in proportion to exp(beta * its cosine),
+    # normalised to average 1 (losses.py); 0 is the plain loss.
+    hard_negative_beta: float = 0.0
     # A label-free second term (train/image_ssl.py, after SLIP): each image against a colour-scrambled, moved
     # view of itself, through an MLP head. 0 turns it off; images: how many per batch get a view (0: all).
     image_ssl_weight: float = 0.0
@@ -182,6 +185,9 @@ class TrainConfig:
         if self.loss.image_ssl_weight > 0 and (self.optim.accumulation > 1 or self.model.freeze_vision):
             raise ConfigError("loss.image_ssl_weight > 0 needs optim.accumulation = 1 and a trainable image tower "
                               "(model.freeze_vision = false)")
+        if self.loss.hard_negative_beta < 0 or (self.loss.hard_negative_beta > 0 and self.loss.name == "siglip"):
+            raise ConfigError(f"loss.hard_negative_beta = {self.loss.hard_negative_beta} must not be negative, and "
+                              f"works with loss.name align or clip (the softmax losses), not siglip")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self

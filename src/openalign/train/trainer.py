@@ -198,7 +198,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     loss_kwargs: dict[str, Any] = {"normalize": True}
     if loss_name != "siglip":
         loss_kwargs.update(label_smoothing=config.loss.label_smoothing, gather_with_grad=config.loss.gather_with_grad,
-                           local_loss=config.loss.local_loss)
+                           local_loss=config.loss.local_loss, hard_negative_beta=config.loss.hard_negative_beta)
     if loss_name == "clip":
         loss_kwargs["logit_scale_init"] = -math.log(float(model.temperature.detach()))
     loss_module = build_loss(loss_name, **loss_kwargs).to(device)
