@@ -76,6 +76,14 @@ def test_loss_is_weighted_symmetric_infonce_by_brute_force():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_weight_rises_linearly_over_the_warmup_and_scales_the_loss():
+    term = ImageSelfSupervision(embed_dim=6, weight=0.8, warmup_steps=4, hidden_dim=8, out_dim=3).eval()
+    assert [term.weight_at(step) for step in (1, 2, 4, 10, None)] == pytest.approx([0.2, 0.4, 0.8, 0.8, 0.8])
+    assert ImageSelfSupervision(embed_dim=6, weight=0.8).weight_at(1) == 0.8  # no warmup: full weight at once
+    first, second = torch.randn(5, 6), torch.randn(5, 6)
+    assert term(first, second, 1).item() == pytest.approx(term(first, second).item() / 4, rel=1e-6)
+
+
 def test_second_views_take_the_first_images_of_the_batch():
     term = ImageSelfSupervision(embed_dim=4, images=3)
     assert term.second_views(torch.randn(8, 3, 6, 6)).shape == (3, 3, 6, 6)
@@ -87,6 +95,7 @@ def test_second_views_take_the_first_images_of_the_batch():
     {"loss.image_ssl_weight": -1.0},
     {"loss.image_ssl_temperature": 0.0},
     {"loss.image_ssl_images": -2},
+    {"loss.image_ssl_warmup_steps": -1},
     {"loss.image_ssl_weight": 0.5, "optim.accumulation": 2, "optim.batch_size": 8},
     {"loss.image_ssl_weight": 0.5, "model.freeze_vision": True},
 ])
@@ -100,7 +109,8 @@ def test_config_refuses_settings_the_term_cannot_use(overrides):
 
 def test_a_step_with_the_term_follows_the_gradient_of_the_summed_loss():
     """The stepper's update equals one computed by hand: image tower on the batch and its second views in one
-    forward, contrastive loss on the batch, plus the term on the first images and their views."""
+    forward, contrastive loss on the batch, plus the term on the first images and their views, at the weight
+    of the step's place in the term's warmup."""
     from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
     from openalign.losses import build_loss
     from openalign.models.align import AlignModel
@@ -120,7 +130,7 @@ def test_a_step_with_the_term_follows_the_gradient_of_the_summed_loss():
     def build():
         torch.manual_seed(1)
         model = AlignModel(config).train()
-        term = ImageSelfSupervision(config.projection_dim, weight=0.5, images=4)
+        term = ImageSelfSupervision(config.projection_dim, weight=0.5, images=4, warmup_steps=4)
         return model, term
 
     model, term = build()
@@ -131,7 +141,7 @@ def test_a_step_with_the_term_follows_the_gradient_of_the_summed_loss():
                       scaler=torch.amp.GradScaler("cpu", enabled=False),
                       parameters=[*model.parameters(), *term.parameters()], image_ssl=term)
     torch.manual_seed(7)
-    result = stepper.step(batch, 1)
+    result = stepper.step(batch, 2)  # halfway through the term's warmup: half its weight
 
     oracle, oracle_term = build()
     torch.manual_seed(7)  # the same second views
@@ -139,7 +149,7 @@ def test_a_step_with_the_term_follows_the_gradient_of_the_summed_loss():
     image = oracle.get_image_features(torch.cat([batch["pixel_values"], views]))
     text_features = oracle.get_text_features(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     contrastive = loss_module(image[:6], text_features, oracle.temperature)
-    ssl = oracle_term(image[:4], image[6:])
+    ssl = oracle_term(image[:4], image[6:]) / 2
     total = contrastive + ssl
     total.backward()
     assert result.loss == pytest.approx(total.item(), rel=1e-5)

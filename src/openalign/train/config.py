@@ -100,6 +100,7 @@ class LossSection:
     image_ssl_weight: float = 0.0
     image_ssl_images: int = 0
     image_ssl_temperature: float = 0.1
+    image_ssl_warmup_steps: int = 0  # the weight rises linearly from 0 to image_ssl_weight over these steps
 
 
 @dataclass
@@ -179,8 +180,10 @@ class TrainConfig:
         if self.optim.accumulation > 1 and (self.model.freeze_text or self.model.freeze_vision):
             raise ConfigError("optim.accumulation > 1 with a frozen tower is not supported: the feature cache "
                               "backpropagates through both towers; use accumulation 1")
-        if self.loss.image_ssl_weight < 0 or self.loss.image_ssl_images < 0 or self.loss.image_ssl_temperature <= 0:
-            raise ConfigError("loss.image_ssl_weight and loss.image_ssl_images must not be negative and "
+        if (self.loss.image_ssl_weight < 0 or self.loss.image_ssl_images < 0 or self.loss.image_ssl_warmup_steps < 0
+                or self.loss.image_ssl_temperature <= 0):
+            raise ConfigError("loss.image_ssl_weight, loss.image_ssl_images and loss.image_ssl_warmup_steps must not "
+                              "be negative and "
                               "loss.image_ssl_temperature must be positive")
         if self.loss.image_ssl_weight > 0 and (self.optim.accumulation > 1 or self.model.freeze_vision):
             raise ConfigError("loss.image_ssl_weight > 0 needs optim.accumulation = 1 and a trainable image tower "

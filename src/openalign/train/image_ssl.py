@@ -67,17 +67,20 @@ def build_image_ssl(loss: LossSection, embed_dim: int) -> ImageSelfSupervision |
     embedding of `embed_dim`."""
     if loss.image_ssl_weight == 0:
         return None
-    return ImageSelfSupervision(embed_dim, loss.image_ssl_weight, loss.image_ssl_images, loss.image_ssl_temperature)
+    return ImageSelfSupervision(embed_dim, loss.image_ssl_weight, loss.image_ssl_images, loss.image_ssl_temperature,
+                                warmup_steps=loss.image_ssl_warmup_steps)
 
 
 class ImageSelfSupervision(nn.Module):
     """The head and the loss of the second term: `weight * InfoNCE(head(first), head(second))`.
 
     `images`: how many of each (local) batch's images get a second view (0: all); each costs one more image
-    through the tower. `temperature`: of the InfoNCE (SimCLR's 0.1)."""
+    through the tower. `temperature`: of the InfoNCE (SimCLR's 0.1). `warmup_steps`: the weight rises linearly
+    from 0 at step 0 to `weight` at this step (0: full weight from the start), so that the contrastive loss
+    learns colour before the term, which rewards colour-free features, pulls at the same features."""
 
     def __init__(self, embed_dim: int, weight: float = 1.0, images: int = 0, temperature: float = 0.1,
-                 hidden_dim: int = 512, out_dim: int = 128):
+                 hidden_dim: int = 512, out_dim: int = 128, warmup_steps: int = 0):
         super().__init__()
         if weight <= 0:
             raise ConfigError(f"loss.image_ssl_weight must be positive to build the term, got {weight}")
@@ -85,7 +88,9 @@ class ImageSelfSupervision(nn.Module):
             raise ConfigError(f"loss.image_ssl_images must be 0 (all) or positive, got {images}")
         if temperature <= 0:
             raise ConfigError(f"loss.image_ssl_temperature must be positive, got {temperature}")
-        self.weight, self.images, self.temperature = weight, images, temperature
+        if warmup_steps < 0:
+            raise ConfigError(f"loss.image_ssl_warmup_steps must not be negative, got {warmup_steps}")
+        self.weight, self.images, self.temperature, self.warmup_steps = weight, images, temperature, warmup_steps
         self.head = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(),
                                   nn.Linear(hidden_dim, out_dim))
 
@@ -94,8 +99,14 @@ class ImageSelfSupervision(nn.Module):
         count = len(pixels) if self.images == 0 else min(self.images, len(pixels))
         return second_view(pixels[:count])
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """(n, D) features of n images and (n, D) of their second views -> the weighted 0-d loss."""
+    def weight_at(self, step: int | None) -> float:
+        """The term's weight at optimiser step `step` (1-based; None: the full weight)."""
+        if step is None or self.warmup_steps == 0:
+            return self.weight
+        return self.weight * min(1.0, step / self.warmup_steps)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """(n, D) features of n images and (n, D) of their second views -> the 0-d loss, weighted as at `step`."""
         if first.shape != second.shape or len(first) < 2:
             raise ValueError(f"need matching features of at least 2 images, got {tuple(first.shape)} and "
                              f"{tuple(second.shape)}")
@@ -103,4 +114,4 @@ class ImageSelfSupervision(nn.Module):
         b = F.normalize(self.head(second.float()), dim=-1)
         logits = a @ b.T / self.temperature  # (n, n): image i against every second view
         target = torch.arange(len(a), device=a.device)
-        return self.weight * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return self.weight_at(step) * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

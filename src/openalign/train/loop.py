@@ -113,14 +113,15 @@ class Stepper:
         return image_features.float(), text_features.float()
 
     def step(self, batch: dict, step_number: int) -> StepResult:
-        """One optimiser step on `batch`; `step_number` (1-based) only names the step in messages."""
+        """One optimiser step on `batch`; `step_number` (1-based) names the step in messages and sets the
+        image term's weight while it warms up."""
         if self._saved_buffers:
             torch._foreach_copy_(self._saved_buffers, self.norm_buffers)
         tensors = self.to_device(batch)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         image_ssl_loss = None
         if self.accumulation == 1:
-            loss, image_ssl_loss = self._loss(tensors)
+            loss, image_ssl_loss = self._loss(tensors, step_number)
             self.scaler.scale(loss).backward()
             loss = loss.detach()
         else:
@@ -159,7 +160,8 @@ class Stepper:
         return StepResult(float(loss), float(plain_norm), skipped,
                           None if image_ssl_loss is None else float(image_ssl_loss))
 
-    def _loss(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _loss(self, tensors: tuple[torch.Tensor, ...], step_number: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the loss of a whole batch, its self-supervised part or None). With the image term on, the second
         views ride in the same image-tower forward as the batch (one forward per step, as DDP expects)."""
         if self.image_ssl is None:
@@ -170,7 +172,7 @@ class Stepper:
         both = torch.cat([pixels, views]).contiguous(memory_format=memory_format)
         image_features, text_features = self.encode((both, *tensors[1:]))  # (B + n, D), (B, D)
         first, second = image_features[:len(pixels)], image_features[len(pixels):]
-        image_ssl_loss = self.image_ssl(first[:len(second)], second)
+        image_ssl_loss = self.image_ssl(first[:len(second)], second, step_number)
         return self.loss_fn(first, text_features) + image_ssl_loss, image_ssl_loss.detach()
 
     def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:
