@@ -7,6 +7,7 @@ that finds the right colour, and a checkpoint that openalign and transformers bo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -47,6 +48,7 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
     assert set(METRIC_KEYS) | {"chance", "minutes"} <= set(metrics)
     assert set(METRIC_KEYS) <= set(metrics["chance"])
     assert metrics["training"]["steps"] == 150 and metrics["training"]["stop_reason"] == "finished"
+    assert metrics["config"]["image_ssl_weight"] == 0.0  # the default turns the image term off in so short a run
     for key in METRIC_KEYS:
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
     for name in ("model", "plots", "heatmap.png", "report.md", "metrics.json"):
@@ -193,6 +195,10 @@ def test_the_image_term_reaches_the_training_config_and_the_step_probe_pays_for_
     train_config = training_config(config, out / "filtered" / "manifest.jsonl", out / "tokenizer",
                                    out / "model_config.json", out / "probe-run", total_steps=1, minutes=1.0)
     assert (train_config.loss.image_ssl_weight, train_config.loss.image_ssl_images) == (0.5, 16)
+    longer = training_config(dataclasses.replace(config, image_ssl_warmup=0.25), out / "filtered" / "manifest.jsonl",
+                             out / "tokenizer", out / "model_config.json", out / "probe-run", total_steps=200,
+                             minutes=1.0)
+    assert longer.loss.image_ssl_warmup_steps == 50  # a quarter of the run's steps
     views = []
     original = ImageSelfSupervision.second_views
     monkeypatch.setattr(ImageSelfSupervision, "second_views",
@@ -200,6 +206,25 @@ def test_the_image_term_reaches_the_training_config_and_the_step_probe_pays_for_
     model_config = AlignConfig.from_json_file(out / "model_config.json")
     measure_step_seconds(model_config, train_config, AlignTokenizer.from_pretrained(out / "tokenizer"), batches=2)
     assert views == [32] * 4  # every timed step (two warm-up, two measured) made its second views
+
+
+def test_the_image_term_is_on_by_default_only_in_runs_long_enough_for_it(tmp_path):
+    from openalign.demo.pipeline import IMAGE_SSL_MIN_STEPS, IMAGE_SSL_WEIGHT, image_ssl_weight_for, training_config
+
+    default = DemoConfig()
+    assert image_ssl_weight_for(default, IMAGE_SSL_MIN_STEPS - 1) == 0.0
+    assert image_ssl_weight_for(default, IMAGE_SSL_MIN_STEPS) == IMAGE_SSL_WEIGHT > 0
+    assert image_ssl_weight_for(DemoConfig(image_ssl_weight=0.2), 10) == 0.2  # a given weight always holds
+    assert image_ssl_weight_for(DemoConfig(image_ssl_weight=0.0), 10**6) == 0.0
+
+    def loss_section(total_steps):
+        return training_config(default, tmp_path / "manifest.jsonl", tmp_path / "tokenizer", tmp_path / "model.json",
+                               tmp_path / "run", total_steps=total_steps, minutes=10.0).loss
+
+    long_run, short_run = loss_section(1000), loss_section(200)
+    assert (long_run.image_ssl_weight, long_run.image_ssl_images, long_run.image_ssl_warmup_steps) == (
+        IMAGE_SSL_WEIGHT, default.batch_size // 2, round(default.image_ssl_warmup * 1000))
+    assert short_run.image_ssl_weight == 0.0
 
 
 def test_composition_figures_tell_an_additive_image_tower_from_an_entangled_one():

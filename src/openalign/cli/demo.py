@@ -13,7 +13,7 @@ from openalign.cli._common import reports_errors
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
     from openalign.cli.data import add_rendering_arguments
-    from openalign.demo.pipeline import DemoConfig
+    from openalign.demo.pipeline import IMAGE_SSL_MIN_STEPS, IMAGE_SSL_WEIGHT, DemoConfig
     from openalign.train.config import DataSection
 
     defaults = DemoConfig()
@@ -45,11 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"training batch (default {defaults.batch_size})")
     parser.add_argument("--image-ssl-weight", type=float, default=defaults.image_ssl_weight,
                         help="weight of the label-free image term beside the contrastive loss (loss.image_ssl_weight:"
-                             " each image against a colour-scrambled view of itself; 0: off; "
-                             f"default {defaults.image_ssl_weight})")
+                             " each image against a colour-scrambled view of itself; 0: off; default: "
+                             f"{IMAGE_SSL_WEIGHT} in runs of at least {IMAGE_SSL_MIN_STEPS} steps, off in shorter "
+                             "ones)")
     parser.add_argument("--image-ssl-images", type=int, default=defaults.image_ssl_images,
-                        help="images per batch that get a second view for that term (0: all; "
-                             f"default {defaults.image_ssl_images})")
+                        help="images per batch that get a second view for that term (0: all; default: half the "
+                             "batch)")
+    parser.add_argument("--image-ssl-warmup", type=float, default=defaults.image_ssl_warmup,
+                        help="fraction of the training steps over which that term's weight rises from 0 "
+                             f"(default {defaults.image_ssl_warmup})")
     data = DataSection()
     parser.add_argument("--group-by", choices=["colour", "shape", "none"], default="none",
                         help="hard-negative batches (data.group_by): runs of --group-size pairs sharing this "
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         colour_background_rate=args.colour_background_rate,
         workers=args.threads, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size, image_ssl_weight=args.image_ssl_weight,
-        image_ssl_images=args.image_ssl_images,
+        image_ssl_images=args.image_ssl_images, image_ssl_warmup=args.image_ssl_warmup,
         train_overrides={} if args.group_by == "none" else {
             "data.group_by": args.group_by, "data.group_size": args.group_size,
             "data.group_fraction": args.group_fraction, "data.group_from_epoch": args.group_from_epoch},
