@@ -97,7 +97,6 @@ class _SoftmaxContrastiveLoss(nn.Module):
         loss_text = F.cross_entropy(logits_per_text, labels, label_smoothing=self.label_smoothing)
         return (loss_image + loss_text) / 2
 
-
     def weight_hard_negatives(self, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Importance-weight each row's negatives by their similarity (hard-negative NCE, Radenovic et al. 2023):
         negative j of row i counts w_ij = (N - 1) * softmax_j(beta * cos_ij) times in the softmax's denominator,
