@@ -28,7 +28,7 @@ COLUMNS = (("colour_accuracy", "colour"), ("shape_accuracy", "shape (pair)"),
 
 def run_grid(out_dir: Path, minutes: float, noise_rates, n: int, heldout_n: int, seed: int,
              partial_caption_rate: float, threads: int, steps: int | None = None,
-             demo_overrides: dict | None = None) -> list[dict]:
+             demo_overrides: dict | None = None, axis: str = "noise") -> list[dict]:
     """One demo per (noise rate, filter on/off); returns a row per run with its figures and data counts.
     With `steps`, every run trains exactly that many steps (`minutes` is then only a cap), so that runs stay
     comparable when other processes slow some of them down. `demo_overrides`: further DemoConfig fields
@@ -39,19 +39,26 @@ def run_grid(out_dir: Path, minutes: float, noise_rates, n: int, heldout_n: int,
     rows = []
     for noise_rate in noise_rates:
         for use_filter in (False, True):
-            name = f"noise{round(100 * noise_rate):02d}-{'filtered' if use_filter else 'unfiltered'}"
-            config = DemoConfig(out_dir=str(out_dir / name), minutes=minutes, n=n, heldout_n=heldout_n, seed=seed,
-                                filter=use_filter, noise_rate=noise_rate, partial_caption_rate=partial_caption_rate,
-                                workers=threads, progress=False, steps=steps, **extra)
+            rate = {"noise_rate" if axis == "noise" else "mismatch_rate": noise_rate}
+            config = DemoConfig(out_dir=str(out_dir / run_name(axis, noise_rate, use_filter)), minutes=minutes, n=n,
+                                heldout_n=heldout_n, seed=seed, filter=use_filter,
+                                partial_caption_rate=partial_caption_rate, workers=threads, progress=False,
+                                steps=steps, **rate, **extra)
             started = time.monotonic()
             metrics = run_demo(config).metrics
-            row = {"noise_rate": noise_rate, "filter": use_filter, "seconds": time.monotonic() - started,
+            row = {"axis": axis, "noise_rate": noise_rate, "filter": use_filter,
+                   "noise_counts": metrics["data"]["noise_counts"], "seconds": time.monotonic() - started,
                    "train_pairs": metrics["data"]["kept_after_filter"], "steps": metrics["training"]["steps"],
                    "samples_per_s": metrics["training"]["samples_per_s"],
                    **{key: metrics[key] for key, _ in COLUMNS}}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def run_name(axis: str, rate: float, use_filter: bool) -> str:
+    """The folder of one run: noise20-filtered, mismatch50-unfiltered, ..."""
+    return f"{axis}{round(100 * rate):02d}-{'filtered' if use_filter else 'unfiltered'}"
 
 
 def reevaluate(rows: list[dict], out_dir: Path) -> list[dict]:
@@ -62,7 +69,7 @@ def reevaluate(rows: list[dict], out_dir: Path) -> list[dict]:
 
     updated = []
     for row in rows:
-        run = out_dir / f"noise{round(100 * row['noise_rate']):02d}-{'filtered' if row['filter'] else 'unfiltered'}"
+        run = out_dir / run_name(row.get("axis", "noise"), row["noise_rate"], row["filter"])
         summary = json.loads((run / "data" / "dataset.json").read_text())
         heldout = evaluate.read_rows(run / "data" / "heldout" / "manifest.jsonl")
         encoders = load_encoders(run / "model", device="cpu", batch_size=64, optimize=False)
@@ -73,7 +80,8 @@ def reevaluate(rows: list[dict], out_dir: Path) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """The grid as a markdown table, one row per run."""
-    header = "| noise | filters | pairs trained on | steps | " + " | ".join(label for _, label in COLUMNS) + " |"
+    axis = rows[0].get("axis", "noise") if rows else "noise"
+    header = f"| {axis} | filters | pairs trained on | steps | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (4 + len(COLUMNS))]
     for row in rows:
         cells = [f"{row['noise_rate']:.0%}", "on" if row["filter"] else "off", str(row["train_pairs"]),
@@ -88,6 +96,10 @@ def main() -> None:
     parser.add_argument("--out", default="demo-experiment", help="folder for the runs")
     parser.add_argument("--minutes", type=float, default=3.0, help="time budget of each run (whole demo)")
     parser.add_argument("--noise-rates", type=float, nargs="+", default=[0.0, 0.2, 0.5])
+    parser.add_argument("--axis", choices=("noise", "mismatch"), default="noise",
+                        help="what --noise-rates set: the share of all seven noise kinds in their default "
+                             "proportions (noise), or of mismatched captions alone, the other kinds at the "
+                             "generator's defaults (mismatch)")
     parser.add_argument("--n", type=int, default=12_000, help="training pairs generated per run")
     parser.add_argument("--heldout-n", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +129,7 @@ def main() -> None:
         rows = run_grid(Path(args.out), args.minutes, args.noise_rates, args.n, args.heldout_n, args.seed,
                         args.partial_caption_rate, args.threads, args.steps,
                         {name: getattr(args, name) for name in ("grayscale_rate", "colour_background_rate")
-                         if getattr(args, name) is not None})
+                         if getattr(args, name) is not None}, axis=args.axis)
     print()
     budget = f"{args.steps} steps of 256" if args.steps else f"{args.minutes:g} minutes (whole demo)"
     if not args.reevaluate:
