@@ -193,10 +193,9 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     from torch import nn
 
     from openalign.data import sources
-    from openalign.losses import build_loss
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
-    from openalign.train.builders import build_loaders
+    from openalign.train.builders import build_contrastive_loss, build_loaders
     from openalign.train.image_ssl import build_image_ssl
     from openalign.train.loop import DualEncoderFeatures, Stepper
 
@@ -219,7 +218,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
     holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
     optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
-    loss_module = build_loss("align", normalize=True, hard_negative_beta=train_config.loss.hard_negative_beta)
+    loss_module = build_contrastive_loss(train_config.loss, model_config.temperature_init_value)
     stepper = Stepper(
         features=DualEncoderFeatures(model),
         loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,

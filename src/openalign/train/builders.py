@@ -4,6 +4,7 @@ optionally started from their own checkpoints), and the resumable train / valida
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ from openalign.checkpoint import load_into, read_config, read_state_dict, resolv
 from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
 from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
 from openalign.errors import CheckpointError, ConfigError
+from openalign.losses import build_loss
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.processing.tokenizer import AlignTokenizer
-from openalign.train.config import TrainConfig
+from openalign.train.config import LossSection, TrainConfig
 
 
 def _read_align_config(path: str) -> AlignConfig:
@@ -80,6 +82,18 @@ def build_model(config: TrainConfig, vocab_size: int | None = None) -> AlignMode
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but the text tower only {model_vocab} "
                           "embeddings; use a matching data.tokenizer or model")
     return model
+
+
+def build_contrastive_loss(loss: LossSection, temperature: float) -> torch.nn.Module:
+    """The contrastive loss a config's loss section names. `temperature` is the model's starting one: clip's
+    loss owns its scale and starts it there; align's takes the model's temperature at every call."""
+    kwargs: dict = {"normalize": True}
+    if loss.name != "siglip":
+        kwargs.update(label_smoothing=loss.label_smoothing, gather_with_grad=loss.gather_with_grad,
+                      local_loss=loss.local_loss, hard_negative_beta=loss.hard_negative_beta)
+    if loss.name == "clip":
+        kwargs["logit_scale_init"] = -math.log(temperature)
+    return build_loss(loss.name, **kwargs)
 
 
 def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:

@@ -8,7 +8,6 @@ run continues the same sequence of batches, dropout masks and updates as a run n
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,11 +31,10 @@ from openalign.distributed import (
     wrap_model,
 )
 from openalign.errors import CheckpointError, ConfigError
-from openalign.losses import build_loss
 from openalign.models.align import AlignModel
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train import checkpointing
-from openalign.train.builders import build_loaders, build_model
+from openalign.train.builders import build_contrastive_loss, build_loaders, build_model
 from openalign.train.config import TrainConfig
 from openalign.train.ema import ModelEma
 from openalign.train.image_ssl import build_image_ssl
@@ -195,13 +193,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         model.vision_model.to(memory_format=torch.channels_last)
 
     loss_name = config.loss.name
-    loss_kwargs: dict[str, Any] = {"normalize": True}
-    if loss_name != "siglip":
-        loss_kwargs.update(label_smoothing=config.loss.label_smoothing, gather_with_grad=config.loss.gather_with_grad,
-                           local_loss=config.loss.local_loss, hard_negative_beta=config.loss.hard_negative_beta)
-    if loss_name == "clip":
-        loss_kwargs["logit_scale_init"] = -math.log(float(model.temperature.detach()))
-    loss_module = build_loss(loss_name, **loss_kwargs).to(device)
+    loss_module = build_contrastive_loss(config.loss, float(model.temperature.detach())).to(device)
     if loss_name == "align":
         loss_parameters = [model.temperature] if model.temperature.requires_grad else []
         outside_parameters = []
