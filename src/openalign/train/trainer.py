@@ -310,21 +310,16 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
             temperature = temperature_of(loss_name, model, loss_module)
             if step % run.log_every == 0 or checkpoint_now:
                 elapsed = time.monotonic() - window["start"]
-                losses = window["losses"]
                 last_record = {
                     "step": step, "epoch": train_loader.epoch,
-                    # Each rank's loss covers its rows of the global batch; their mean is the global loss.
-                    "loss": _sum_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world_size)
-                    / world_size,
+                    "loss": _window_mean(window["losses"], world_size),
                     "temperature": temperature, "lr": learning_rate, "grad_norm": result.grad_norm,
                     "samples_per_s": global_batch * window["steps"] / max(elapsed, 1e-9),
                     "skipped_samples": int(_sum_over_ranks(sum(train_loader.skipped.values()), world_size)),
                     "skipped_steps": skipped_steps, "elapsed_s": time.monotonic() - start_time,
                 }
                 if image_ssl is not None:  # its share of `loss`, averaged like it
-                    ssl_losses = window["ssl_losses"]
-                    last_record["image_ssl_loss"] = _sum_over_ranks(
-                        sum(ssl_losses) / len(ssl_losses) if ssl_losses else float("nan"), world_size) / world_size
+                    last_record["image_ssl_loss"] = _window_mean(window["ssl_losses"], world_size)
                 log.write(last_record)
                 progress.update(window["steps"], loss=last_record["loss"], temp=temperature,
                                 samples_s=last_record["samples_per_s"])
@@ -364,6 +359,12 @@ def _agree(flag: bool, world_size: int) -> bool:
     value = torch.tensor([float(flag)], device=world_info().device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def _window_mean(values: list[float], world_size: int) -> float:
+    """The mean over the logging window's steps (NaN for none) and over ranks: each rank's loss covers its rows
+    of the global batch, so the mean of the ranks' losses is the global loss."""
+    return _sum_over_ranks(sum(values) / len(values) if values else float("nan"), world_size) / world_size
 
 
 def _sum_over_ranks(value: float, world_size: int) -> float:
