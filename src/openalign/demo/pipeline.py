@@ -337,10 +337,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
             return seconds, planned_steps(seconds_left(), seconds, kept // config.batch_size,
                                           cached=probe_config.data.cache_images)
 
-        weight = IMAGE_SSL_WEIGHT if config.image_ssl_weight is None else config.image_ssl_weight
+        weight = image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS)  # the weight of a run long enough for it
         step_seconds, total_steps = probe_and_plan(weight)
-        if config.image_ssl_weight is None and total_steps < IMAGE_SSL_MIN_STEPS:  # too short for the term
-            weight = 0.0
+        if image_ssl_weight_for(config, total_steps) != weight:  # too short a run for the term: time it without
+            weight = image_ssl_weight_for(config, total_steps)
             step_seconds, total_steps = probe_and_plan(weight)
         timings["throughput_probe"] = time.monotonic() - measure_started
     else:
