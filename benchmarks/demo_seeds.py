@@ -121,6 +121,7 @@ def launch(spec: dict, deadline: float) -> dict:
     metrics = json.loads(metrics_path.read_text())
     row.update({key: metrics[key] for key, _ in FIGURES})
     row["seen_shape"] = metrics.get("seen_pairs", {}).get("shape_accuracy")
+    row["bayes_ceiling"] = metrics.get("bayes_ceiling")  # the best retrieval any model can expect
     row["steps"] = metrics["training"]["steps"]
     return row
 

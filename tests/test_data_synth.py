@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -265,3 +266,38 @@ def test_seen_split_holds_clean_training_combinations_on_new_images(tmp_path):
 ])
 def test_templates_get_the_article_of_the_word_after_it(template, fields, expected):
     assert captions.fill_template(template, **fields) == expected
+
+
+def test_rows_carry_the_attributes_their_captions_were_drawn_from(generated):
+    out, _, _ = generated
+    rows = read_rows(out / "train" / "manifest.jsonl") + read_rows(out / "heldout" / "manifest.jsonl")
+    clean = [row for row in rows if row["noise"] in ("clean", "undersized", "extreme_aspect")]
+    assert len(clean) > 300
+    for row in rows:
+        assert row["size"] in ("small", "medium", "large") and row["background"] in ("light", "mid", "dark")
+        assert (row["position"] is None) == (row["count"] > 1), row
+    for row in clean:  # the caption is one the generator could have written for exactly these attributes
+        attributes = (row["colour"], row["shape"], row["count"], row["size"], row["position"], row["background"])
+        assert row["caption"] in captions.clean_caption_distribution(*attributes), row
+    # A caption that names a size fits no other size: the recorded size is the drawn one.
+    sized = [row for row in clean if any(f" {word} " in f" {row['caption']} " for words in
+                                         captions.SIZE_WORDS.values() for word in words)]
+    assert len(sized) > 30
+    for row in sized:
+        for other in {"small", "medium", "large"} - {row["size"]}:
+            attributes = (row["colour"], row["shape"], row["count"], other, row["position"], row["background"])
+            assert row["caption"] not in captions.clean_caption_distribution(*attributes)
+
+
+@pytest.mark.parametrize("attributes", [("blue", "circle", 1, "large", "right", "dark"),
+                                        ("red", "cross", 2, "small", None, "mid")])
+def test_caption_distribution_is_the_samplers(attributes):
+    distribution = captions.clean_caption_distribution(*attributes)
+    assert sum(distribution.values()) == pytest.approx(1.0)
+    colour, shape, count, size, position, background = attributes
+    draws = 30_000
+    counts = Counter(captions.clean_caption(random.Random(f"draw:{i}"), colour, shape, count, size,
+                                            position or "center", background) for i in range(draws))
+    assert set(counts) <= set(distribution)
+    for caption, probability in distribution.items():  # within 5 standard errors of its probability
+        assert abs(counts[caption] / draws - probability) <= 5 * (probability * (1 - probability) / draws) ** 0.5 + 1e-4

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from openalign.data import captions
 from openalign.demo import evaluate
 from openalign.demo.pipeline import DemoConfig
 
@@ -45,7 +46,10 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
                  "model/preprocessor_config.json", "plots/loss.png", "heatmap.png", "report.md", "metrics.json"):
         assert (out / name).is_file(), name
-    assert set(METRIC_KEYS) | {"chance", "minutes"} <= set(metrics)
+    assert set(METRIC_KEYS) | {"chance", "minutes", "bayes_ceiling"} <= set(metrics)
+    for key in METRIC_KEYS[4:]:  # retrieval: chance < best possible <= the identical-caption ceiling
+        assert metrics["chance"][key] < metrics["bayes_ceiling"][key] <= metrics["ceiling"][key] + 1e-9
+        assert f"{metrics['bayes_ceiling'][key]:.3f} |" in (out / "report.md").read_text()
     assert set(METRIC_KEYS) <= set(metrics["chance"])
     assert metrics["training"]["steps"] == 150 and metrics["training"]["stop_reason"] == "finished"
     assert metrics["config"]["image_ssl_weight"] == 0.0  # the default turns the image term off in so short a run
@@ -139,6 +143,57 @@ def test_recall_ceilings_count_identical_captions():
     assert ceilings["text_to_image_r1"] == pytest.approx((10 * 0.1 + 2 * 0.5 + 1) / 13)
     assert ceilings["text_to_image_r5"] == pytest.approx((10 * 0.5 + 2 * 1 + 1) / 13)
     assert ceilings["image_to_text_r5"] == 1.0
+
+
+def test_expected_recall_is_random_tie_breaking_by_brute_force():
+    generator = np.random.default_rng(0)
+    scores = generator.integers(0, 4, size=(30, 12)).astype(np.float64)  # many ties
+    own = generator.integers(0, 12, size=30)
+    exempt = generator.random((30, 12)) < 0.2
+    trials, hits = 4000, {1: 0.0, 5: 0.0}
+    for _ in range(trials):  # break ties by a random jitter; exempt candidates never outrank the right one
+        jittered = np.where(exempt, -np.inf, scores + generator.random(scores.shape) * 1e-3)
+        jittered[np.arange(30), own] = scores[np.arange(30), own] + generator.random(30) * 1e-3
+        ranks = 1 + (jittered > jittered[np.arange(30), own][:, None]).sum(1)
+        for k in hits:
+            hits[k] += np.mean(ranks <= k) / trials
+    for k, simulated in hits.items():
+        assert evaluate.expected_recall(scores, own, k, exempt=exempt) == pytest.approx(simulated, abs=0.01)
+
+
+def _row(caption, colour, shape, size, position, background, count=1):
+    return {"caption": caption, "colour": colour, "shape": shape, "count": count, "size": size,
+            "position": position, "background": background}
+
+
+def test_bayes_ceiling_of_a_gallery_worked_out_by_hand():
+    rows = [_row("a blue circle", "blue", "circle", "large", "right", "dark"),
+            _row("a small blue circle", "blue", "circle", "small", "left", "light"),
+            _row("a red square", "red", "square", "medium", "center", "mid"),
+            _row("a blue circle", "blue", "circle", "medium", "top", "mid")]
+    bayes = evaluate.bayes_retrieval(rows, gallery_size=4)
+    # Text -> image: "a blue circle" fits the three blue circles equally (1/3 at rank 1, twice); the others
+    # fit only their own image.
+    assert bayes["text_to_image_r1"] == pytest.approx((1 / 3 + 1 + 1 + 1 / 3) / 4)
+    assert bayes["text_to_image_r5"] == pytest.approx(1.0)
+    # Image -> text: the small circle's own caption came from it for sure, while "a blue circle" may have come
+    # from any blue circle, so the specific caption ranks first although the generic one is likelier under
+    # the image (one template of 13 with canonical words, against the same times a 1-in-3 size word).
+    assert bayes["image_to_text_r1"] == pytest.approx(1.0)
+    generic = captions.clean_caption_distribution("blue", "circle", 1, "small", "left", "light")
+    assert generic["a blue circle"] == pytest.approx(0.6 * 0.6 / 13)
+    assert generic["a small blue circle"] == pytest.approx(0.6 * 0.6 / 13 / 3)
+    # Without the identical caption of row 3 exempt, image 0 would tie with it at rank 1.
+    assert evaluate.expected_recall(np.array([[0.5, 0.0, 0.0, 0.5]]), np.array([0]), 1) == pytest.approx(0.5)
+
+
+def test_bayes_ceiling_needs_the_attributes_and_a_caption_they_could_produce():
+    rows = [_row("a blue circle", "blue", "circle", "large", "right", "dark"),
+            _row("a red square", "red", "square", "medium", "center", "mid")]
+    assert evaluate.bayes_retrieval(rows, gallery_size=2)["text_to_image_r1"] == pytest.approx(1.0)
+    assert evaluate.bayes_retrieval([{k: v for k, v in rows[0].items() if k != "size"}, rows[1]]) is None
+    assert evaluate.bayes_retrieval([{**rows[0], "colour": None}, rows[1]]) is None  # a grey image
+    assert evaluate.bayes_retrieval([{**rows[0], "caption": "click to enlarge"}, rows[1]]) is None
 
 
 def test_prompt_templates_come_from_the_caption_templates():

@@ -7,6 +7,7 @@ learn both from the text. The canonical word is drawn most often, because evalua
 
 from __future__ import annotations
 
+import itertools
 import random
 
 # Canonical word first; it is drawn with probability CANONICAL_WEIGHT, the synonyms share the rest.
@@ -113,12 +114,41 @@ def _caption_fields(rng: random.Random, colour: str, shape: str, count: int, siz
     }
 
 
-def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str,
+def clean_caption(rng: random.Random, colour: str, shape: str, count: int, size: str, position: str | None,
                   background: str) -> str:
     """A caption that names the colour and shape of the image's objects (and sometimes count, size,
-    position or background)."""
+    position or background). `clean_caption_distribution` gives the probability of every string it returns."""
     fields = _caption_fields(rng, colour, shape, count, size, position, background)
     return fill_template(rng.choice(MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES), **fields)
+
+
+def _synonym_probabilities(words: list) -> list[tuple]:
+    """(word, probability) for each word as `pick_synonym` draws them."""
+    if len(words) == 1:
+        return [(words[0], 1.0)]
+    other = (1.0 - CANONICAL_WEIGHT) / (len(words) - 1)
+    return [(words[0], CANONICAL_WEIGHT)] + [(word, other) for word in words[1:]]
+
+
+def clean_caption_distribution(colour: str, shape: str, count: int, size: str, position: str | None,
+                               background: str) -> dict[str, float]:
+    """Every string `clean_caption` can return for an image with these attributes, with its probability
+    (summing to 1). Different draws can give the same string (a template without the size word does not care
+    which size word was drawn); their probabilities add up. This is the generator's own caption model, so it
+    tells how well any model could match captions to images (`openalign.demo.evaluate.bayes_retrieval`)."""
+    templates = MULTI_TEMPLATES if count > 1 else SINGLE_TEMPLATES
+    sizes, backgrounds = SIZE_WORDS[size], BACKGROUND_WORDS[background]
+    words = {"count": COUNT_WORDS.get(count, str(count)),  # no multi-object template names a position
+             "position": POSITION_WORDS[position] if count == 1 else ""}
+    distribution: dict[str, float] = {}
+    for (colour_word, p_colour), ((singular, plural), p_shape) in itertools.product(
+            _synonym_probabilities(COLOUR_WORDS[colour]), _synonym_probabilities(SHAPE_WORDS[shape])):
+        for size_word, background_word, template in itertools.product(sizes, backgrounds, templates):
+            caption = fill_template(template, colour=colour_word, shape=singular, shapes=plural, size=size_word,
+                                    background=background_word, **words)
+            probability = p_colour * p_shape / (len(sizes) * len(backgrounds) * len(templates))
+            distribution[caption] = distribution.get(caption, 0.0) + probability
+    return distribution
 
 
 # Alt-text often names only part of what it shows. Colour-only templates say "object" or "thing", never a shape.

@@ -8,7 +8,8 @@ Layout written under `out_dir`:
     shards/{train,heldout}-*.tar                  the same records as WebDataset shards (optional)
     dataset.json                                  config, colours, shapes, held-out pairs, noise counts
 
-Each manifest row carries the ground truth (`colour`, `shape`, `count`, `noise`, `split`) so evaluation knows
+Each manifest row carries the ground truth (`colour`, `shape`, `count`, `size`, `position`, `background`,
+`noise`, `split`; `position` is None where several objects are spread across the image) so evaluation knows
 the answers; for a `mismatch` row the caption describes another colour-shape pair than the image.
 
 Every record draws from its own generator seeded by (seed, split, index), so the output is byte-identical for
@@ -299,7 +300,9 @@ def make_record(seed: int, split: str, index: int, pair: tuple[str, str], noise:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=config.jpeg_quality)
     row = {"key": f"{split}-{index:08d}", "caption": caption, "colour": colour, "shape": shape,
-           "count": count, "noise": noise, "split": split, "width": width, "height": height}
+           "count": count, "size": size, "position": position if count == 1 else None,
+           "background": background, "noise": noise,
+           "split": split, "width": width, "height": height}
     if background_colour is not None:
         row["background_colour"] = background_colour
     return row, buffer.getvalue()

@@ -128,14 +128,19 @@ def retrieval_figures(image_embeds: torch.Tensor, texts: Sequence[str], encode_t
             for direction in ("image_to_text", "text_to_image") for k in RECALL_KS}
 
 
+def gallery_bounds(count: int, gallery_size: int = GALLERY_SIZE) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive galleries of `gallery_size` rows; a last, smaller one joins the one before."""
+    starts = list(range(0, count, gallery_size))
+    if len(starts) > 1 and count - starts[-1] < gallery_size:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [count]))
+
+
 def gallery_retrieval(image_embeds: torch.Tensor, texts: Sequence[str], encode_texts,
                       gallery_size: int = GALLERY_SIZE) -> tuple[dict, dict]:
     """(recall, ceiling): retrieval figures and their ceilings averaged over consecutive galleries of
     `gallery_size` pairs (a last, smaller gallery is merged into the one before it)."""
-    starts = list(range(0, len(texts), gallery_size))
-    if len(starts) > 1 and len(texts) - starts[-1] < gallery_size:
-        starts.pop()
-    bounds = list(zip(starts, starts[1:] + [len(texts)]))
+    bounds = gallery_bounds(len(texts), gallery_size)
     recalls = [retrieval_figures(image_embeds[a:b], texts[a:b], encode_texts) for a, b in bounds]
     ceilings = [recall_ceilings(texts[a:b]) for a, b in bounds]
     weights = np.array([b - a for a, b in bounds], dtype=np.float64)
@@ -144,6 +149,67 @@ def gallery_retrieval(image_embeds: torch.Tensor, texts: Sequence[str], encode_t
         return {key: float(np.average([part[key] for part in parts], weights=weights)) for key in parts[0]}
 
     return average(recalls), average(ceilings)
+
+
+def expected_recall(scores: np.ndarray, own: np.ndarray, k: int, exempt: np.ndarray | None = None) -> float:
+    """Mean over queries (rows of `scores`, (Q, C)) of the probability that candidate `own[q]` is among the top
+    k when candidates of equal score are put in random order. Candidates marked in `exempt` ((Q, C) bool,
+    e.g. captions identical to the right one: the optimistic tie rule of openalign.eval.retrieval) never push
+    it down."""
+    rows = np.arange(len(scores))
+    right = scores[rows, own][:, None]  # (Q, 1)
+    rivals = np.ones(scores.shape, dtype=bool) if exempt is None else ~exempt
+    rivals[rows, own] = False
+    tolerance = 1e-9 * np.abs(right)  # equal probabilities summed in another order differ in the last bits
+    better = ((scores > right + tolerance) & rivals).sum(1)
+    equal = ((np.abs(scores - right) <= tolerance) & rivals).sum(1)
+    return float(np.mean(np.clip((k - better) / (equal + 1), 0.0, 1.0)))
+
+
+ATTRIBUTES = ("colour", "shape", "count", "size", "position", "background")
+
+
+def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> dict | None:
+    """The best expected retrieval figures any model can reach on these galleries: those of a model that sees
+    every image's true attributes (colour, shape, count, size, position, background) and knows the generator's
+    caption model (`captions.clean_caption_distribution`), ties among equally likely candidates broken at
+    random. None unless every row carries those attributes and a clean caption drawn from them.
+
+    Why the identical-caption ceiling (`recall_ceilings`) is not enough: captions say little ("a photo of a
+    blue circle"), so in a gallery of held-out images (ten colour-shape pairs, ten images each) several
+    different captions fit an image equally well, and several images fit a caption. Text -> image ranks images
+    by the caption's likelihood under each image's attributes, the posterior of which image it came from.
+    Image -> text ranks each caption by the posterior that this image is the one it came from: its likelihood
+    under the image over the sum of its likelihoods under all the gallery's images (a specific caption that
+    fits the image outranks a generic one that fits every image of the pair)."""
+    if not rows or any(row.get("colour") is None or any(key not in row for key in ATTRIBUTES) for row in rows):
+        return None
+    cache: dict[tuple, dict[str, float]] = {}
+    texts = [row["caption"] for row in rows]
+    sums: dict[str, float] = {}
+    for start, stop in gallery_bounds(len(rows), gallery_size):
+        models = []
+        for row in rows[start:stop]:
+            attributes = tuple(row[key] for key in ATTRIBUTES)
+            if attributes not in cache:
+                cache[attributes] = captions.clean_caption_distribution(*attributes)
+            models.append(cache[attributes])
+        gallery = texts[start:stop]
+        likelihood = np.array([[model.get(text, 0.0) for text in gallery] for model in models])  # (image, text)
+        own = np.arange(len(gallery))
+        if not likelihood[own, own].all():  # a caption its own image's attributes could not have produced
+            return None
+        identical = np.array(gallery)[:, None] == np.array(gallery)[None, :]
+        weight = len(gallery)
+        for k in RECALL_KS:
+            figures = {
+                f"image_to_text_r{k}": expected_recall(likelihood / likelihood.sum(0, keepdims=True), own, k,
+                                                       exempt=identical),
+                f"text_to_image_r{k}": expected_recall(likelihood.T, own, k),
+            }
+            for key, value in figures.items():
+                sums[key] = sums.get(key, 0.0) + weight * value
+    return {key: value / len(rows) for key, value in sums.items()}
 
 
 def chance_levels(gallery: int, colours: Sequence[str], shapes: Sequence[str]) -> dict:
@@ -183,6 +249,9 @@ def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summar
     figures["chance"].update({f"full_gallery_{key}": value for key, value in
                               chance_levels(len(rows), colours, shapes).items() if key in full})
     figures["ceiling"] = ceilings
+    bayes = bayes_retrieval(rows, GALLERY_SIZE)
+    if bayes is not None:  # the best any model can do on these galleries (module docstring)
+        figures["bayes_ceiling"] = bayes
     figures["ceiling"].update({f"full_gallery_{key}": value for key, value in recall_ceilings(texts).items()})
     return figures
 

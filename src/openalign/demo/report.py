@@ -51,17 +51,22 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
 
 
 def _figure_rows(metrics: dict) -> list[str]:
-    """The figures table: held-out value, chance, ceiling, and (when measured) the value on seen pairs."""
+    """The figures table: held-out value, chance, the two ceilings of retrieval (identical captions; the best
+    any model can expect, from the generator's caption model), and (when measured) the value on seen pairs."""
     gallery = metrics["retrieval_gallery_size"]
     seen = metrics.get("seen_pairs")
-    lines = ["| figure | held-out | chance | ceiling |" + (" seen pairs |" if seen else ""),
-             "|---|---:|---:|---:|" + ("---:|" if seen else "")]
+    lines = ["| figure | held-out | chance | ceiling (identical captions) | best possible |"
+             + (" seen pairs |" if seen else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if seen else "")]
     rows = [*HEADLINE[:4], *((key, f"{label} ({gallery}-pair galleries)") for key, label in HEADLINE[4:]),
             *((key, f"{label} (all {metrics['data']['heldout_pairs']} held-out pairs)") for key, label in FULL_GALLERY)]
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.3f}"
+
     for key, label in rows:
-        ceiling = metrics.get("ceiling", {}).get(key)
         line = (f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
-                f"{'' if ceiling is None else f'{ceiling:.3f}'} |")
+                f"{cell(metrics.get('ceiling', {}).get(key))} | {cell((metrics.get('bayes_ceiling') or {}).get(key))} |")
         if seen:  # the full-gallery figure of the seen split has a gallery of another size: left blank
             line += f" {seen[key]:.3f} |" if not key.startswith("full_gallery") else " |"
         lines.append(line)
@@ -92,6 +97,9 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
         *([f"Seen pairs: {data['seen_pairs']} new images of training combinations, scored the same way; the gap "
            "between the two columns is what composition costs."] if metrics.get("seen_pairs") else []),
         *_composition_lines(metrics.get("composition")),
+        *(["", "Best possible: the expected recall of a model that sees each image's true attributes and ranks by "
+           "the generator's own caption probabilities. Captions leave out most attributes, so several fit an "
+           "image equally well; no model can expect more."] if metrics.get("bayes_ceiling") else []),
         "",
         "## Data", "",
         f"- {data['train_pairs']} training pairs generated; noise: "
