@@ -71,6 +71,9 @@ class DemoConfig:
     depth_coefficient: float = 0.5
     text_layers: int = 2
     text_width: int = 128
+    # Width of the image embedding, which is the image tower's last block (ALIGN has no image projection);
+    # None: EfficientNet's 320 channels scaled by width_coefficient (160 at half width).
+    embed_dim: int | None = None
     vocab_size: int = 1000
     max_length: int = 32
     batch_size: int = 256
@@ -117,6 +120,14 @@ class DemoConfig:
             depth_coefficient=self.depth_coefficient, drop_connect_rate=0.0,
             batch_norm_momentum=self.batch_norm_momentum,
         )
+        if self.embed_dim is not None:
+            # The stage table holds unscaled widths: the last stage's, before width scaling and rounding.
+            vision = vision.replace(out_channels=[*vision.out_channels[:-1],
+                                                  round(self.embed_dim / self.width_coefficient)])
+            if vision.output_channels != self.embed_dim:
+                raise ConfigError(f"embed_dim={self.embed_dim} is not reachable at width_coefficient="
+                                  f"{self.width_coefficient} (the last block gets {vision.output_channels} "
+                                  f"channels); use a multiple of {vision.depth_divisor}")
         vision = vision.replace(hidden_dim=vision.output_channels)
         text = AlignTextConfig(
             vocab_size=vocab_size, hidden_size=self.text_width, num_hidden_layers=self.text_layers,
