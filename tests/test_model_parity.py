@@ -159,3 +159,34 @@ def test_gradient_checkpointing_same_gradients(where):
     first_block_bn = model.vision_model.encoder.blocks[0].depthwise_conv.depthwise_norm
     assert first_block_bn.num_batches_tracked.item() == 2  # one plain step + one checkpointed step
     torch.testing.assert_close(model.vision_model.embeddings.batchnorm.running_mean, stats_after_plain)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_text_features_compute_cls_alone_to_the_same_values_and_gradients(checkpointing):
+    """get_text_features runs the last layer on [CLS] alone: the same features and parameter gradients as the
+    full last layer (float64, train mode, dropout off, padded texts)."""
+    config = tiny_config(dropout=0.0)
+    model = randomize(AlignModel(config), seed=5).double().train()
+    if checkpointing:
+        model.text_model.gradient_checkpointing_enable()
+    text = text_inputs(config, 3, 9, seed=6)
+    assert (text["attention_mask"] == 0).any()
+    weights = torch.randn(3, config.projection_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(cls_alone: bool):
+        model.zero_grad()
+        if cls_alone:
+            features = model.get_text_features(**text)
+        else:
+            features = model.text_projection(model.text_model(**text).last_hidden_state[:, 0])
+        (features * weights).sum().backward()
+        return features.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast_features, fast_grads = run(True)
+    full_features, full_grads = run(False)
+    torch.testing.assert_close(fast_features, full_features, rtol=1e-10, atol=1e-12)
+    assert fast_grads.keys() == full_grads.keys() and len(fast_grads) > 10
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    hidden = model.text_model(**text, first_token_only=True).last_hidden_state
+    assert hidden.shape == (3, 1, config.text_config.hidden_size)

@@ -63,8 +63,9 @@ class AlignModel(PretrainedMixin, nn.Module):
         return self.text_model.is_gradient_checkpointing or self.vision_model.is_gradient_checkpointing
 
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """Projected [CLS] state of the last layer, (B, D), not normalised."""
-        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        """Projected [CLS] state of the last layer, (B, D), not normalised; the last layer computes [CLS] alone."""
+        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids,
+                                 first_token_only=True).last_hidden_state  # (B, 1, H)
         return self.text_projection(hidden[:, 0])
 
     def get_image_features(self, pixel_values):

@@ -47,13 +47,16 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
-    def forward(self, x, attention_bias, head_mask=None, output_attentions=False):
+    def forward(self, x, attention_bias, head_mask=None, output_attentions=False, first_token_only=False):
+        """Context vectors (B, T, H), or (B, 1, H) of [CLS] alone with `first_token_only` (its query attends to
+        every token as usual), and the attention weights when asked for."""
         B, T, H = x.shape
 
         def heads(t):
-            return t.view(B, T, self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+            return t.view(B, t.shape[1], self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q = heads(self.query(x[:, :1] if first_token_only else x))
+        k, v = heads(self.key(x)), heads(self.value(x))
         dropout = self.dropout_prob if self.training else 0.0
         weights = None
         if output_attentions or head_mask is not None:
@@ -66,7 +69,7 @@ class SelfAttention(nn.Module):
             context = weights @ v
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        context = context.transpose(1, 2).reshape(B, q.shape[2], H)  # (B, T or 1, H)
         return context, weights
 
 
@@ -89,9 +92,9 @@ class Attention(nn.Module):
         self.self = SelfAttention(config)
         self.output = AttentionOutput(config.hidden_size, config)
 
-    def forward(self, x, attention_bias, head_mask=None, output_attentions=False):
-        context, weights = self.self(x, attention_bias, head_mask, output_attentions)
-        return self.output(context, x), weights
+    def forward(self, x, attention_bias, head_mask=None, output_attentions=False, first_token_only=False):
+        context, weights = self.self(x, attention_bias, head_mask, output_attentions, first_token_only)
+        return self.output(context, x[:, :1] if first_token_only else x), weights
 
 
 class Intermediate(nn.Module):
@@ -111,8 +114,9 @@ class TextLayer(nn.Module):
         self.intermediate = Intermediate(config)
         self.output = AttentionOutput(config.intermediate_size, config)
 
-    def forward(self, x, attention_bias, head_mask=None, output_attentions=False):
-        x, weights = self.attention(x, attention_bias, head_mask, output_attentions)
+    def forward(self, x, attention_bias, head_mask=None, output_attentions=False, first_token_only=False):
+        """(B, T, H) -> (B, T, H), or the (B, 1, H) output of [CLS] alone with `first_token_only`."""
+        x, weights = self.attention(x, attention_bias, head_mask, output_attentions, first_token_only)
         return self.output(self.intermediate(x), x), weights
 
 
@@ -122,17 +126,20 @@ class TextEncoder(nn.Module):
         self.layer = nn.ModuleList(TextLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, attention_bias, head_mask=None, output_attentions=False, output_hidden_states=False):
+    def forward(self, x, attention_bias, head_mask=None, output_attentions=False, output_hidden_states=False,
+                first_token_only=False):
+        """`first_token_only`: the last layer computes [CLS] alone (its output is then (B, 1, H))."""
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layer):
             layer_head_mask = head_mask[i] if head_mask is not None else None
+            first_only = first_token_only and i == len(self.layer) - 1
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, weights = checkpoint(
-                    layer, x, attention_bias, layer_head_mask, output_attentions, use_reentrant=False
+                    layer, x, attention_bias, layer_head_mask, output_attentions, first_only, use_reentrant=False
                 )
             else:
-                x, weights = layer(x, attention_bias, layer_head_mask, output_attentions)
+                x, weights = layer(x, attention_bias, layer_head_mask, output_attentions, first_only)
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:
@@ -199,12 +206,16 @@ class AlignTextModel(PretrainedMixin, CheckpointingTower, nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        first_token_only: bool = False,
     ) -> AlignTextOutput | tuple:
+        """transformers' arguments, plus `first_token_only` (openalign's): the last layer computes [CLS] alone,
+        all AlignModel uses, so `last_hidden_state` is (B, 1, H), the same [CLS] row for less work."""
         self._check_inputs(input_ids, attention_mask, token_type_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         bias = attention_bias(attention_mask, x.dtype)
         head_mask = expand_head_mask(head_mask, self.config.num_hidden_layers, x.dtype)
-        x, hidden_states, attentions = self.encoder(x, bias, head_mask, output_attentions, output_hidden_states)
+        x, hidden_states, attentions = self.encoder(x, bias, head_mask, output_attentions, output_hidden_states,
+                                                    first_token_only)
         output = AlignTextOutput(
             last_hidden_state=x,
             pooler_output=self.pooler(x) if self.pooler is not None else None,
