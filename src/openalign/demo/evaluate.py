@@ -195,7 +195,13 @@ def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> d
                 cache[attributes] = captions.clean_caption_distribution(*attributes)
             models.append(cache[attributes])
         gallery = texts[start:stop]
-        likelihood = np.array([[model.get(text, 0.0) for text in gallery] for model in models])  # (image, text)
+        columns: dict[str, list[int]] = {}
+        for index, text in enumerate(gallery):
+            columns.setdefault(text, []).append(index)
+        likelihood = np.zeros((len(gallery), len(gallery)))  # (image, text): P(text | image's attributes)
+        for row, model in enumerate(models):
+            for text, probability in model.items():
+                likelihood[row, columns.get(text, [])] = probability
         own = np.arange(len(gallery))
         if not likelihood[own, own].all():  # a caption its own image's attributes could not have produced
             return None
@@ -251,7 +257,8 @@ def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summar
     figures["ceiling"] = ceilings
     bayes = bayes_retrieval(rows, GALLERY_SIZE)
     if bayes is not None:  # the best any model can do on these galleries (module docstring)
-        figures["bayes_ceiling"] = bayes
+        full_bayes = bayes_retrieval(rows, len(rows))
+        figures["bayes_ceiling"] = {**bayes, **{f"full_gallery_{key}": value for key, value in full_bayes.items()}}
     figures["ceiling"].update({f"full_gallery_{key}": value for key, value in recall_ceilings(texts).items()})
     return figures
 
