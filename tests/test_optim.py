@@ -13,7 +13,7 @@ from dist_worker import make_batch, make_model
 from openalign.errors import ConfigError
 from openalign.train.ema import ModelEma
 from openalign.train.optim import Lamb, build_optimizer, clip_gradients, freeze_tower, param_groups
-from openalign.train.schedule import build_scheduler, lr_lambda
+from openalign.train.schedule import build_scheduler, lr_lambda, set_total_steps
 
 
 def lamb_by_hand(weight, grads, lr, beta1, beta2, eps, weight_decay, adapt, max_ratio=None):
@@ -183,3 +183,25 @@ def test_freeze_tower_stops_gradients_and_keeps_batchnorm_in_eval():
     assert not copied.image_tower.training and copied.text_tower.training
     with pytest.raises(ConfigError, match="'vision'"):
         freeze_tower(model, "vision")
+
+
+def test_set_total_steps_redirects_the_decay_from_the_next_step():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=10, kind="cosine")
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    set_total_steps(scheduler, 20)
+    assert rates == pytest.approx([2.0 * lr_lambda(step, 2, 10) for step in range(4)])  # taken steps unchanged
+    # Step 4's rate was set when step 3 ended, under the old total; from step 5 on the new total decides.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * lr_lambda(4, 2, 10))
+    for step in range(5, 9):
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * lr_lambda(step, 2, 20))
+    with pytest.raises(ConfigError, match="warmup_steps = 2"):
+        set_total_steps(scheduler, 1)
+    with pytest.raises(TypeError, match="build_scheduler"):
+        set_total_steps(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), 5)

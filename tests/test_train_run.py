@@ -4,13 +4,16 @@ budget stops a run with a checkpoint, plots come out of `openalign plot`."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from openalign.cli import main as cli_main
 from openalign.data.sources import Record, iter_records, write_shards
+from openalign.errors import ConfigError
 from openalign.models.align import AlignModel
 from openalign.train.checkpointing import list_checkpoints, verify_checkpoint
+from openalign.train.config import load_config
 from openalign.train.run_log import read_metrics
 from openalign.train.trainer import train
 from train_data import make_data, tiny_config
@@ -97,3 +100,46 @@ def test_hard_negative_beta_reaches_the_loss(data, tmp_path):
         train(config)
         first_losses[beta] = [record["loss"] for record in read_metrics(tmp_path / f"beta{beta}")][0]
     assert first_losses[3.0] > first_losses[0.0] + 1e-4, first_losses
+
+
+def test_time_fit_plans_as_many_steps_as_the_budget_holds():
+    from openalign.train.trainer import _TimeFit
+
+    def plans(step_seconds):
+        now = [0.0]
+        fit = _TimeFit(100.0, warmup_steps=5, world_size=1, clock=lambda: now[0])
+        total, out = 1000, {}
+        for step in range(1, 151):
+            now[0] += step_seconds(step)
+            total = fit.replan(step, total, elapsed=now[0])
+            out[step] = total
+        return out
+
+    steady = plans(lambda step: 0.5)
+    assert steady[29] == 1000  # the window of 30 step times is not full yet
+    assert set(steady[step] for step in range(30, 151)) == {196}  # 0.98 x 100 s / 0.5 s: ends with the budget
+    slow_start = plans(lambda step: 1.0 if step <= 20 else 0.5)  # a first epoch slowed by decoding
+    # step + (0.98 x 100 s - elapsed) / mean of the last 30 step times (20 slow, 10 fast)
+    assert slow_start[30] == 30 + math.floor((98.0 - 25.0) / ((20 * 1.0 + 10 * 0.5) / 30)) == 117
+    changes = [step for step in range(31, 151) if slow_start[step] != slow_start[step - 1]]
+    assert changes and all(slow_start[step] > slow_start[step - 1] for step in changes)  # faster steps, more
+    # Only while the decay is in its first quarter: after that the plan holds whatever the steps take.
+    last = changes[-1]
+    assert last - 5 <= 0.25 * (slow_start[last - 1] - 5)
+    assert len(set(slow_start[step] for step in range(last, 151))) == 1
+
+
+def test_fit_steps_to_time_ends_the_schedule_with_the_budget(data, tmp_path):
+    """5,000 steps asked for, 12 seconds given: the run re-plans to what 12 s hold and decays to the end."""
+    config = tiny_config(data, tmp_path / "fit", **{
+        "optim.total_steps": 5000, "optim.warmup_steps": 2, "run.log_every": 5, "run.checkpoint_every": 10**6,
+        "run.max_minutes": 0.2, "run.fit_steps_to_time": True})
+    result = train(config)
+    planned = result.metrics["total_steps"]
+    assert planned < 5000
+    assert result.step >= 0.8 * planned  # the plan fits the time: at most the last fifth cut by a slower machine
+    records = [record for record in read_metrics(result.run_dir) if "lr" in record]
+    assert records[-1]["lr"] <= 0.15 * config.optim.lr  # near the end of the cosine, not cut off at full rate
+    assert records[-1]["elapsed_s"] >= 0.6 * 12
+    with pytest.raises(ConfigError, match="run.max_minutes"):
+        load_config(overrides={"run.fit_steps_to_time": True})

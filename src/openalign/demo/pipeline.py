@@ -286,7 +286,8 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
                                   else config.image_ssl_images),
         "loss.image_ssl_warmup_steps": round(config.image_ssl_warmup * total_steps),
         "run.out_dir": str(run_dir), "run.seed": config.seed, "run.max_minutes": minutes,
-        "run.checkpoint_every": max(total_steps, 1), "run.keep_last": 1, "run.val_every": 0,
+        "run.fit_steps_to_time": config.steps is None,  # a run sized by time ends its schedule with the time
+        "run.checkpoint_every": 10**9, "run.keep_last": 1, "run.val_every": 0,  # one checkpoint: the last step's
         "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,
         **config.train_overrides,
     }
@@ -364,7 +365,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
                           f"preparation and evaluation; give it more time or fewer images")
     _log(config.progress, f"training {total_steps} steps of {config.batch_size} in at most {train_seconds:.0f} s"
                           + (f" (measured a step: model {step_seconds['model']:.2f} s, loading "
-                             f"{step_seconds['load']:.2f} s, {step_seconds['decode']:.2f} s of it decoding)"
+                             f"{step_seconds['load']:.2f} s, {step_seconds['decode']:.2f} s of it decoding; "
+                             "the count is re-planned from the steps' own times early in training)"
                              if step_seconds else ""))
     train_config = training_config(config, manifest, out / "tokenizer", model_config_path, out / "run",
                                    total_steps, train_seconds / 60)
@@ -397,7 +399,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     timings["total"] = time.monotonic() - started
     metrics = {
         **held, "minutes": timings["total"] / 60,
-        "training": {"steps": result.step, "planned_steps": total_steps, "stop_reason": result.stop_reason,
+        "training": {"steps": result.step, "planned_steps": total_steps,
+                     "replanned_steps": result.metrics.get("total_steps"), "stop_reason": result.stop_reason,
                      "probe_seconds_per_step": step_seconds,
                      "samples_per_s": result.step * config.batch_size / timings["train"],
                      "samples_seen": result.step * config.batch_size,

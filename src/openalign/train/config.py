@@ -120,6 +120,9 @@ class RunSection:
     log_every: int = 10
     nan_policy: str = "halt"  # halt | skip
     max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
+    # With max_minutes: re-plan optim.total_steps from the measured step time while the decay is in its first
+    # quarter, so that the schedule ends when the time does (instead of being cut by it, or ending early).
+    fit_steps_to_time: bool = False
     progress: bool = True
     tensorboard: bool = True  # used when the tensorboard package is importable
     plots: bool = True
@@ -191,6 +194,8 @@ class TrainConfig:
         if self.loss.hard_negative_beta < 0 or (self.loss.hard_negative_beta > 0 and self.loss.name == "siglip"):
             raise ConfigError(f"loss.hard_negative_beta = {self.loss.hard_negative_beta} must not be negative, and "
                               f"works with loss.name align or clip (the softmax losses), not siglip")
+        if self.run.fit_steps_to_time and self.run.max_minutes is None:
+            raise ConfigError("run.fit_steps_to_time needs run.max_minutes: the time to fit the steps to")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self

@@ -96,6 +96,12 @@ class Progress:
         self.bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()}, refresh=False)
         self.bar.update(steps)
 
+    def set_total(self, total: int) -> None:
+        """A new number of steps to go to (the plan changed)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         """Close the bar."""
         if self.bar is not None:

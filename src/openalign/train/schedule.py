@@ -57,3 +57,15 @@ def build_scheduler(
         lr_lambda, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind, final_ratio=final_ratio
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Point a scheduler from `build_scheduler` at a new total step count; the next `scheduler.step()` uses it.
+    Steps already taken keep their rates; the decay from here on follows the new total."""
+    for index, multiplier in enumerate(scheduler.lr_lambdas):
+        if not isinstance(multiplier, functools.partial) or multiplier.func is not lr_lambda:
+            raise TypeError("set_total_steps needs a scheduler made by build_scheduler")
+        warmup_steps = multiplier.keywords["warmup_steps"]
+        if total_steps < warmup_steps:
+            raise ConfigError(f"need total_steps >= warmup_steps = {warmup_steps}, got {total_steps}")
+        scheduler.lr_lambdas[index] = functools.partial(lr_lambda, **{**multiplier.keywords, "total_steps": total_steps})

@@ -7,7 +7,9 @@ run continues the same sequence of batches, dropout masks and updates as a run n
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from openalign.train.image_ssl import build_image_ssl
 from openalign.train.loop import DualEncoderFeatures, Stepper, temperature_of, validate
 from openalign.train.optim import build_optimizer, freeze_tower
 from openalign.train.run_log import MetricsLog, Progress
-from openalign.train.schedule import build_scheduler
+from openalign.train.schedule import build_scheduler, set_total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +239,13 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         nan_policy=run.nan_policy, after_step=after_step, norm_buffers=_norm_buffers(holder), image_ssl=image_ssl,
     )
 
-    step, skipped_steps = 0, 0
+    step, skipped_steps, total_steps = 0, 0, optim.total_steps
     torch.manual_seed(run.seed + 1_000_003 * rank)  # dropout differs across ranks
     if trainer_state is not None:
         step, skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
+        if run.fit_steps_to_time:  # go on with the plan as re-planned, not the config's first guess
+            total_steps = trainer_state.get("total_steps", total_steps)
+            set_total_steps(scheduler, total_steps)
         _load_optimizer_state(state_holder, optimizer, trainer_state["optimizer"], fsdp)
         scheduler.load_state_dict(trainer_state["scheduler"])
         scaler.load_state_dict(trainer_state["scaler"])
@@ -262,16 +267,17 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
 
     log = MetricsLog(run_dir, enabled=main, tensorboard=run.tensorboard,
                      resume_step=step if trainer_state is not None else None)
-    progress = Progress(optim.total_steps, step, enabled=main and run.progress)
+    progress = Progress(total_steps, step, enabled=main and run.progress)
     global_batch = optim.batch_size * world_size
     start_time = time.monotonic()
     window = {"losses": [], "ssl_losses": [], "start": time.monotonic(), "steps": 0}
+    fit = _TimeFit(60 * run.max_minutes, optim.warmup_steps, world_size) if run.fit_steps_to_time else None
     last_record: dict[str, Any] = {}
     last_checkpoint, stop_reason = checkpoint_folder, "finished"
 
     def save(step_number: int) -> Path:
         state = {
-            "step": step_number, "skipped_steps": skipped_steps,
+            "step": step_number, "skipped_steps": skipped_steps, "total_steps": total_steps,
             "optimizer": _optimizer_state(state_holder, optimizer, fsdp), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "loss": loss_module.state_dict(),
             "image_ssl": image_ssl.state_dict() if image_ssl is not None else None,
@@ -287,7 +293,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
 
     data_iterator = iter(train_loader)
     try:
-        while step < optim.total_steps:
+        while step < total_steps:
             try:
                 batch = next(data_iterator)
             except StopIteration:  # an epoch ended: the loader moved to the next one
@@ -306,7 +312,13 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
             window["steps"] += 1
             out_of_time = run.max_minutes is not None and _agree(
                 time.monotonic() - start_time > 60 * run.max_minutes, world_size)
-            checkpoint_now = step % run.checkpoint_every == 0 or step == optim.total_steps or out_of_time
+            if fit is not None:
+                planned = fit.replan(step, total_steps, time.monotonic() - start_time)
+                if planned != total_steps:
+                    total_steps = planned
+                    set_total_steps(scheduler, total_steps)
+                    progress.set_total(total_steps)
+            checkpoint_now = step % run.checkpoint_every == 0 or step == total_steps or out_of_time
             temperature = temperature_of(loss_name, model, loss_module)
             if step % run.log_every == 0 or checkpoint_now:
                 elapsed = time.monotonic() - window["start"]
@@ -317,6 +329,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
                     "samples_per_s": global_batch * window["steps"] / max(elapsed, 1e-9),
                     "skipped_samples": int(_sum_over_ranks(sum(train_loader.skipped.values()), world_size)),
                     "skipped_steps": skipped_steps, "elapsed_s": time.monotonic() - start_time,
+                    "total_steps": total_steps,
                 }
                 if image_ssl is not None:  # its share of `loss`, averaged like it
                     last_record["image_ssl_loss"] = _window_mean(window["ssl_losses"], world_size)
@@ -325,13 +338,15 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
                                 samples_s=last_record["samples_per_s"])
                 window = {"losses": [], "ssl_losses": [], "start": time.monotonic(), "steps": 0}
             if val_loader is not None and ((run.val_every and step % run.val_every == 0)
-                                           or step == optim.total_steps or out_of_time):
+                                           or step == total_steps or out_of_time):
                 val_record = {"step": step, **validate(stepper, features, val_loader)}
                 log.write(val_record)
                 last_record = {**last_record, **val_record}
                 window["start"] = time.monotonic()  # validation time is not training throughput
             if checkpoint_now:
                 last_checkpoint = save(step)
+            if fit is not None:
+                fit.resume_clock()  # validation and checkpoints are not step time
             if out_of_time:
                 stop_reason = "time_budget"
                 logger.info("run.max_minutes = %s reached at step %d; stopping", run.max_minutes, step)
@@ -350,6 +365,44 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         plot_run(run_dir)
     return TrainResult(run_dir, step, stop_reason, last_checkpoint, last_record, skipped_steps,
                        sum(train_loader.skipped.values()))
+
+
+class _TimeFit:
+    """`run.fit_steps_to_time`: the total step count that ends the schedule with the time budget.
+
+    Every step is timed (data loading included; validation and checkpointing not). After the warm-up, while
+    the decay is in its first quarter, every step re-plans: total = step + (margin x budget - elapsed) / (mean
+    of the last WINDOW step times), the slowest rank's mean under torch.distributed so that every rank plans
+    the same. Near the start of a cosine or linear decay the learning rate hardly depends on the total, so the
+    re-plans move it by little; a first epoch slowed by decoding (images cached after it) is outgrown by the
+    window before the plan settles."""
+
+    WINDOW = 30
+    MARGIN = 0.98  # of the budget: the last checkpoint and the model files are written after the last step
+
+    def __init__(self, budget_seconds: float, warmup_steps: int, world_size: int, clock=time.monotonic):
+        self.budget, self.warmup_steps, self.world_size, self.clock = budget_seconds, warmup_steps, world_size, clock
+        self.durations: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self.last = clock()
+
+    def resume_clock(self) -> None:
+        """Start the next step's timing now."""
+        self.last = self.clock()
+
+    def replan(self, step: int, total_steps: int, elapsed: float) -> int:
+        """The total step count after step `step` (1-based) with `elapsed` seconds gone."""
+        now = self.clock()
+        self.durations.append(now - self.last)
+        self.last = now
+        decaying = step - self.warmup_steps
+        if decaying < 0 or decaying > 0.25 * (total_steps - self.warmup_steps) or len(self.durations) < self.WINDOW:
+            return total_steps
+        seconds = torch.tensor([sum(self.durations) / len(self.durations)], dtype=torch.float64,
+                               device=world_info().device if self.world_size > 1 else "cpu")
+        if self.world_size > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        remaining = max(0.0, self.MARGIN * self.budget - elapsed)
+        return max(step + 1, self.warmup_steps, step + math.floor(remaining / float(seconds)))
 
 
 def _agree(flag: bool, world_size: int) -> bool:
