@@ -6,9 +6,10 @@ scratch for whatever is left of the time budget, then evaluate on the held-out s
 seen in training) and write the report. Everything lands in one output folder.
 
 The time budget covers the whole command. Training gets what the other steps leave: the number of steps is
-set from a step time measured on this machine just before training (real batches: loading and model step),
+first set from a step time measured on this machine just before training (real batches: loading and model
+step), then re-planned by the trainer from the steps' own times early in training (`run.fit_steps_to_time`),
 so that the cosine schedule ends when the time does (a run cut short by `run.max_minutes` stops before its
-learning rate has come down).
+learning rate has come down; one planned too short leaves time unused).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ IMAGE_SSL_MIN_STEPS = 700
 class DemoConfig:
     """What the demo generates, how long it may take and how the model is trained.
 
-    `minutes` bounds the whole command (training takes what the other steps leave). `noise_rate` scales every noise kind of the generator to sum to this
-    fraction of the training pairs (keeping their default proportions); `mismatch_rate` then sets the share
-    of captions that describe another colour-shape pair. Model sizes follow the reference's fast CPU recipe:
+    `minutes` bounds the whole command (training takes what the other steps leave). `noise_rate` scales every
+    noise kind of the generator to sum to this fraction of the training pairs (keeping their default
+    proportions); `mismatch_rate` then sets the share of captions that describe another colour-shape pair. Model sizes follow the reference's fast CPU recipe:
     a half-width, half-depth EfficientNet-B0 at 64 px and a 2-layer, 128-wide BERT.
     """
 
