@@ -319,3 +319,15 @@ def test_planned_steps_charge_decoding_to_the_first_epoch_only_when_images_are_c
     assert planned_steps(100.0, step, steps_per_epoch=10, cached=False, margin=1.0) == 181  # 100 / 0.55
     assert planned_steps(3.0, step, steps_per_epoch=10, cached=True, margin=1.0) == 5  # within the first epoch
     assert planned_steps(0.1, step, steps_per_epoch=10, cached=True) == 1
+
+
+def test_embed_dim_widens_the_last_block_which_is_the_embedding():
+    from openalign.errors import ConfigError
+
+    default = DemoConfig().model_config(100)
+    wide = DemoConfig(embed_dim=320).model_config(100)
+    assert default.projection_dim == default.vision_config.output_channels == 160
+    assert wide.projection_dim == wide.vision_config.output_channels == 320
+    assert wide.vision_config.out_channels[:-1] == default.vision_config.out_channels[:-1]
+    with pytest.raises(ConfigError, match="embed_dim=161"):
+        DemoConfig(embed_dim=161).model_config(100)
