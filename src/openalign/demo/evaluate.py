@@ -17,7 +17,9 @@ luck; in 100 it fits a handful, as in Flickr30K-style benchmarks. The full-galle
 and under the optimistic tie rule of `openalign.eval.retrieval` a tied caption never pushes the right one
 down, so image->text can reach 1.0. Text->image cannot: a caption shared by m images of the gallery points at
 one of them, which no model can tell from the other m - 1, so its best expected R@k is min(1, k / m); the
-ceiling is the mean of that over captions.
+ceiling is the mean of that over captions. Different captions can fit equally well too ("a photo of a blue
+circle", "close-up of a blue circle"), which that ceiling does not see: `bayes_retrieval` gives the best
+expected recall from the generator's own caption model and each image's true attributes (`bayes_ceiling`).
 """
 
 from __future__ import annotations
@@ -199,9 +201,9 @@ def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> d
         for index, text in enumerate(gallery):
             columns.setdefault(text, []).append(index)
         likelihood = np.zeros((len(gallery), len(gallery)))  # (image, text): P(text | image's attributes)
-        for row, model in enumerate(models):
+        for image, model in enumerate(models):
             for text, probability in model.items():
-                likelihood[row, columns.get(text, [])] = probability
+                likelihood[image, columns.get(text, [])] = probability
         own = np.arange(len(gallery))
         if not likelihood[own, own].all():  # a caption its own image's attributes could not have produced
             return None
@@ -255,11 +257,11 @@ def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summar
     figures["chance"].update({f"full_gallery_{key}": value for key, value in
                               chance_levels(len(rows), colours, shapes).items() if key in full})
     figures["ceiling"] = ceilings
+    figures["ceiling"].update({f"full_gallery_{key}": value for key, value in recall_ceilings(texts).items()})
     bayes = bayes_retrieval(rows, GALLERY_SIZE)
-    if bayes is not None:  # the best any model can do on these galleries (module docstring)
+    if bayes is not None:  # the best a model can expect on these galleries (see bayes_retrieval)
         full_bayes = bayes_retrieval(rows, len(rows))
         figures["bayes_ceiling"] = {**bayes, **{f"full_gallery_{key}": value for key, value in full_bayes.items()}}
-    figures["ceiling"].update({f"full_gallery_{key}": value for key, value in recall_ceilings(texts).items()})
     return figures
 
 

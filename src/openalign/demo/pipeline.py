@@ -48,8 +48,9 @@ class DemoConfig:
 
     `minutes` bounds the whole command (training takes what the other steps leave). `noise_rate` scales every
     noise kind of the generator to sum to this fraction of the training pairs (keeping their default
-    proportions); `mismatch_rate` then sets the share of captions that describe another colour-shape pair. Model sizes follow the reference's fast CPU recipe:
-    a half-width, half-depth EfficientNet-B0 at 64 px and a 2-layer, 128-wide BERT.
+    proportions); `mismatch_rate` then sets the share of captions that describe another colour-shape pair.
+    Model sizes follow the reference's fast CPU recipe: a half-width, half-depth EfficientNet-B0 at 64 px and a
+    2-layer, 128-wide BERT.
     """
 
     out_dir: str = "demo-output"
