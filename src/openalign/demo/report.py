@@ -65,8 +65,8 @@ def _figure_rows(metrics: dict) -> list[str]:
         return "" if value is None else f"{value:.3f}"
 
     for key, label in rows:
-        line = (f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | "
-                f"{cell(metrics.get('ceiling', {}).get(key))} | {cell((metrics.get('bayes_ceiling') or {}).get(key))} |")
+        ceiling, best = metrics.get("ceiling", {}).get(key), (metrics.get("bayes_ceiling") or {}).get(key)
+        line = f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | {cell(ceiling)} | {cell(best)} |"
         if seen:  # the full-gallery figure of the seen split has a gallery of another size: left blank
             line += f" {seen[key]:.3f} |" if not key.startswith("full_gallery") else " |"
         lines.append(line)

@@ -68,4 +68,5 @@ def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: i
         warmup_steps = multiplier.keywords["warmup_steps"]
         if total_steps < warmup_steps:
             raise ConfigError(f"need total_steps >= warmup_steps = {warmup_steps}, got {total_steps}")
-        scheduler.lr_lambdas[index] = functools.partial(lr_lambda, **{**multiplier.keywords, "total_steps": total_steps})
+        keywords = {**multiplier.keywords, "total_steps": total_steps}
+        scheduler.lr_lambdas[index] = functools.partial(lr_lambda, **keywords)
