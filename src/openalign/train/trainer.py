@@ -397,21 +397,19 @@ class _TimeFit:
         decaying = step - self.warmup_steps
         if decaying < 0 or decaying > 0.25 * (total_steps - self.warmup_steps) or len(self.durations) < self.WINDOW:
             return total_steps
-        seconds = torch.tensor([sum(self.durations) / len(self.durations)], dtype=torch.float64,
-                               device=world_info().device if self.world_size > 1 else "cpu")
-        if self.world_size > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        seconds = _max_over_ranks(sum(self.durations) / len(self.durations), self.world_size)
         remaining = max(0.0, self.MARGIN * self.budget - elapsed)
-        return max(step + 1, self.warmup_steps, step + math.floor(remaining / float(seconds)))
+        return max(step + 1, self.warmup_steps, step + math.floor(remaining / seconds))
 
 
 def _agree(flag: bool, world_size: int) -> bool:
     """True on every rank when it is true on any (all ranks must stop at the same step)."""
-    if world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=world_info().device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return _max_over_ranks(float(flag), world_size) > 0
+
+
+def _max_over_ranks(value: float, world_size: int) -> float:
+    """A per-rank number's largest value over ranks."""
+    return _sum_over_ranks(value, world_size, op=dist.ReduceOp.MAX)
 
 
 def _window_mean(values: list[float], world_size: int) -> float:
@@ -420,10 +418,10 @@ def _window_mean(values: list[float], world_size: int) -> float:
     return _sum_over_ranks(sum(values) / len(values) if values else float("nan"), world_size) / world_size
 
 
-def _sum_over_ranks(value: float, world_size: int) -> float:
-    """A per-rank number summed over ranks."""
+def _sum_over_ranks(value: float, world_size: int, op=dist.ReduceOp.SUM) -> float:
+    """A per-rank number summed over ranks (or reduced by another `op`)."""
     if world_size == 1:
         return value
     total = torch.tensor([value], dtype=torch.float64, device=world_info().device)
-    dist.all_reduce(total)
+    dist.all_reduce(total, op=op)
     return float(total.item())
