@@ -24,6 +24,7 @@ expected recall from the generator's own caption model and each image's true att
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections import Counter
@@ -169,6 +170,8 @@ def expected_recall(scores: np.ndarray, own: np.ndarray, k: int, exempt: np.ndar
 
 
 ATTRIBUTES = ("colour", "shape", "count", "size", "position", "background")
+# The caption distribution of an attribute tuple, computed once for all galleries and splits (read, never changed).
+_caption_model = functools.lru_cache(maxsize=4096)(captions.clean_caption_distribution)
 
 
 def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> dict | None:
@@ -186,16 +189,10 @@ def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> d
     fits the image outranks a generic one that fits every image of the pair)."""
     if not rows or any(row.get("colour") is None or any(key not in row for key in ATTRIBUTES) for row in rows):
         return None
-    cache: dict[tuple, dict[str, float]] = {}
     texts = [row["caption"] for row in rows]
     sums: dict[str, float] = {}
     for start, stop in gallery_bounds(len(rows), gallery_size):
-        models = []
-        for row in rows[start:stop]:
-            attributes = tuple(row[key] for key in ATTRIBUTES)
-            if attributes not in cache:
-                cache[attributes] = captions.clean_caption_distribution(*attributes)
-            models.append(cache[attributes])
+        models = [_caption_model(*(row[key] for key in ATTRIBUTES)) for row in rows[start:stop]]
         gallery = texts[start:stop]
         columns: dict[str, list[int]] = {}
         for index, text in enumerate(gallery):
