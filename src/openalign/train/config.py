@@ -186,8 +186,7 @@ class TrainConfig:
         if (self.loss.image_ssl_weight < 0 or self.loss.image_ssl_images < 0 or self.loss.image_ssl_warmup_steps < 0
                 or self.loss.image_ssl_temperature <= 0):
             raise ConfigError("loss.image_ssl_weight, loss.image_ssl_images and loss.image_ssl_warmup_steps must not "
-                              "be negative and "
-                              "loss.image_ssl_temperature must be positive")
+                              "be negative and loss.image_ssl_temperature must be positive")
         if self.loss.image_ssl_weight > 0 and (self.optim.accumulation > 1 or self.model.freeze_vision):
             raise ConfigError("loss.image_ssl_weight > 0 needs optim.accumulation = 1 and a trainable image tower "
                               "(model.freeze_vision = false)")
