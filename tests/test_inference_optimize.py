@@ -205,3 +205,18 @@ def test_configure_allocator_stops_refaulting_activations():
 
     assert faults("default") > 10_000
     assert faults("configured") < 1_000
+
+
+def test_fused_silu_only_where_onednn_has_the_precision(model, monkeypatch):
+    # oneDNN's reduced-precision convolutions need AVX-512 or AVX-NE-CONVERT and raise on an AVX2-only CPU.
+    from openalign.inference import optimize as optimize_module
+
+    def fused(optimized):
+        return {module.fuse for module in optimized.vision.modules() if hasattr(module, "fuse")}
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not optimize_module._fused_swish_available(torch.bfloat16)
+    assert fused(optimize_for_inference(model, dtype=torch.bfloat16)) == {False}
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert fused(optimize_for_inference(model, dtype=torch.bfloat16)) == {True}
+    assert optimize_module._fused_swish_available(torch.float32)

@@ -40,8 +40,16 @@ def fold_conv_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def _fused_swish_available() -> bool:
-    return hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+def _fused_swish_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused convolution + SiLU runs in `dtype` on this CPU: its reduced-precision kernels need
+    AVX-512 (BF16/FP16) or AVX-NE-CONVERT, and raise on an AVX2-only CPU rather than falling back."""
+    if not (hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 def conv_silu(conv: nn.Conv2d, activation: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
@@ -297,7 +305,7 @@ def optimize_for_inference(
         optimized.vision.to(memory_format=torch.channels_last)
     if fuse_activation is None:
         fuse_activation = dtype != torch.float32 and channels_last and device.type == "cpu" and not compile
-    if fuse_activation and fold_batchnorm and _fused_swish_available():
+    if fuse_activation and fold_batchnorm and _fused_swish_available(dtype):
         for module in optimized.vision.modules():
             if isinstance(module, (FoldedStem, FoldedMBConv)):
                 module.fuse = True
