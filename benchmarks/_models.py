@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from openalign.configs import get_preset
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 

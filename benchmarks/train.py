@@ -52,8 +52,8 @@ def worker(args: argparse.Namespace) -> dict:
     """Time `args.steps` training steps of one implementation in this process; return the measurements."""
     import torch
 
-    from openalign.configs import get_preset
     from openalign.losses import AlignLoss
+    from openalign.model_config import get_preset
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
     from openalign.train.loop import DualEncoderFeatures, Stepper

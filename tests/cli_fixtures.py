@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openalign.configs import get_preset
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.processing.image_processor import AlignImageProcessor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
+from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 from openalign.models.utils import trainable_init
 
 

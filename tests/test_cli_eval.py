@@ -16,7 +16,7 @@ from openalign.data.sources import write_manifest
 from openalign.eval.knn import evaluate_knn
 from openalign.eval.retrieval import retrieval_metrics
 from openalign.eval.runner import EvalDataError, evaluate_knn_folders, read_caption_set
-from openalign.eval.zeroshot import evaluate_zero_shot
+from openalign.eval.zero_shot import evaluate_zero_shot
 from openalign.inference.encoders import load_encoders
 
 CLASSES = ["red_square", "dog", "yellow_car"]

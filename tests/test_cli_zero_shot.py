@@ -13,7 +13,7 @@ from PIL import Image
 
 from cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
-from openalign.eval.compare import CompareInputError, plot_similarity_heatmap
+from openalign.eval.heatmap import CompareInputError, plot_similarity_heatmap
 from openalign.eval.templates import IMAGENET_TEMPLATES
 from openalign.inference.encoders import EncoderLoadError, load_encoders
 from openalign.models.align import AlignModel

@@ -224,8 +224,8 @@ def test_train_overrides_reach_the_training_config(tmp_path):
 
 
 def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
-    from openalign.configs import AlignConfig
     from openalign.demo.pipeline import DemoConfig, measure_step_seconds, training_config
+    from openalign.model_config import AlignConfig
     from openalign.processing.tokenizer import AlignTokenizer
 
     out, metrics, _ = demo
@@ -240,8 +240,8 @@ def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
 
 
 def test_the_image_term_reaches_the_training_config_and_the_step_probe_pays_for_it(demo, monkeypatch):
-    from openalign.configs import AlignConfig
     from openalign.demo.pipeline import DemoConfig, measure_step_seconds, training_config
+    from openalign.model_config import AlignConfig
     from openalign.processing.tokenizer import AlignTokenizer
     from openalign.train.image_ssl import ImageSelfSupervision
 

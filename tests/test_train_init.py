@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from openalign.checkpoint import read_state_dict
-from openalign.configs import get_preset
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
+from openalign.pretrained import read_state_dict
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.builders import build_model
 from openalign.train.trainer import train

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openalign.checkpoint import read_state_dict
+from openalign.pretrained import read_state_dict
 from openalign.train.run_log import read_metrics
 from train_data import make_data, tiny_config
 

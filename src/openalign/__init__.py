@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 
 # Public names and the module that defines each; imported on first use so `import openalign` stays cheap.
 _EXPORTS = {
-    "AlignConfig": "openalign.configs",
-    "AlignTextConfig": "openalign.configs",
-    "AlignVisionConfig": "openalign.configs",
-    "get_preset": "openalign.configs",
+    "AlignConfig": "openalign.model_config",
+    "AlignTextConfig": "openalign.model_config",
+    "AlignVisionConfig": "openalign.model_config",
+    "get_preset": "openalign.model_config",
     "AlignModel": "openalign.models.align",
     "AlignTextModel": "openalign.models.bert",
     "AlignVisionModel": "openalign.models.efficientnet",

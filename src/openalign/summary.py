@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from openalign.configs import AlignConfig
+from openalign.model_config import AlignConfig
 from openalign.models.align import AlignModel
 from openalign.models.efficientnet import block_specs
 from openalign.models.utils import count_parameters

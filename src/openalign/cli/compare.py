@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @reports_errors("compare")
 def run(args: argparse.Namespace) -> int:
     """Compute the matrix, draw it, print it."""
-    from openalign.eval.compare import format_matrix, plot_similarity_heatmap, similarity_matrix
+    from openalign.eval.heatmap import format_matrix, plot_similarity_heatmap, similarity_matrix
 
     encoders = encoders_from_arguments(args)
     matrix = similarity_matrix(encoders, args.images, args.texts)

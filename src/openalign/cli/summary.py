@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from openalign.configs import AlignConfig, get_preset
+    from openalign.model_config import AlignConfig, get_preset
     from openalign.summary import format_summary, model_summary
 
     path = Path(args.model)

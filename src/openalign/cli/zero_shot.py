@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @reports_errors("zero-shot")
 def run(args: argparse.Namespace) -> int:
     """Classify and print a table (or JSON)."""
-    from openalign.inference.zero_shot import format_predictions, read_labels, zero_shot_classify
+    from openalign.inference.classify import format_predictions, read_labels, zero_shot_classify
 
     labels = list(args.labels) + (read_labels(args.labels_file) if args.labels_file else [])
     if not labels:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
 from openalign.data.synth import SynthConfig
 from openalign.errors import ConfigError
+from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 
 # What the steps after training need, measured here on 2 cores (loading, embedding 2,000 held-out images,
 # writing the checkpoint copy, plots and the heat-map); it is subtracted from the training budget.

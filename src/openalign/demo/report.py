@@ -41,7 +41,7 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
     """Cosine similarities of a few held-out images (one per held-out pair) against the prompts naming those
     pairs, as a PNG: the diagonal is the right answer."""
     from openalign.demo.evaluate import fill
-    from openalign.eval.compare import plot_similarity_heatmap, similarity_matrix
+    from openalign.eval.heatmap import plot_similarity_heatmap, similarity_matrix
 
     indices = heatmap_examples(rows, pairs)
     images = [split_dir / rows[index]["image_path"] for index in indices]

@@ -14,7 +14,7 @@ from openalign.errors import OpenAlignError
 from openalign.eval.knn import evaluate_knn
 from openalign.eval.retrieval import retrieval_metrics
 from openalign.eval.templates import load_templates
-from openalign.eval.zeroshot import build_classifier, class_folder, evaluate_zero_shot, plot_confusion_matrix
+from openalign.eval.zero_shot import build_classifier, class_folder, evaluate_zero_shot, plot_confusion_matrix
 
 
 class EvalDataError(OpenAlignError, ValueError):

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openalign.checkpoint import PretrainedMixin
-from openalign.configs import AlignConfig
+from openalign.model_config import AlignConfig
 from openalign.models.bert import AlignTextModel
 from openalign.models.efficientnet import AlignVisionModel
 from openalign.models.outputs import AlignOutput
+from openalign.pretrained import PretrainedMixin
 
 
 def align_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:

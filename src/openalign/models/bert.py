@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from openalign.checkpoint import PretrainedMixin
-from openalign.configs import AlignTextConfig
+from openalign.model_config import AlignTextConfig
 from openalign.models.outputs import AlignTextOutput
 from openalign.models.utils import CheckpointingTower, activation, normal_init
+from openalign.pretrained import PretrainedMixin
 
 
 class TextEmbeddings(nn.Module):

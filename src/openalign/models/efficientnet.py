@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from openalign.checkpoint import PretrainedMixin
-from openalign.configs import AlignVisionConfig, round_filters
+from openalign.model_config import AlignVisionConfig, round_filters
 from openalign.models.outputs import AlignVisionOutput
 from openalign.models.utils import CheckpointingTower, activation, no_batchnorm_update, normal_init
+from openalign.pretrained import PretrainedMixin
 
 
 @dataclass(frozen=True)

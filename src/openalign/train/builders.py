@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openalign.checkpoint import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
-from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
 from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
 from openalign.errors import CheckpointError, ConfigError
 from openalign.losses import build_loss
+from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
+from openalign.pretrained import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.config import LossSection, TrainConfig
 

@@ -21,8 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from openalign.checkpoint import load_into, read_state_dict
-from openalign.configs import AlignConfig
 from openalign.distributed import (
     barrier,
     broadcast_object,
@@ -33,7 +31,9 @@ from openalign.distributed import (
     wrap_model,
 )
 from openalign.errors import CheckpointError, ConfigError
+from openalign.model_config import AlignConfig
 from openalign.models.align import AlignModel
+from openalign.pretrained import load_into, read_state_dict
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train import checkpointing
 from openalign.train.builders import build_contrastive_loss, build_loaders, build_model
@@ -113,7 +113,7 @@ class _ModelWriter:
         self.config, self.state_dict = config, state_dict
 
     def save_pretrained(self, folder) -> None:
-        from openalign.checkpoint import write_checkpoint
+        from openalign.pretrained import write_checkpoint
 
         write_checkpoint(folder, self.config, self.state_dict)
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from openalign.cli import main
-from openalign.configs import get_preset
+from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.summary import model_summary
 

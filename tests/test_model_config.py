@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from openalign.configs import (
+from openalign.errors import ConfigError
+from openalign.model_config import (
     BERT_SIZES,
     EFFICIENTNET_SCALING,
     AlignConfig,
@@ -17,7 +18,6 @@ from openalign.configs import (
     text_preset,
     vision_preset,
 )
-from openalign.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
 

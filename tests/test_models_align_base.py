@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openalign.configs import AlignConfig, get_preset
+from openalign.model_config import AlignConfig, get_preset
 from openalign.models.align import AlignModel
 from parity import assert_close, randomize
 

@@ -111,8 +111,8 @@ def test_a_step_with_the_term_follows_the_gradient_of_the_summed_loss():
     """The stepper's update equals one computed by hand: image tower on the batch and its second views in one
     forward, contrastive loss on the batch, plus the term on the first images and their views, at the weight
     of the step's place in the term's warmup."""
-    from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
     from openalign.losses import build_loss
+    from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
     from openalign.models.align import AlignModel
     from openalign.train.loop import DualEncoderFeatures, Stepper
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from openalign.configs import AlignConfig, AlignTextConfig, AlignVisionConfig
 from openalign.errors import CheckpointError, ConfigError
+from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from openalign.eval.templates import (
     check_templates,
     load_templates,
 )
-from openalign.eval.zeroshot import (
+from openalign.eval.zero_shot import (
     ZeroShotInputError,
     build_classifier,
     class_folder,

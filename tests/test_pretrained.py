@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openalign import checkpoint
+from openalign import pretrained
 from openalign.errors import CheckpointError
 from openalign.models.align import AlignModel
 from openalign.models.bert import AlignTextModel
@@ -95,7 +95,7 @@ def test_missing_unexpected_and_mismatched_keys_listed_together(saved, tmp_path)
     state["vision_model.extra.weight"] = torch.zeros(3)
     state["temperature"] = torch.zeros(2)
     out = tmp_path / "bad"
-    checkpoint.write_checkpoint(out, model.config, state)
+    pretrained.write_checkpoint(out, model.config, state)
     with pytest.raises(CheckpointError) as info:
         AlignModel.from_pretrained(out)
     message = str(info.value)
@@ -187,7 +187,7 @@ def test_text_tower_from_real_bert_checkpoint():
 
 def test_text_tower_from_bert_checkpoint_with_prefix_and_heads(tmp_path):
     folder = minilm_folder()
-    state = checkpoint.read_weights_file(folder / "model.safetensors")
+    state = pretrained.read_weights_file(folder / "model.safetensors")
     prefixed = {f"bert.{k}": v for k, v in state.items()}
     prefixed["cls.predictions.bias"] = torch.zeros(30522)
     out = tmp_path / "bert"

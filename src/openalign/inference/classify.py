@@ -12,7 +12,7 @@ from pathlib import Path
 
 from openalign.errors import OpenAlignError
 from openalign.eval.templates import load_templates
-from openalign.eval.zeroshot import build_classifier, classify
+from openalign.eval.zero_shot import build_classifier, classify
 
 
 class LabelFileError(OpenAlignError, ValueError):
