@@ -8,8 +8,10 @@ path went from 0.38 to 0.30 s/image with it (docs/inference.md). Raising the mma
 threshold keeps freed blocks in the heap, where the next forward reuses them after the first pass.
 
 This changes the whole host process (every later `malloc`), so a library must not do it behind its user's
-back: `configure_allocator()` is opt-in. openalign's own command-line entry points call it; library users call
-it themselves, or set the equivalent environment before the process starts:
+back: nothing calls it on import or while training. It is applied when the user asks for speed:
+`AlignModel.optimize_for_inference()` on a CPU calls it (opt out with `allocator=False` or the environment
+variable OPENALIGN_ALLOCATOR=0), and so do openalign's command-line entry points. Users of the plain model can
+call it themselves, or set the equivalent environment before the process starts:
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000 python ...
 
