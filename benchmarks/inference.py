@@ -292,7 +292,7 @@ def markdown(rounds: list[list[dict]]) -> str:
              "| peak RSS GB |", "|" + "---|" * 10]
     for row in rounds[0]:
         lines.append(f"| {row['library']} | {row['setting']} | {row['tower']} | {row['dtype']} | "
-                     f"{row['seconds_per_item'] * 1e3:.1f} | {row["gflops"]:.1f} | {row["percent_of_peak"]:.1f} | "
+                     f"{row['seconds_per_item'] * 1e3:.1f} | {row['gflops']:.1f} | {row['percent_of_peak']:.1f} | "
                      f"{row['max_relative']:.1e} | {row['min_cosine']:.6f} | {row['peak_rss_gb']:.2f} |")
     lines += ["", "| comparison | tower | dtype | ratio (range over rounds) |", "|---|---|---|---|"]
     per_round = [ratios(rows) for rows in rounds]
