@@ -105,9 +105,9 @@ def openalign_images(model, pixel_values, batch_size):
 
 def run_fight(args) -> dict:
     """One process, one allocator condition: every contender on the same images and captions."""
-    from openalign.inference.allocator import configure_allocator
     from openalign.inference.optimize import default_batch_size
     from openalign.inference.text import embed_texts
+    from openalign.runtime import configure_allocator
 
     device = torch.device(args.device)
     bf16 = torch.bfloat16 if device.type == "cpu" else torch.float16

@@ -176,7 +176,7 @@ ALLOCATOR_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
     if sys.argv[1] == "configured":
-        from openalign.inference.allocator import configure_allocator
+        from openalign.runtime import configure_allocator
         assert configure_allocator()["applied"]
     convolution = torch.nn.Conv2d(32, 32, 3, padding=1)
     pixels = torch.randn(4, 32, 128, 128)  # 8 MiB activations, above glibc's default mmap threshold
