@@ -8,8 +8,8 @@ steps, then scored on the held-out split (colour-shape pairs never drawn in trai
 A gap between the two is the image tower's own failure to compose; what narrows it is a property of the
 data or the architecture, whatever the loss.
 
-    python benchmarks/shape_composition.py --out runs/shape --grayscale-rate 0.25                 # ~4 minutes
-    python benchmarks/shape_composition.py --out runs/shape --grayscale-rate 0.25 --colour-background-rate 0.25
+    python experiments/shape_composition.py --out runs/shape --grayscale-rate 0.25                 # ~4 minutes
+    python experiments/shape_composition.py --out runs/shape --grayscale-rate 0.25 --colour-background-rate 0.25
 
 Results from this machine are in docs/demo.md. Not a test.
 """

@@ -6,8 +6,8 @@ short, too long, undersized and extreme-aspect images) in its default proportion
 default mix. The filters remove every kind except mismatched captions, which are well-formed text and which no
 rule of the paper can tell from a right caption. Not a test.
 
-    python benchmarks/demo_experiment.py --minutes 3                     # the 6-run grid, about 20 minutes
-    python benchmarks/demo_experiment.py --minutes 2 --noise-rates 0 0.5 --json grid.json
+    python experiments/demo_experiment.py --minutes 3                     # the 6-run grid, about 20 minutes
+    python experiments/demo_experiment.py --minutes 2 --noise-rates 0 0.5 --json grid.json
 
 Run it with OMP_WAIT_POLICY=PASSIVE when other processes share the cores (spinning OpenMP threads make two
 threads many times slower than one then). Results from this machine are in docs/demo.md.
