@@ -158,6 +158,16 @@ def test_bad_settings_end_in_one_line(noisy_manifest, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before any stage ran
 
 
+def test_rules_that_keep_nothing_stop_with_a_hint_and_may_be_loosened(noisy_manifest, tmp_path, capsys):
+    arguments = _curate_arguments(noisy_manifest, tmp_path / "out")
+    for min_side in ("200", "300"):  # the second try changes a setting: allowed, no stage has finished
+        arguments[arguments.index("--min-side") + 1] = min_side
+        assert main(arguments) == 1
+        error = capsys.readouterr().err
+        assert "the rules kept none of the 320 pairs" in error and "--min-side" in error, error
+    assert json.loads((tmp_path / "out" / "curate.json").read_text())["rules"]["min_side"] == 300
+
+
 @pytest.mark.parametrize("start_from, expected", [("bootstrap", "previous/model"), ("scratch", None)])
 def test_each_run_after_the_first_starts_from_the_bootstrap_weights_or_from_scratch(start_from, expected,
                                                                                       tmp_path):

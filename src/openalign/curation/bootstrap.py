@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openalign.curation.scores import CurationError
 from openalign.curation.similarity_filter import SimilarityConfig, run_similarity_filter
 from openalign.data.filters import FilterConfig
 from openalign.errors import ConfigError
@@ -122,10 +123,11 @@ def curate(config: CurateConfig) -> dict:
 
 
 def _check_curate_folder(out: Path, config: CurateConfig) -> None:
-    """Write curate.json, or check that a rerun in the same folder asks for the same settings."""
+    """Write curate.json, or check that a rerun in the same folder asks for the same settings (until a stage
+    has finished, a rerun may change them: e.g. looser rules after the rules kept nothing)."""
     path = out / "curate.json"
     settings = config.to_dict()
-    if path.exists():
+    if path.exists() and any(out.glob(f"*/{STAGE_FILE}")):
         existing = json.loads(path.read_text())
         changed = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
         if changed:
@@ -165,6 +167,10 @@ def _rules_stage(config: CurateConfig, folder: Path) -> dict:
     from openalign.data.filters import run_filter
 
     report = run_filter(config.source, folder, config.rules, progress=config.progress)
+    if report["kept"] == 0:
+        raise CurationError(f"the rules kept none of the {report['total']} pairs of {config.source} (see "
+                            f"{folder / 'report.txt'}): loosen them (the paper's --min-side 200 drops every image of "
+                            "a small-image corpus) or pass --no-rules")
     return {"total": report["total"], "kept": report["kept"], "dropped_by_rule": report["dropped_by_rule"],
             "kept_source": _kept_source(report["outputs"], folder)}
 

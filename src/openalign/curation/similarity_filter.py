@@ -10,8 +10,9 @@
                                                  "duplicate" with the key it duplicates, or "unreadable")
     report.json, report.txt, scores.png          counts, quantiles, per-label figures, histogram
 
-Memory: scoring holds one part; selection 13 bytes a scored pair (index, score, status), deduplication what
-openalign.curation.dedup says; the kept pairs are written as the source streams past.
+Memory: scoring holds one part; selection about 30 bytes a scored pair (index, score, status, label, the
+duplicate it points at), deduplication what openalign.curation.dedup says; the kept pairs are written as the
+source streams past.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
     summary = scoring_summary(scoring_folder)
     columns = read_scores(scoring_folder)
     indices, scores = columns["index"], columns["score"]
+    if len(scores) == 0 and summary["skipped"] == 0:
+        raise CurationError(f"{source} holds no pairs: nothing to score")
     if len(scores) == 0:
         raise CurationError(f"{source}: no pair could be scored ({summary['skipped']} unreadable or without a "
                             f"caption; see {scoring_folder / EMBEDDINGS_FOLDER / 'summary.json'})")
