@@ -168,6 +168,35 @@ def test_rules_that_keep_nothing_stop_with_a_hint_and_may_be_loosened(noisy_mani
     assert json.loads((tmp_path / "out" / "curate.json").read_text())["rules"]["min_side"] == 300
 
 
+def test_scoring_cuts_captions_where_training_cut_them(tmp_path):
+    from cli_fixtures import CAPTIONS, make_checkpoint, make_images
+    from openalign.curation import bootstrap
+    from openalign.models.align import AlignModel
+    from openalign.processing.processor import AlignProcessor
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint")
+    paths = make_images(tmp_path / "images", 3)
+    captions = [" ".join(CAPTIONS[index:index + 4]) for index in range(3)]  # 15-20 words, cut at 6 tokens
+    manifest = write_manifest([{"image_path": str(path), "caption": caption} for path, caption in zip(paths, captions)],
+                              tmp_path / "pairs.jsonl")
+    config = CurateConfig(source=str(manifest), out_dir=str(tmp_path), similarity=SimilarityConfig(keep_fraction=1.0))
+    stage = bootstrap._scoring_stage(config, str(manifest), str(checkpoint), 6, tmp_path / "score")
+    assert stage["scored"] == 3
+    scores = [json.loads(line)["similarity"] for line in open(tmp_path / "score" / "manifest.jsonl")]
+
+    model, processor = AlignModel.from_pretrained(checkpoint).eval(), AlignProcessor.from_pretrained(checkpoint)
+    with torch.no_grad():
+        images = model.get_image_features(processor(images=[str(path) for path in paths])["pixel_values"])
+        cut = processor(text=captions, padding="max_length", max_length=6)
+        texts = model.get_text_features(cut["input_ids"], cut["attention_mask"], cut["token_type_ids"])
+        whole = processor(text=captions, padding="max_length")
+        uncut = model.get_text_features(whole["input_ids"], whole["attention_mask"], whole["token_type_ids"])
+    normalise = torch.nn.functional.normalize
+    expected = (normalise(images, dim=-1) * normalise(texts, dim=-1)).sum(-1)
+    assert scores == pytest.approx(expected.tolist(), abs=3e-3)
+    assert not torch.allclose(normalise(texts, dim=-1), normalise(uncut, dim=-1), atol=1e-2)  # the cut matters
+
+
 @pytest.mark.parametrize("start_from, expected", [("bootstrap", "previous/model"), ("scratch", None)])
 def test_each_run_after_the_first_starts_from_the_bootstrap_weights_or_from_scratch(start_from, expected,
                                                                                       tmp_path):

@@ -112,7 +112,8 @@ def curate(config: CurateConfig) -> dict:
         if final:
             break
         score_name = f"score-{round_number}"
-        stages[score_name] = _stage(out / score_name, _scoring_stage, config, source, previous_model)
+        stages[score_name] = _stage(out / score_name, _scoring_stage, config, source, previous_model,
+                                    stages[name]["max_length"])
         training_source = stages[score_name]["kept_source"]
     report = {"source": config.source, "out_dir": str(out), "model": stages["final"]["model"],
               "start_from": config.start_from, "rounds": config.rounds, "stages": stages,
@@ -210,7 +211,8 @@ def _training_stage(config: CurateConfig, source: str, tokenizer: str, previous_
     result = train(train_config, resume="latest" if list_checkpoints(folder) else None)
     model = folder / "model"
     save_processor(model, tokenizer, train_config)
-    return {"model": str(model), "trained_on": source, "init_from": train_config.model.init_from, "steps": result.step,
+    return {"model": str(model), "trained_on": source, "init_from": train_config.model.init_from,
+            "max_length": train_config.data.max_length, "steps": result.step,
             "stop_reason": result.stop_reason, "final_loss": result.metrics.get("loss")}
 
 
@@ -231,9 +233,14 @@ def save_processor(model_dir: Path, tokenizer: str, train_config) -> None:
     processor.save_pretrained(model_dir)
 
 
-def _scoring_stage(config: CurateConfig, source: str, model: str, folder: Path) -> dict:
-    report = run_similarity_filter(source, folder, model, config.similarity, device=config.device,
-                                   batch_size=config.similarity.batch_size, progress=config.progress)
+def _scoring_stage(config: CurateConfig, source: str, model: str, max_length: int, folder: Path) -> dict:
+    from openalign.curation.similarity_filter import load_scoring_encoders
+
+    encoders = load_scoring_encoders(model, device=config.device, batch_size=config.similarity.batch_size)
+    # Captions are cut where training cut them: the run never trained the positions beyond.
+    encoders.processor.tokenizer.max_length = max_length
+    report = run_similarity_filter(source, folder, config=config.similarity, encoders=encoders,
+                                   progress=config.progress)
     labels = report["labels"]
     return {"model": model, "scored": report["scored"], "kept": report["kept"],
             "dropped_by_score": report["dropped_by_score"], "dropped_as_duplicate": report["dropped_as_duplicate"],
