@@ -13,18 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
-from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.inference.embedding_folder import read_embedding_folder
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_images
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:

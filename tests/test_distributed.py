@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_worker import make_batch, run_step, spawn, worker
 from openalign import distributed
+from tests.dist_worker import make_batch, run_step, spawn, worker
 
 WORLD_SIZE, GLOBAL_BATCH = 2, 8
 TOLERANCE = 1e-6  # relative, on the loss and on every gradient tensor

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dist_worker import make_batch, make_model
 from openalign.errors import ConfigError
 from openalign.train.ema import ModelEma
 from openalign.train.optim import Lamb, build_optimizer, clip_gradients, freeze_tower, param_groups
 from openalign.train.schedule import build_scheduler, lr_lambda, set_total_steps
+from tests.dist_worker import make_batch, make_model
 
 
 def lamb_by_hand(weight, grads, lr, beta1, beta2, eps, weight_decay, adapt, max_ratio=None):
