@@ -25,7 +25,7 @@ from openalign.curation.similarity_filter import SimilarityConfig
 from openalign.data.filters import FilterConfig
 from openalign.data.sources import iter_records, write_manifest
 from openalign.errors import ConfigError
-from train_data import make_data
+from tests.train_data import make_data
 
 MISMATCH_RATE = 0.4
 TRAINING = {
@@ -169,10 +169,10 @@ def test_rules_that_keep_nothing_stop_with_a_hint_and_may_be_loosened(noisy_mani
 
 
 def test_scoring_cuts_captions_where_training_cut_them(tmp_path):
-    from cli_fixtures import CAPTIONS, make_checkpoint, make_images
     from openalign.curation import bootstrap
     from openalign.models.align import AlignModel
     from openalign.processing.processor import AlignProcessor
+    from tests.cli_fixtures import CAPTIONS, make_checkpoint, make_images
 
     checkpoint = make_checkpoint(tmp_path / "checkpoint")
     paths = make_images(tmp_path / "images", 3)

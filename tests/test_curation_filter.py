@@ -18,20 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_checkpoint
 from openalign.cli import main
 from openalign.curation.scores import score_corpus
 from openalign.curation.similarity_filter import load_scoring_encoders
 from openalign.data.sources import iter_records, write_manifest
 from openalign.data.synth import SynthConfig, generate
 from openalign.inference.embed import read_embedding_folder
+from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings
 
 PAIRS = 24
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 @pytest.fixture(scope="module")
