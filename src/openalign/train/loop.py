@@ -132,7 +132,8 @@ class Stepper:
         average_gradients(self.outside_parameters)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        gradients = [parameter.grad for parameter in self.parameters if parameter.grad is not None]
+        with_gradients = [parameter for parameter in self.parameters if parameter.grad is not None]
+        gradients = [parameter.grad for parameter in with_gradients]
         grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
         # Under FSDP2 the norm is a DTensor (already reduced over shards): clip with it, check its plain value.
         plain_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -146,7 +147,8 @@ class Stepper:
             self._non_finite(step_number, float(loss), float(plain_norm))
         else:
             if self.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(gradients, self.grad_clip, grad_norm)
+                # It takes the parameters: given their gradients, it would scale the gradients' (absent) .grad.
+                torch.nn.utils.clip_grads_with_norm_(with_gradients, self.grad_clip, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.after_step is not None:
