@@ -254,13 +254,6 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
     return summary
 
 
-def distributed_rank_and_world_size() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else from torchrun's RANK / WORLD_SIZE."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def embed_to_folder(
     items: Iterable,
     encode_batch: Callable | Mapping[str, Callable],
