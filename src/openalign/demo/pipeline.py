@@ -194,25 +194,42 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
     return tokenizer
 
 
+def probe_stepper(model_config: AlignConfig, train_config):
+    """(a fresh model in training mode, the Stepper that trains it as `train_config` says): its loss and image
+    term, built and wired as the trainer builds them (`build_stepper`), AdamW over every trainable parameter,
+    channels-last, on the CPU."""
+    import torch
+    from torch import nn
+
+    from openalign.models.align import AlignModel
+    from openalign.models.utils import trainable_init
+    from openalign.train.builders import build_contrastive_loss
+    from openalign.train.image_ssl import build_image_ssl
+    from openalign.train.loop import build_stepper
+
+    model = AlignModel(model_config).train()
+    trainable_init(model.vision_model)
+    model.vision_model.to(memory_format=torch.channels_last)
+    loss = build_contrastive_loss(train_config.loss, model)
+    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
+    holder = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
+    optimizer = torch.optim.AdamW([parameter for parameter in holder.parameters() if parameter.requires_grad],
+                                  lr=1e-4)
+    return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True)
+
+
 def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 4) -> dict:
     """Seconds per training step of a fresh model, measured on real batches of the training loader:
 
     - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
     - `decode`: the reading and decoding part of that, which `data.cache_images` saves from the second epoch on;
-    - `model`: the trainer's own step (forward, loss with the self-supervised term when it is on, backward,
-      AdamW), channels-last, after two warm-up steps.
+    - `model`: the trainer's own step (`probe_stepper`: forward, loss with the self-supervised term when it is
+      on, backward, AdamW), channels-last, after two warm-up steps.
     Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
     import itertools
 
-    import torch
-    from torch import nn
-
     from openalign.data import sources
-    from openalign.models.align import AlignModel
-    from openalign.models.utils import trainable_init
-    from openalign.train.builders import build_contrastive_loss, build_loaders
-    from openalign.train.image_ssl import build_image_ssl
-    from openalign.train.loop import DualEncoderFeatures, Stepper
+    from openalign.train.builders import build_loaders
 
     loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
     iterator = iter(loader)
@@ -227,20 +244,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
         np.asarray(loader.dataset.decode(record.open_image_bytes()))
     decode_seconds = (time.monotonic() - started) * train_config.optim.batch_size / max(1, len(records))
 
-    model = AlignModel(model_config).train()
-    trainable_init(model.vision_model)
-    model.vision_model.to(memory_format=torch.channels_last)
-    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
-    holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
-    optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
-    loss_module = build_contrastive_loss(train_config.loss, model_config.temperature_init_value)
-    stepper = Stepper(
-        features=DualEncoderFeatures(model),
-        loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False), parameters=list(holder.parameters()),
-        channels_last=True, image_ssl=image_ssl,
-    )
+    _, stepper = probe_stepper(model_config, train_config)
     durations = []
     for number, batch in enumerate([*real[:2], *real], start=1):
         started = time.monotonic()

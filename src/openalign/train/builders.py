@@ -1,10 +1,10 @@
 """Building what a TrainConfig describes: the model (from a preset, config.json or checkpoints, towers
-optionally started from their own checkpoints), and the resumable train / validation loaders."""
+optionally started from their own checkpoints), its contrastive loss, and the resumable train / validation
+loaders."""
 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from PIL import Image
 
 from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
 from openalign.errors import CheckpointError, ConfigError
-from openalign.losses import build_loss
+from openalign.losses import ContrastiveLoss, loss_class
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
@@ -84,16 +84,13 @@ def build_model(config: TrainConfig, vocab_size: int | None = None) -> AlignMode
     return model
 
 
-def build_contrastive_loss(loss: LossSection, temperature: float) -> torch.nn.Module:
-    """The contrastive loss a config's loss section names. `temperature` is the model's starting one: clip's
-    loss owns its scale and starts it there; align's takes the model's temperature at every call."""
-    kwargs: dict = {"normalize": True}
-    if loss.name != "siglip":
-        kwargs.update(label_smoothing=loss.label_smoothing, gather_with_grad=loss.gather_with_grad,
-                      local_loss=loss.local_loss, hard_negative_beta=loss.hard_negative_beta)
-    if loss.name == "clip":
-        kwargs["logit_scale_init"] = -math.log(temperature)
-    return build_loss(loss.name, **kwargs)
+def build_contrastive_loss(loss: LossSection, model: AlignModel) -> ContrastiveLoss:
+    """The contrastive loss a config's loss section names, for `model`: built from the model's starting
+    temperature, and attached to it (a loss that owns its scale stops the model's temperature from training;
+    call this before building the optimiser and the DDP/FSDP wrapper)."""
+    contrastive_loss = loss_class(loss.name).from_config(loss, float(model.temperature.detach()))
+    contrastive_loss.attach(model)
+    return contrastive_loss
 
 
 def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:
