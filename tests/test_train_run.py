@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from openalign import losses
@@ -188,3 +190,18 @@ def test_fit_steps_to_time_ends_the_schedule_with_the_budget(data, tmp_path):
     with pytest.raises(ConfigError, match="run.max_minutes"):
         load_config(overrides={"run.fit_steps_to_time": True})
 
+
+@pytest.mark.parametrize("resize, crop", [(36, 32), (346, 289), (32, 32), (37, 32)])
+def test_validation_pixels_are_the_square_resize_centre_crop_and_rescale(resize, crop):
+    """Validation goes through the evaluation processor; the result is, to the bit, the steps written out here:
+    PIL bilinear square resize, centre crop box, x / 127.5 - 1 in float32."""
+    from openalign.train.builders import eval_transform
+
+    generator = np.random.default_rng(0)
+    for height, width in [(40, 50), (300, 200), (32, 32)]:
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        resized = image.resize((resize, resize), Image.BILINEAR)
+        offset = (resize - crop) // 2
+        cropped = np.asarray(resized.crop((offset, offset, offset + crop, offset + crop)), dtype=np.float32)
+        expected = torch.from_numpy(cropped).permute(2, 0, 1) / 127.5 - 1.0  # (3, crop, crop)
+        assert torch.equal(eval_transform(image, resize=resize, crop=crop), expected)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -18,6 +17,7 @@ from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConf
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.pretrained import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
+from openalign.processing.image_processor import AlignImageProcessor
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.config import LossSection, TrainConfig
 
@@ -93,13 +93,15 @@ def build_contrastive_loss(loss: LossSection, model: AlignModel) -> ContrastiveL
     return contrastive_loss
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_processor(resize: int, crop: int) -> AlignImageProcessor:
+    return AlignImageProcessor(size={"height": resize, "width": resize}, crop_size={"height": crop, "width": crop})
+
+
 def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:
-    """Validation pixels: square resize, centre crop, scale to [-1, 1] (align-base's processor)."""
-    image = image.resize((resize, resize), Image.BILINEAR)
-    offset = (resize - crop) // 2
-    image = image.crop((offset, offset, offset + crop, offset + crop))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W)
+    """Validation pixels (3, crop, crop): square resize, centre crop, scale to [-1, 1], through the evaluation
+    processor (`AlignImageProcessor`, align-base's settings at these sizes)."""
+    return _eval_processor(resize, crop).preprocess_image(image)
 
 
 def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: int, pin_memory: bool = False):
