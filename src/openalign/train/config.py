@@ -88,7 +88,7 @@ class OptimSection:
 class LossSection:
     """The contrastive loss; negatives come from the global batch under torch.distributed."""
 
-    name: str = "align"  # a key of openalign.losses.LOSSES: align | clip | siglip
+    name: str = "align"  # a key of openalign.losses.LOSSES (align, clip, siglip, and any registered there)
     label_smoothing: float = 0.1
     local_loss: bool = True
     gather_with_grad: bool = True
