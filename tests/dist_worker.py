@@ -175,9 +175,15 @@ def helpers(rank: int) -> dict:
         unequal_error = str(error)
     return {
         "world": tuple(distributed.world_info())[:3],
+        "rank_and_world_size": distributed.rank_and_world_size(),
         "is_main": distributed.is_main_process(),
         "broadcast": distributed.broadcast_object({"from": rank}),
         "unequal_error": unequal_error,
+        "objects": distributed.all_gather_objects({"rank": rank}),
+        "sum": distributed.sum_over_ranks(rank + 1.5),
+        "max": distributed.max_over_ranks(float(rank)),
+        "mean": distributed.mean_over_ranks(rank + 1.5),
+        "any": (distributed.any_rank(rank == 1), distributed.any_rank(False)),
     }
 
 

@@ -120,9 +120,8 @@ def run_similarity(args: argparse.Namespace) -> int:
     from openalign.curation.report import format_similarity_report
     from openalign.curation.scores import score_corpus
     from openalign.curation.similarity_filter import filter_by_scores, load_scoring_encoders
-    from openalign.distributed import barrier, destroy_distributed, init_distributed
+    from openalign.distributed import barrier, destroy_distributed, init_distributed, rank_and_world_size
     from openalign.errors import ConfigError
-    from openalign.inference.embed import distributed_rank_and_world_size
     from openalign.runtime import configure_allocator
 
     config = similarity_config(args, label_field=args.label_field, part_size=args.part_size,
@@ -132,7 +131,7 @@ def run_similarity(args: argparse.Namespace) -> int:
             raise ConfigError("--similarity needs --model CKPT (a checkpoint folder with its processor files), "
                               "or --scores-from DIR to reuse saved scores")
         info = init_distributed()
-        rank, world_size = distributed_rank_and_world_size()
+        rank, world_size = rank_and_world_size(from_environment=True)
         try:
             configure_allocator()
             # Under torchrun each rank takes the device init_distributed chose for it (cuda:LOCAL_RANK or the CPU).
