@@ -68,7 +68,7 @@ def queries_like(n_queries: int, n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def exact_top_k(embed_dir: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """Exact top-k ids by a chunked scan of the float16 parts, and its seconds per query (batched)."""
-    from openalign.inference.embed import iter_embedding_parts
+    from openalign.inference.embedding_folder import iter_embedding_parts
 
     started = time.perf_counter()
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -175,9 +176,17 @@ def test_embed_texts_bucketing_restores_order_and_ignores_padding():
 ALLOCATOR_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
+    from openalign.model_config import get_preset
+    from openalign.models.align import AlignModel
+    model = AlignModel(get_preset("tiny")).eval()  # building and running a model asks for no process-wide setting
+    model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=torch.randn(1, 3, 32, 32))
     if sys.argv[1] == "configured":
-        from openalign.inference.allocator import configure_allocator
+        from openalign.runtime import configure_allocator
         assert configure_allocator()["applied"]
+    elif sys.argv[1] == "optimized":
+        model.optimize_for_inference()  # asking for speed configures the allocator
+    elif sys.argv[1] == "opted-out":
+        model.optimize_for_inference(allocator=False)
     convolution = torch.nn.Conv2d(32, 32, 3, padding=1)
     pixels = torch.randn(4, 32, 128, 128)  # 8 MiB activations, above glibc's default mmap threshold
     faults = []
@@ -198,13 +207,18 @@ def test_configure_allocator_stops_refaulting_activations():
     """With glibc's defaults every 8 MiB activation is a fresh mmap, page-faulted on every pass (thousands of
     faults per pass); once configured, passes after the first reuse the heap and fault (almost) nothing."""
 
-    def faults(mode: str) -> int:
+    def faults(mode: str, **environment) -> int:
         output = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, mode], capture_output=True, text=True,
-                                check=True).stdout
+                                check=True, env={**os.environ, **environment}).stdout
         return int(output.strip().splitlines()[-1])
 
     assert faults("default") > 10_000
     assert faults("configured") < 1_000
+    # Fast by default: optimize_for_inference applies the same settings, with an argument and an environment
+    # opt-out; a process that only builds and runs a model keeps glibc's defaults (the "default" case above).
+    assert faults("optimized") < 1_000
+    assert faults("opted-out") > 10_000
+    assert faults("optimized", OPENALIGN_ALLOCATOR="0") > 10_000
 
 
 def test_fused_silu_only_where_onednn_has_the_precision(model, monkeypatch):

@@ -11,12 +11,10 @@ Loads the model once and the index (memory-mapped where its kind allows) and ser
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
-from openalign.cli.embed import MODEL_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,9 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_of(index_dir: Path) -> str | None:
     """The checkpoint named by the index folder's model.json (or that of its image/ or text/ index)."""
+    from openalign.inference.embedding_folder import read_model_reference
+
     for folder in (index_dir, index_dir / "image", index_dir / "text"):
-        if (folder / MODEL_FILE).is_file():
-            return json.loads((folder / MODEL_FILE).read_text())["model"]
+        if (model := read_model_reference(folder)) is not None:
+            return model
     return None
 
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_model:
         args.model = args.model or _model_of(index_dir)
         if args.model is None:
-            raise SystemExit(f"openalign serve: {index_dir} names no model ({MODEL_FILE}); pass --model or --no-model")
+            raise SystemExit(f"openalign serve: {index_dir} names no model (model.json); pass --model or --no-model")
         args.model = str(resolve_folder(args.model))  # a folder as is, a hub id from the local cache or the hub
         encoders = encoders_from_arguments(args)
     app = create_app(index_dir, encoders, name=args.name)

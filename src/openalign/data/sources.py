@@ -1,4 +1,5 @@
-"""Where image-text pairs come from: manifests, WebDataset tar shards and image folders.
+"""Where image-text pairs come from: manifests, WebDataset tar shards, image folders, and caption files
+(captions without images, for embedding texts).
 
 Every source is read as a stream of `Record`s. A record holds the undecoded image (a path or raw bytes) and
 its caption, so readers stay cheap and decoding errors surface where they can be counted: in the training
@@ -27,6 +28,7 @@ from openalign.errors import OpenAlignError
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+CAPTION_FILE_SUFFIX = ".txt"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "url", "img")
@@ -41,7 +43,8 @@ class DataError(OpenAlignError, ValueError):
 class Record:
     """One image-text pair as stored, before decoding.
 
-    `key` is stable across runs: the manifest's path as written, or "<shard stem>/<sample key>" for shards.
+    `key` is stable across runs: the manifest's path as written, "<shard stem>/<sample key>" for shards, or
+    "FILE:LINE" for a line of a caption file (a record with a caption and no image).
     """
 
     key: str
@@ -305,7 +308,23 @@ def count_shard_samples(url: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Image folders and dispatch
+# Caption files, image folders and dispatch
+
+
+def is_caption_file(source: str | Path) -> bool:
+    """Whether source names a caption file: a .txt of one caption a line."""
+    return str(source).lower().endswith(CAPTION_FILE_SUFFIX)
+
+
+def iter_caption_file(path: str | Path) -> Iterator[Record]:
+    """One record per non-blank line of a caption file, its caption the stripped line, its key "FILE:LINE"
+    (the file as written, lines counted from 1), and no image."""
+    if not Path(path).is_file():
+        raise DataError(f"caption file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield Record(key=f"{path}:{line_number}", caption=line.strip())
 
 
 def iter_image_folder(folder: str | Path) -> Iterator[Record]:
@@ -332,7 +351,8 @@ def is_shard_source(source: str | Path | list) -> bool:
 
 
 def iter_records(source: str | Path | list) -> Iterator[Record]:
-    """Stream the records of a manifest file, a shard spec, a folder of images, or a list of these."""
+    """Stream the records of a manifest file, a shard spec, a folder of images, a caption file, or a list of
+    these."""
     if isinstance(source, (list, tuple)):
         if is_shard_source(source):
             for url in expand_shards(list(source)):
@@ -342,7 +362,9 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
                 yield from iter_records(item)
         return
     text = str(source)
-    if is_shard_source(text):
+    if is_caption_file(text):
+        yield from iter_caption_file(text)
+    elif is_shard_source(text):
         for url in expand_shards(text):
             yield from iter_shard(url)
     elif os.path.isdir(text):
@@ -353,7 +375,7 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
         raise DataError(f"data source {text} does not exist")
     else:
         raise DataError(f"data source {text}: not a manifest ({', '.join(MANIFEST_SUFFIXES)}), "
-                        "shard spec or folder")
+                        f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from openalign.index.plan import (  # noqa: F401 (re-exported: the names users i
     _faiss,
     choose_index,
 )
-from openalign.inference.embed import iter_embedding_parts, read_summary
+from openalign.inference.embedding_folder import iter_embedding_parts, read_summary
 
 METADATA_FILE = "metadata.arrow"
 LEGACY_METADATA_FILE = "metadata.parquet"

@@ -40,7 +40,7 @@ from openalign.index.faiss_index import (
     write_metadata,
 )
 from openalign.index.plan import DEFAULT_K_FACTOR, IndexBuildError, IndexPlan, _faiss
-from openalign.inference.embed import iter_embedding_parts
+from openalign.inference.embedding_folder import iter_embedding_parts
 
 IVF_MIN_VECTORS = 10_000  # 39 training points for each of the 256 centroids of an 8-bit sub-quantiser
 PQ_TRAINING_POINTS = 65_536
