@@ -95,7 +95,7 @@ def memory_status() -> dict:
     return values
 
 
-def serve_measurements(index_dir: Path, queries: np.ndarray, k: int, nprobes: list[int]) -> dict:
+def serve_measurements(index_dir: Path, queries: np.ndarray, k: int, nprobes: list, k_factors: list) -> dict:
     """In this (child) process: load as the server does, time single queries, then 8 threads, per nprobe."""
     import faiss
 
@@ -106,17 +106,17 @@ def serve_measurements(index_dir: Path, queries: np.ndarray, k: int, nprobes: li
     index = Index.load(index_dir, memory_map=True)
     results = {"load_s": time.perf_counter() - started, "kind": index.plan.kind, "factory": index.plan.factory,
                "nprobe_default": index.plan.nprobe, "runs": []}
-    for nprobe in nprobes or [None]:
+    for nprobe, k_factor in [(n, f) for n in nprobes or [None] for f in k_factors or [None]]:
         index.search_vectors(queries[:20], k, nprobe=nprobe)  # warm-up: first touches of the mapped pages
         single, ids = [], []
         for query in queries:
             began = time.perf_counter()
-            ids.append(index.search_vectors(query[None], k, nprobe=nprobe)[1][0])
+            ids.append(index.search_vectors(query[None], k, nprobe=nprobe, k_factor=k_factor)[1][0])
             single.append(1000 * (time.perf_counter() - began))
 
-        def one(query, nprobe=nprobe):
+        def one(query, nprobe=nprobe, k_factor=k_factor):
             began = time.perf_counter()
-            index.search_vectors(query[None], k, nprobe=nprobe)
+            index.search_vectors(query[None], k, nprobe=nprobe, k_factor=k_factor)
             return 1000 * (time.perf_counter() - began)
 
         began = time.perf_counter()
@@ -125,6 +125,7 @@ def serve_measurements(index_dir: Path, queries: np.ndarray, k: int, nprobes: li
         wall = time.perf_counter() - began
         results["runs"].append({
             "nprobe": nprobe or index.plan.nprobe or "-",
+            "k_factor": k_factor or index.plan.k_factor,
             "ids": np.stack(ids).tolist(),
             "single_p50_ms": float(np.percentile(single, 50)), "single_p99_ms": float(np.percentile(single, 99)),
             "concurrent8_p50_ms": float(np.percentile(concurrent, 50)),
@@ -154,12 +155,15 @@ def main():
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nprobe", type=int, nargs="*", default=[],
                         help="ivfpq: nprobe values to measure (default: the plan's, then twice and four times it)")
+    parser.add_argument("--k-factor", type=int, nargs="*", default=[],
+                        help="approximate kinds: re-ranking depths to measure (default: the plan's, then twice it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--serve-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", nargs=4, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve_child:  # the serving process: index folder, queries file, nprobes
-        index_dir, queries_file, nprobes = arguments.serve_child
-        measured = serve_measurements(Path(index_dir), np.load(queries_file), arguments.k, json.loads(nprobes))
+        index_dir, queries_file, nprobes, k_factors = arguments.serve_child
+        measured = serve_measurements(Path(index_dir), np.load(queries_file), arguments.k, json.loads(nprobes),
+                                      json.loads(k_factors))
         print(json.dumps(measured))
         return
 
@@ -178,12 +182,14 @@ def main():
     report["index_files_bytes"] = _folder_bytes(index_dir)
     plan = json.loads((index_dir / "index.json").read_text())["plan"]
     nprobes = arguments.nprobe or ([plan["nprobe"], 2 * plan["nprobe"], 4 * plan["nprobe"]] if plan["nlist"] else [])
+    k_factors = arguments.k_factor or ([plan["k_factor"], 2 * plan["k_factor"]] if plan["k_factor"] > 1 else [])
 
     queries = queries_like(arguments.queries, arguments.n, arguments.dim)
     queries_file = work / "queries.npy"
     np.save(queries_file, queries)
     child = subprocess.run([sys.executable, __file__, "--k", str(arguments.k), "--serve-child", str(index_dir),
-                            str(queries_file), json.dumps(nprobes)], check=True, capture_output=True, text=True)
+                            str(queries_file), json.dumps(nprobes), json.dumps(k_factors)], check=True,
+                           capture_output=True, text=True)
     served = json.loads(child.stdout.strip().splitlines()[-1])
     exact_ids, exact_seconds = exact_top_k(embed_dir, queries, arguments.k)
     report["exact_scan_ms_per_query"] = 1000 * exact_seconds
@@ -201,10 +207,10 @@ def main():
     memory = served["memory"]
     print(f"serving process: load {served['load_s']:.1f} s, VmHWM {memory['VmHWM'] / gigabyte:.2f} GB "
           f"(memory-mapped pages included), RssAnon {memory['RssAnon'] / gigabyte:.2f} GB")
-    print(f"{'nprobe':>7} {'recall@' + str(arguments.k):>10} {'p50 ms':>8} {'p99 ms':>8} {'8 threads p50':>14} "
-          f"{'p99':>7} {'queries/s':>10} {'vs exact':>9}")
+    print(f"{'nprobe':>7} {'k_factor':>8} {'recall@' + str(arguments.k):>10} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'8 threads p50':>14} {'p99':>7} {'queries/s':>10} {'vs exact':>9}")
     for run in served["runs"]:
-        print(f"{run['nprobe']:>7} {run['recall_at_k']:>10.4f} {run['single_p50_ms']:>8.2f} "
+        print(f"{run['nprobe']:>7} {run['k_factor']:>8} {run['recall_at_k']:>10.4f} {run['single_p50_ms']:>8.2f} "
               f"{run['single_p99_ms']:>8.2f} {run['concurrent8_p50_ms']:>14.2f} {run['concurrent8_p99_ms']:>7.2f} "
               f"{run['concurrent8_queries_per_s']:>10.0f} "
               f"{report['exact_scan_ms_per_query'] / run['single_p50_ms']:>8.1f}x")
