@@ -1,14 +1,22 @@
 """The embedding folder: its on-disk layout, the resumable rank-sharded writer of its parts, and its readers.
 
-Layout (kind is "image" or "text"; a folder may hold both):
+Layout: clip-retrieval's, so that its tools and autofaiss read the folder as they read their own (kind is
+"image" or "text"; a folder may hold both, each in its own subfolder, sharing one metadata file a part):
 
-    embed_config.json          part_size and kinds; a resumed run must use the same ones
-    part-00000.image.npy       (n, D) float16, L2-normalised, one row per item that loaded
-    part-00000.parquet         index (global item number), source, caption, width, height per row
-    part-00000.skipped.json    items of the part that could not be loaded, with the reason
-    part-00000.done            commit marker, written last
-    summary.json               count, dim, parts and every skipped item, written once all parts are done
-    model.json                 the checkpoint the embeddings were made with (written by whoever knows it)
+    img_emb/img_emb_00000.npy       (n, D) float16, L2-normalised, one row per item that loaded (kind image)
+    text_emb/text_emb_00000.npy     the same items' caption embeddings (kind text)
+    metadata/metadata_00000.parquet index (global item number), source, caption, width, height per row
+    embed_config.json               part_size, kinds and layout; a resumed run must use the same ones
+    part-00000.skipped.json         items of the part that could not be loaded, with the reason
+    part-00000.done                 commit marker, written last
+    summary.json                    count, dim, parts and every skipped item, written once all parts are done
+    model.json                      the checkpoint the embeddings were made with (written by whoever knows it)
+
+A part whose items all failed to load writes no .npy or .parquet (clip-retrieval's readers would take a
+(0, 0) array for a dimension), only its marker; part numbers have five digits, so that the lexicographic
+order in which clip-retrieval and autofaiss list files is the numeric order up to 100,000 parts. Folders
+written before this layout (part-00000.image.npy, part-00000.parquet beside the markers; no "layout" in
+embed_config.json) are still read, and a resumed run goes on in the layout its folder has.
 
 Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
 rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
@@ -37,6 +45,9 @@ from openalign.files import atomic_write, atomic_write_bytes
 
 KINDS = ("image", "text")
 MODEL_FILE = "model.json"
+LAYOUT = "clip-retrieval"
+LEGACY_LAYOUT = None  # part-00000.image.npy and part-00000.parquet beside the markers
+_KIND_FOLDERS = {"image": "img_emb", "text": "text_emb"}
 METADATA_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
@@ -58,8 +69,24 @@ class EmbeddingFolderError(OpenAlignError, ValueError):
 
 
 def part_name(part_index: int) -> str:
-    """File stem of a part: part-00042."""
+    """File stem of a part's markers: part-00042."""
     return f"part-{part_index:05d}"
+
+
+def embeddings_path(out_dir: Path, part_index: int, kind: str, layout: str | None = LAYOUT) -> Path:
+    """A part's embeddings of one kind: img_emb/img_emb_00042.npy or text_emb/text_emb_00042.npy (legacy:
+    part-00042.image.npy)."""
+    if layout == LAYOUT:
+        folder = _KIND_FOLDERS[kind]
+        return Path(out_dir) / folder / f"{folder}_{part_index:05d}.npy"
+    return Path(out_dir) / f"{part_name(part_index)}.{kind}.npy"
+
+
+def metadata_path(out_dir: Path, part_index: int, layout: str | None = LAYOUT) -> Path:
+    """A part's metadata: metadata/metadata_00042.parquet (legacy: part-00042.parquet)."""
+    if layout == LAYOUT:
+        return Path(out_dir) / "metadata" / f"metadata_{part_index:05d}.parquet"
+    return Path(out_dir) / f"{part_name(part_index)}.parquet"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,28 +102,37 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_part(out_dir: Path, part_index: int, arrays: dict[str, np.ndarray], rows: list[dict],
-               skipped: list[dict]) -> None:
-    """Commit one part: an .npy per kind, the metadata rows, the skipped items, then the .done marker."""
+               skipped: list[dict], layout: str | None = LAYOUT) -> None:
+    """Commit one part: an .npy per kind and the metadata rows (unless every item failed), the skipped items,
+    then the .done marker."""
     stem = part_name(part_index)
-    for kind, array in arrays.items():
-        _write_npy(out_dir / f"{stem}.{kind}.npy", array)
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
-    atomic_write(out_dir / f"{stem}.parquet", lambda temporary: pq.write_table(table, temporary))
+    if rows or layout != LAYOUT:
+        for kind, array in arrays.items():
+            path = embeddings_path(out_dir, part_index, kind, layout)
+            path.parent.mkdir(exist_ok=True)
+            _write_npy(path, array)
+        table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        path = metadata_path(out_dir, part_index, layout)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, lambda temporary: pq.write_table(table, temporary))
     atomic_write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
     done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()}}
     atomic_write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
 
 
-def _check_config(out_dir: Path, config: dict) -> None:
-    """Write embed_config.json, or check that a resumed run uses the same part size and kinds."""
+def _check_config(out_dir: Path, config: dict) -> str | None:
+    """Write embed_config.json, or check that a resumed run uses the same part size and kinds; returns the
+    folder's layout (a folder begun before the clip-retrieval layout goes on in its own)."""
     path = out_dir / "embed_config.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing != config:
+        layout = existing.get("layout", LEGACY_LAYOUT)
+        # A folder begun before the layout was recorded goes on in its own: compare the rest.
+        if {**existing, "layout": layout} != {**config, "layout": layout}:
             raise EmbeddingFolderError(
                 f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
             )
-        return
+        return layout
     # Ranks start together: each fills a private temporary file and publishes it with os.link, which is atomic
     # and refuses an existing name, so exactly one rank creates the file and no rank reads it half written.
     temporary = out_dir / f".embed_config.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -104,12 +140,13 @@ def _check_config(out_dir: Path, config: dict) -> None:
     try:
         os.link(temporary, path)
     except FileExistsError:
-        _check_config(out_dir, config)
+        return _check_config(out_dir, config)
     except OSError:  # a file system without hard links: publish by rename (atomic, last writer wins)
         os.replace(temporary, path)
-        _check_config(out_dir, config)
+        return _check_config(out_dir, config)
     finally:
         temporary.unlink(missing_ok=True)
+    return config.get("layout", LEGACY_LAYOUT)
 
 
 def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, kinds: tuple[str, ...],
@@ -128,7 +165,7 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
         raise EmbeddingFolderError(f"part_size {part_size} must be positive")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size})
+    layout = _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size, "layout": LAYOUT})
 
     progress_bar = None
     if progress and rank == 0:
@@ -153,7 +190,7 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
             else:
                 arrays, rows, skipped, consumed = fill_part(part_items, part_index * part_size, advance)
                 if consumed:
-                    write_part(out_dir, part_index, arrays, rows, skipped)
+                    write_part(out_dir, part_index, arrays, rows, skipped, layout)
             if consumed == 0:
                 break
             num_parts = part_index + 1
@@ -197,6 +234,8 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         "parts": parts,
         "skipped": skipped,
     }
+    if config.get("layout", LEGACY_LAYOUT) != LEGACY_LAYOUT:
+        summary["layout"] = config["layout"]
     # Several ranks may finish together and all write the (identical) summary.
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), shared=True)
     return summary
@@ -248,7 +287,9 @@ def read_summary(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     path = out_dir / "summary.json"
     if not path.exists():
-        unfinished = sorted(p.name for p in out_dir.glob("part-*.parquet") if not p.with_suffix(".done").exists())
+        started = {int(p.stem.rsplit("_", 1)[1]) for p in out_dir.glob("metadata/metadata_*.parquet")}
+        started |= {int(p.stem.split("-")[1]) for p in out_dir.glob("part-*.parquet")}
+        unfinished = [part_name(i) for i in sorted(started) if not (out_dir / f"{part_name(i)}.done").exists()]
         raise EmbeddingFolderError(
             f"{path} does not exist: the embedding run has not finished"
             + (f" (parts without a .done marker: {', '.join(unfinished[:5])})" if unfinished else "")
@@ -261,11 +302,13 @@ def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
     out_dir = Path(out_dir)
     summary = read_summary(out_dir)
     kind = _resolve_kind(out_dir, summary, kind)
+    layout = summary.get("layout", LEGACY_LAYOUT)
     for part in summary["parts"]:
         if part["count"] == 0:
             continue
-        embeddings = np.load(out_dir / f"{part['name']}.{kind}.npy", mmap_mode="r")
-        metadata = pq.read_table(out_dir / f"{part['name']}.parquet")
+        part_index = int(part["name"].split("-")[1])
+        embeddings = np.load(embeddings_path(out_dir, part_index, kind, layout), mmap_mode="r")
+        metadata = pq.read_table(metadata_path(out_dir, part_index, layout))
         if embeddings.shape[0] != metadata.num_rows or embeddings.shape[0] != part["count"]:
             raise EmbeddingFolderError(
                 f"{out_dir / part['name']}: {embeddings.shape[0]} embeddings, {metadata.num_rows} metadata rows, "
