@@ -134,3 +134,46 @@ def test_hub_id_is_downloaded_with_processor_files_only(tmp_path, monkeypatch):
     assert calls[0][0] == "kakaobrain/align-base"
     assert "preprocessor_config.json" in calls[0][2] and not any("safetensors" in name for name in calls[0][2])
     assert processor.image_processor.max_pixels == 1234
+
+
+def test_save_writes_both_layouts_and_transformers_reads_them(tmp_path, images):
+    """preprocessor_config.json (hub layout, transformers 4) and processor_config.json (transformers 5) hold
+    the same settings; transformers and openalign load the folder with the saved sizes."""
+    ours = AlignProcessor(AlignTokenizer.from_pretrained(BERT_FOLDER), AlignImageProcessor.for_image_size(64))
+    ours.save_pretrained(tmp_path / "saved")
+    flat = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
+    nested = json.loads((tmp_path / "saved" / "processor_config.json").read_text())["image_processor"]
+    assert {key: value for key, value in flat.items() if key != "processor_class"} == nested
+    assert nested["size"] == {"height": 77, "width": 77} and nested["crop_size"] == {"height": 64, "width": 64}
+    reference = ReferenceProcessor.from_pretrained(tmp_path / "saved")
+    assert_same_outputs(ours(images=images, text=TEXTS), reference_outputs(reference, images, TEXTS))
+    assert AlignProcessor.from_pretrained(tmp_path / "saved").image_processor == ours.image_processor
+
+
+def test_a_folder_without_image_settings_uses_its_models_size_or_refuses(tmp_path):
+    """Never align-base's 346/289 in silence: the model's own image_size (config.json), said in a warning; with
+    no model beside the tokenizer, a ConfigError naming the folder."""
+    from openalign.errors import ConfigError
+    from openalign.model_config import get_preset
+
+    folder = tmp_path / "model"
+    AlignTokenizer.from_pretrained(BERT_FOLDER).save(folder)
+    with pytest.raises(ConfigError, match=f"{folder} has no image settings"):
+        AlignProcessor.from_pretrained(folder)
+    config = get_preset("tiny")
+    config.replace(vision_config=config.vision_config.replace(image_size=48)).to_json_file(folder / "config.json")
+    with pytest.warns(UserWarning, match="the model's own image size .config.json: 48 px"):
+        processor = AlignProcessor.from_pretrained(folder)
+    assert processor.image_processor == AlignImageProcessor.for_image_size(48)
+    assert processor.image_processor.size == {"height": 57, "width": 57}  # align-base's 346 / 289 ratio
+    given = AlignProcessor.from_pretrained(folder, size={"height": 40, "width": 40}, crop_size=32)  # no warning
+    assert given.image_processor.crop_size == {"height": 32, "width": 32}
+
+
+def test_a_saved_model_max_length_cuts_texts_there(tmp_path):
+    tokenizer = AlignTokenizer.from_pretrained(BERT_FOLDER)
+    assert tokenizer.max_length == 64  # BERT's 512 is longer than ALIGN's 64: 64
+    AlignTokenizer(tokenizer.tokenizer, {**tokenizer.config, "model_max_length": 16}).save(tmp_path / "short")
+    short = AlignTokenizer.from_pretrained(tmp_path / "short")
+    assert short.max_length == 16 and len(short.encode("word " * 100)) == 16
+    assert AlignTokenizer.from_pretrained(tmp_path / "short", max_length=32).max_length == 32

@@ -4,6 +4,7 @@ same values, and the recipes validating."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from openalign.cli import build_parser
 from openalign.errors import ConfigError
@@ -77,3 +78,54 @@ def test_every_field_is_a_command_line_flag():
     args = parser.parse_args(["train", "--optim.lr", "3e-4", "--set", "run.seed=7", "--data.train", "x.jsonl"])
     assert getattr(args, "field:optim.lr") == "3e-4" and args.set == ["run.seed=7"]
     assert len(field_names()) == sum(len(section) for section in TrainConfig().to_dict().values())
+
+
+def test_every_field_has_a_description_its_type_default_and_choices_for_help(capsys):
+    """`train --help` tells each flag's description, type, choices and default, all read from the fields."""
+    import dataclasses
+
+    from openalign.train.config import describe_field, field_choices, field_type_name
+
+    defaults = TrainConfig()
+    for name in field_names():
+        section, key = name.split(".")
+        field = next(entry for entry in dataclasses.fields(getattr(defaults, section)) if entry.name == key)
+        assert len(field.metadata.get("help", "")) > 10, name
+        assert describe_field(name).startswith(field.metadata["help"])
+    assert describe_field("optim.name").endswith("(one of lamb, adamw; default: lamb)")
+    assert "one of align, clip, siglip" in describe_field("loss.name")  # from the loss registry
+    assert describe_field("run.max_minutes").endswith("(default: none)")
+    assert field_type_name("optim.lr") == "FLOAT" and field_type_name("run.max_minutes") == "FLOAT|none"
+    assert set(field_choices()) <= set(field_names())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--optim.lr FLOAT" in help_text and "(default: 0.001)" in help_text and "examples:" in help_text
+
+
+def test_print_config_prints_what_a_run_would_use(capsys, tmp_path, monkeypatch):
+    from openalign.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--recipe", "cpu-small", "--optim.lr", "5e-4", "--data.train", "pairs.jsonl",
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    expected = load_config(overrides={"optim.lr": "5e-4", "data.train": "pairs.jsonl"}, base=get_recipe("cpu-small"))
+    assert TrainConfig.from_dict(yaml.safe_load(printed)) == expected
+    assert not (tmp_path / "runs").exists()  # printed, not run
+
+
+def test_resuming_without_a_config_reads_the_run_folders_own(tmp_path, monkeypatch):
+    from openalign.train.config import load_command_config
+
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    load_config(overrides={"optim.lr": 7e-4, "run.out_dir": str(run_dir)}).save(run_dir / "config.yaml")
+    # A config.yaml in the current folder is not the run's.
+    monkeypatch.chdir(tmp_path)
+    load_config(overrides={"optim.lr": 1e-5}).save(tmp_path / "config.yaml")
+    latest = load_command_config(None, {"run.out_dir": str(run_dir)}, resume="latest")
+    assert latest.optim.lr == 7e-4
+    named = load_command_config(None, {}, resume=str(run_dir / "checkpoint-00000004"))
+    assert named.optim.lr == 7e-4 and named.run.out_dir == str(run_dir)
+    assert load_command_config(None, {}, resume=None).optim.lr == TrainConfig().optim.lr

@@ -15,10 +15,8 @@ from torch import nn
 from openalign import losses
 from openalign.cli import main as cli_main
 from openalign.data.sources import Record, iter_records, write_shards
-from openalign.errors import ConfigError
 from openalign.models.align import AlignModel
 from openalign.train.checkpointing import list_checkpoints, load_trainer_state, verify_checkpoint
-from openalign.train.config import load_config
 from openalign.train.run_log import read_metrics
 from openalign.train.trainer import train
 from tests.train_data import make_data, tiny_config
@@ -51,7 +49,7 @@ def test_tiny_model_loss_falls_and_retrieval_beats_chance(learned_run):
     final = learned_run.metrics
     assert final["step"] == 70 and final["val_num_pairs"] == 128
     # Measured: R@10 about 40-48% in both directions; chance is 7.8%.
-    chance_at_10 = 100 * 10 / 128
+    chance_at_10 = 10 / 128
     for direction in ("image_to_text", "text_to_image"):
         assert final[f"val_{direction}_r10"] > 3 * chance_at_10, final
     # The saved model is a transformers-layout checkpoint that loads.
@@ -64,6 +62,57 @@ def test_plot_command_writes_pngs(learned_run, tmp_path):
     assert cli_main(["plot", str(learned_run.run_dir), "--out", str(tmp_path)]) == 0
     names = sorted(path.name for path in tmp_path.glob("*.png"))
     assert names == ["learning_rate.png", "loss.png", "temperature.png", "val_recall.png"]
+
+
+def test_plots_draw_temperature_on_a_linear_axis_and_chance_as_a_dashed_line(learned_run, tmp_path, monkeypatch):
+    from openalign.train import plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.setdefault(path.stem, figure) and path)
+    plots.plot_run(learned_run.run_dir, tmp_path)
+    assert figures["temperature"].axes[0].get_yscale() == "linear"
+    recall = figures["val_recall"].axes[0]
+    assert recall.get_ylim() == (0.0, 1.0) and "fraction" in recall.get_ylabel()
+    [chance] = [line for line in recall.get_lines() if line.get_label().startswith("chance")]
+    assert chance.get_linestyle() == "--" and set(chance.get_ydata()) == {1 / 128}  # a constant, not a series
+    assert all(line.get_linestyle() == "-" for line in recall.get_lines() if line is not chance)
+
+
+def test_model_and_checkpoints_hold_the_processor_the_run_validated_with(learned_run, data):
+    """model/ and every checkpoint carry the tokenizer (cutting where training cut) and the image settings; the
+    pixels they give are the validation transform's (the oracle: what the run's recall was measured on)."""
+    import warnings
+
+    from openalign.processing.processor import AlignProcessor
+    from openalign.train.builders import eval_transform
+    from openalign.train.outcome import describe_run
+    from tests.train_data import IMAGE_SIZE
+
+    folders = [learned_run.run_dir / "model", *(folder for _, folder in list_checkpoints(learned_run.run_dir))]
+    assert len(folders) == 4  # model/ and the checkpoints at steps 30, 60 and 70
+    [record] = list(iter_records(data["train"]))[:1]
+    image = Image.open(record.image_path).convert("RGB")
+    for folder in folders:
+        assert (folder / "preprocessor_config.json").is_file() and (folder / "processor_config.json").is_file()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing missing, nothing guessed
+            processor = AlignProcessor.from_pretrained(folder)
+        assert processor.image_processor.crop_size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        assert processor.tokenizer.max_length == 16  # tiny_config's data.max_length, not 64
+        pixels = processor(images=[image])["pixel_values"][0]
+        assert torch.equal(pixels, eval_transform(image, resize=36, crop=IMAGE_SIZE))
+    config = tiny_config(data, learned_run.run_dir)
+    text = describe_run(learned_run, config)
+    assert f"R@10 {learned_run.metrics['val_image_to_text_r10']:.3f}" in text
+    assert str(learned_run.run_dir / "model") in text and "openalign zero-shot -m" in text
+
+
+def test_a_run_without_pairs_or_tokenizer_says_how_to_get_them(data, tmp_path):
+    from openalign.errors import ConfigError
+
+    config = tiny_config(data, tmp_path / "run", **{"data.train": "", "data.tokenizer": ""})
+    with pytest.raises(ConfigError, match="data.train and data.tokenizer are empty.*openalign data synth"):
+        train(config)
 
 
 def test_shard_folder_with_a_corrupt_sample_is_counted(data, tmp_path):
@@ -175,11 +224,28 @@ def test_time_fit_plans_as_many_steps_as_the_budget_holds():
     assert len(set(slow_start[step] for step in range(last, 151))) == 1
 
 
+def test_time_fit_plans_during_a_long_warm_up():
+    """The warm-up's rates do not depend on the total, so the plan (and the progress bar's total) need not wait
+    for it: with 50 warm-up steps the first plan comes at step 30, when the window of step times is full."""
+    from openalign.train.schedule import TimeFit
+
+    now = [0.0]
+    fit = TimeFit(100.0, warmup_steps=50, clock=lambda: now[0])
+    total, plans = 1000, {}
+    for step in range(1, 41):
+        now[0] += 0.5
+        total = fit.replan(step, total, elapsed=now[0])
+        plans[step] = total
+    assert plans[29] == 1000 and plans[30] == 196  # 0.98 x 100 s / 0.5 s
+
+
 def test_fit_steps_to_time_ends_the_schedule_with_the_budget(data, tmp_path):
-    """5,000 steps asked for, 12 seconds given: the run re-plans to what 12 s hold and decays to the end."""
+    """5,000 steps asked for, 12 seconds given: the run re-plans to what 12 s hold and decays to the end (a
+    time budget fits the steps to itself unless run.fit_steps_to_time says false)."""
     config = tiny_config(data, tmp_path / "fit", **{
         "optim.total_steps": 5000, "optim.warmup_steps": 2, "run.log_every": 5, "run.checkpoint_every": 10**6,
-        "run.max_minutes": 0.2, "run.fit_steps_to_time": True})
+        "run.max_minutes": 0.2})
+    assert config.run.fit_steps_to_time
     result = train(config)
     planned = result.metrics["total_steps"]
     assert planned < 5000
@@ -187,8 +253,6 @@ def test_fit_steps_to_time_ends_the_schedule_with_the_budget(data, tmp_path):
     records = [record for record in read_metrics(result.run_dir) if "lr" in record]
     assert records[-1]["lr"] <= 0.15 * config.optim.lr  # near the end of the cosine, not cut off at full rate
     assert records[-1]["elapsed_s"] >= 0.6 * 12
-    with pytest.raises(ConfigError, match="run.max_minutes"):
-        load_config(overrides={"run.fit_steps_to_time": True})
 
 
 @pytest.mark.parametrize("resize, crop", [(36, 32), (346, 289), (32, 32), (37, 32)])

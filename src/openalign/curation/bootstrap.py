@@ -177,11 +177,9 @@ def _rules_stage(config: CurateConfig, folder: Path) -> dict:
 
 
 def _tokenizer_stage(config: CurateConfig, source: str, folder: Path) -> dict:
-    from openalign.data.sources import iter_records
-    from openalign.processing.tokenizer import train_wordpiece
+    from openalign.data.vocabulary import train_tokenizer
 
-    captions = (record.caption for record in iter_records(source) if record.caption)
-    tokenizer = train_wordpiece(captions, config.vocab_size, folder / "wordpiece")
+    tokenizer = train_tokenizer(source, config.vocab_size, folder / "wordpiece")
     return {"tokenizer": str(folder / "wordpiece"), "vocab_size": tokenizer.vocab_size}
 
 
@@ -197,8 +195,8 @@ def training_config(config: CurateConfig, source: str, tokenizer: str, run_dir: 
     overrides = {**config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
                  "run.out_dir": str(run_dir), "optim.total_steps": config.steps if final else config.bootstrap_steps,
                  "model.init_from": init_from}
-    if minutes is not None:
-        overrides["run.max_minutes"] = minutes
+    if minutes is not None:  # a limit on a run of the steps asked for, not a budget to fit the steps to
+        overrides.update({"run.max_minutes": minutes, "run.fit_steps_to_time": False})
     return load_config(config.train_config, overrides, base=get_recipe(config.recipe) if config.recipe else None)
 
 
@@ -209,28 +207,10 @@ def _training_stage(config: CurateConfig, source: str, tokenizer: str, previous_
 
     train_config = training_config(config, source, tokenizer, folder, previous_model, final)
     result = train(train_config, resume="latest" if list_checkpoints(folder) else None)
-    model = folder / "model"
-    save_processor(model, tokenizer, train_config)
+    model = folder / "model"  # weights, tokenizer and image settings: the trainer saves them all
     return {"model": str(model), "trained_on": source, "init_from": train_config.model.init_from,
             "max_length": train_config.data.max_length, "steps": result.step,
             "stop_reason": result.stop_reason, "final_loss": result.metrics.get("loss")}
-
-
-def save_processor(model_dir: Path, tokenizer: str, train_config) -> None:
-    """Save the processor a run trained with into its model folder (tokenizer files and image settings: the
-    evaluation transform of openalign.train.builders), so that the folder loads as a checkpoint."""
-    from openalign.model_config import AlignConfig
-    from openalign.processing.image_processor import AlignImageProcessor
-    from openalign.processing.processor import AlignProcessor
-    from openalign.processing.tokenizer import AlignTokenizer
-
-    data = train_config.data
-    image_size = data.image_size or AlignConfig.from_json_file(model_dir / "config.json").vision_config.image_size
-    resize = data.resize or round(image_size * 346 / 289)
-    image_processor = AlignImageProcessor(size={"height": resize, "width": resize},
-                                          crop_size={"height": image_size, "width": image_size})
-    processor = AlignProcessor(AlignTokenizer.from_pretrained(tokenizer, max_length=data.max_length), image_processor)
-    processor.save_pretrained(model_dir)
 
 
 def _scoring_stage(config: CurateConfig, source: str, model: str, max_length: int, folder: Path) -> dict:

@@ -66,6 +66,14 @@ class AlignImageProcessor:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in settings.items() if key in names})
 
+    @classmethod
+    def for_image_size(cls, image_size: int, resize: int | None = None) -> AlignImageProcessor:
+        """align-base's settings scaled to another crop: a square resize to `resize` (default image_size *
+        346 / 289, align-base's ratio), then the centre crop of image_size. What a model trained at that size
+        (`openalign train`, whose validation uses exactly this) is evaluated with."""
+        resize = resize or round(image_size * 346 / 289)
+        return cls(size={"height": resize, "width": resize}, crop_size={"height": image_size, "width": image_size})
+
     def to_dict(self) -> dict:
         """The settings as transformers writes them in preprocessor_config.json."""
         settings = {

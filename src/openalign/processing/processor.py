@@ -3,7 +3,11 @@
 Folders read: the hub layout of kakaobrain/align-base (flat `preprocessor_config.json`, `vocab.txt` and/or
 `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) and the one transformers 5 writes
 (`processor_config.json` with the image settings nested under "image_processor", `tokenizer.json`,
-`tokenizer_config.json`). `save_pretrained` writes the hub layout, which transformers 4 and 5 both load.
+`tokenizer_config.json`). `save_pretrained` writes the image settings in both (the same settings twice), so
+every reader finds them where it looks first: transformers 4 and 5, openalign, and tools that read only one.
+
+A folder without image settings is loaded with the settings of its model's own `image_size` (config.json
+beside the processor files), said in a warning; with neither, loading refuses rather than guess align-base's.
 """
 
 from __future__ import annotations
@@ -64,27 +68,22 @@ class AlignProcessor:
         """
         folder = resolve_folder(folder_or_hub_id, allow_patterns=PROCESSOR_FILES, revision=revision)
         settings = read_image_settings(folder)
-        if settings is None:
-            warnings.warn(
-                f"{folder}: no processor_config.json or preprocessor_config.json; using align-base image settings",
-                stacklevel=2,
-            )
-            settings = {}
-        image_processor = AlignImageProcessor.from_dict({**settings, **image_settings})
+        if settings is None and not {"size", "crop_size"} <= set(image_settings):
+            settings = _model_image_settings(folder)
+        image_processor = AlignImageProcessor.from_dict({**(settings or {}), **image_settings})
         return cls(AlignTokenizer.from_pretrained(folder), image_processor)
 
     def save_pretrained(self, folder: str | pathlib.Path) -> None:
-        """Write preprocessor_config.json and the tokenizer files; openalign and transformers both load it."""
+        """Write the tokenizer files and the image settings, in preprocessor_config.json (the hub layout) and
+        processor_config.json (transformers 5's); openalign and transformers 4 and 5 load the folder."""
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(folder)
-        settings = {**self.image_processor.to_dict(), "processor_class": "AlignProcessor"}
-        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-        (folder / "preprocessor_config.json").write_text(text, encoding="utf-8")
-        # A stale transformers-5 file would take precedence over what we just wrote.
-        stale = folder / "processor_config.json"
-        if stale.is_file():
-            stale.unlink()
+        settings = self.image_processor.to_dict()
+        layouts = {"preprocessor_config.json": {**settings, "processor_class": "AlignProcessor"},
+                   "processor_config.json": {"image_processor": settings, "processor_class": "AlignProcessor"}}
+        for name, content in layouts.items():
+            (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def __call__(
         self,
@@ -124,6 +123,27 @@ class AlignProcessor:
     def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = True) -> list[str]:
         """Each row of token ids back to text."""
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+def _model_image_settings(folder: pathlib.Path) -> dict:
+    """The image settings of the model saved beside the processor files (config.json's vision image_size, at
+    align-base's resize ratio), with a warning that says so; ConfigError when there is no model to ask."""
+    from openalign.model_config import AlignConfig
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} has no image settings (preprocessor_config.json or processor_config.json) and no model "
+            "config.json to take the image size from; save the processor there (AlignProcessor.save_pretrained) "
+            "or pass size= and crop_size="
+        )
+    image_size = AlignConfig.from_json_file(folder / "config.json").vision_config.image_size
+    settings = AlignImageProcessor.for_image_size(image_size).to_dict()
+    warnings.warn(
+        f"{folder}: no preprocessor_config.json or processor_config.json; using the model's own image size "
+        f"(config.json: {image_size} px, resized to {settings['size']['height']} first)",
+        stacklevel=3,
+    )
+    return settings
 
 
 def read_image_settings(folder: str | pathlib.Path) -> dict | None:

@@ -49,8 +49,11 @@ class AlignTokenizer:
         self._token_id("unk_token")
 
     @classmethod
-    def from_pretrained(cls, folder: str | pathlib.Path, *, max_length: int = 64) -> AlignTokenizer:
-        """Load a folder holding `tokenizer.json` and/or `vocab.txt` (+ optional `tokenizer_config.json`)."""
+    def from_pretrained(cls, folder: str | pathlib.Path, *, max_length: int | None = None) -> AlignTokenizer:
+        """Load a folder holding `tokenizer.json` and/or `vocab.txt` (+ optional `tokenizer_config.json`).
+
+        max_length: where texts are cut; by default 64 (ALIGN's), or the folder's `model_max_length` when that
+        is shorter (a model trained on shorter texts, whose later positions never trained, saves it so)."""
         folder = pathlib.Path(folder)
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
@@ -68,6 +71,9 @@ class AlignTokenizer:
             tokenizer = build_wordpiece_tokenizer(read_vocabulary(folder / "vocab.txt"), config)
         else:
             raise ConfigError(f"{folder}: no tokenizer.json or vocab.txt found")
+        if max_length is None:
+            saved = config.get("model_max_length")
+            max_length = min(64, saved) if isinstance(saved, int) and saved >= 2 else 64
         return cls(tokenizer, config, max_length=max_length)
 
     @property

@@ -18,6 +18,7 @@ from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.pretrained import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
 from openalign.processing.image_processor import AlignImageProcessor
+from openalign.processing.processor import AlignProcessor
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.config import LossSection, TrainConfig
 
@@ -95,7 +96,7 @@ def build_contrastive_loss(loss: LossSection, model: AlignModel) -> ContrastiveL
 
 @functools.lru_cache(maxsize=8)
 def _eval_processor(resize: int, crop: int) -> AlignImageProcessor:
-    return AlignImageProcessor(size={"height": resize, "width": resize}, crop_size={"height": crop, "width": crop})
+    return AlignImageProcessor.for_image_size(crop, resize)
 
 
 def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:
@@ -104,10 +105,20 @@ def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tenso
     return _eval_processor(resize, crop).preprocess_image(image)
 
 
+def run_processor(config: TrainConfig, tokenizer: AlignTokenizer, image_size: int) -> AlignProcessor:
+    """The processor a run's model is used with, saved beside its weights in model/ and every checkpoint: the
+    run's tokenizer, cutting texts where training cut them (data.max_length, saved as model_max_length), and
+    the validation image settings (the resize, then the centre crop of the size the model trained at)."""
+    data = config.data
+    text = AlignTokenizer(tokenizer.tokenizer, {**tokenizer.config, "model_max_length": data.max_length},
+                          max_length=data.max_length)
+    return AlignProcessor(text, AlignImageProcessor.for_image_size(image_size, data.resize))
+
+
 def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: int, pin_memory: bool = False):
     """(train loader, validation loader or None): resumable loaders of tokenized, augmented batches."""
     data = config.data
-    resize = data.resize or round(image_size * 346 / 289)
+    resize = AlignImageProcessor.for_image_size(image_size, data.resize).size["height"]  # align-base's ratio
     padding = "max_length" if config.run.compile else "longest"  # compiled graphs want one text length
     tokenize = functools.partial(tokenizer, padding=padding, max_length=data.max_length)
     if not data.train:

@@ -71,16 +71,20 @@ def load_optimizer_state(holder: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 class StateDictWriter:
-    """What `save_checkpoint` needs of a model (save_pretrained), for a state dict gathered from shards."""
+    """What `save_checkpoint` needs of a model (save_pretrained), for a state dict gathered from shards, and
+    the processor the model is used with, so that the folder serves every command as it is."""
 
-    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor]):
-        self.config, self.state_dict = config, state_dict
+    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor], processor=None):
+        self.config, self.state_dict, self.processor = config, state_dict, processor
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json and the weights into `folder`, in transformers' layout."""
+        """Write config.json and the weights into `folder`, in transformers' layout, and the processor's
+        tokenizer files and image settings when there is one."""
         from openalign.pretrained import write_checkpoint
 
         write_checkpoint(folder, self.config, self.state_dict)
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
 
 
 def save_checkpoint(

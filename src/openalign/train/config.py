@@ -24,117 +24,140 @@ except ModuleNotFoundError:  # Python 3.10: TOML configs need 3.11; YAML works e
     tomllib = None
 
 
+def documented(default: Any, help: str) -> Any:
+    """A config field with its description, which `openalign train --help` shows beside its type, default and
+    choices (`field_help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
     """What to train: a preset or config.json, optionally started from checkpoints, towers frozen or not."""
 
-    preset: str = "tiny"
-    config: str | None = None  # a config.json (or a folder holding one); overrides `preset`
-    init_from: str | None = None  # an ALIGN checkpoint folder for the whole model
-    text_init: str | None = None  # an ALIGN checkpoint or a plain BERT folder, for the text tower only
-    vision_init: str | None = None  # an ALIGN checkpoint, for the image tower only
-    freeze_text: bool = False
-    freeze_vision: bool = False
-    temperature_init: float | None = None  # overrides the config's temperature_init_value (ALIGN: 1.0)
-    gradient_checkpointing: str = "none"  # none | text | vision | both
-    residual_gain: float = 0.2  # trainable_init's gain on residual branches, for towers trained from scratch
-    # Keras meaning (decay of the running average; align-base: 0.99). Short runs want less, e.g. 0.9: with
-    # 0.99 the running statistics that evaluation uses lag far behind the weights for thousands of steps.
-    batch_norm_momentum: float | None = None
+    preset: str = documented("tiny", "architecture: align-base, align-l2-large, tiny, or VISION+TEXT such as "
+                                     "efficientnet-b0+bert-mini (openalign summary PRESET describes it)")
+    config: str | None = documented(None, "a config.json (or a folder holding one); overrides model.preset")
+    init_from: str | None = documented(None, "an ALIGN checkpoint folder or hub id to start the whole model from")
+    text_init: str | None = documented(None, "an ALIGN checkpoint or a plain BERT folder, for the text tower only")
+    vision_init: str | None = documented(None, "an ALIGN checkpoint, for the image tower only")
+    freeze_text: bool = documented(False, "keep the text tower fixed (LiT-style: eval mode, no gradient)")
+    freeze_vision: bool = documented(False, "keep the image tower fixed")
+    temperature_init: float | None = documented(None, "starting temperature, a raw divisor of the cosines "
+                                                      "(default: the config's temperature_init_value; ALIGN: 1.0; "
+                                                      "short runs learn much faster from 0.07)")
+    gradient_checkpointing: str = documented("none", "recompute activations in the backward pass of these towers, "
+                                                     "to fit larger batches")
+    residual_gain: float = documented(0.2, "initial gain of the residual branches of towers trained from scratch")
+    # Short runs want less than align-base's 0.99: with it the running statistics that evaluation uses lag
+    # far behind the weights for thousands of steps.
+    batch_norm_momentum: float | None = documented(None, "BatchNorm running-average decay, Keras meaning "
+                                                         "(align-base: 0.99; short runs want about 0.9)")
 
 
 @dataclass
 class DataSection:
     """Where pairs come from and how they are turned into tensors."""
 
-    train: str = ""  # a manifest, an image folder or a WebDataset shard spec
-    val: str | None = None  # held-out pairs for validation (a manifest or shards)
-    tokenizer: str = ""  # a folder with tokenizer.json or vocab.txt
-    image_size: int | None = None  # the crop; default: the model config's image_size
-    resize: int | None = None  # the square resize before the crop; default: image_size * 346 / 289
-    flip: bool | str = "auto"  # True, False or "auto" (no flip when the caption says left/right)
-    max_length: int = 64
-    num_workers: int = 0
-    resampled: bool = False
-    shuffle_buffer: int = 1000
-    epoch_size: int | None = None
-    cache_images: bool = False  # keep decoded images in memory after their first epoch (data that fits in RAM)
-    group_by: str | None = None  # a manifest column: shuffle in runs of group_size rows sharing its value
-    group_size: int = 128
-    group_fraction: float = 1.0  # the share of rows that come in runs; the rest are shuffled singly
-    group_from_epoch: int = 0  # plain shuffles before this epoch
-    val_max_samples: int = 1000
+    train: str = documented("", "training pairs: a manifest (.jsonl/.csv/.tsv/.parquet), an image folder or a "
+                                "WebDataset shard spec; `openalign data synth` writes one")
+    val: str | None = documented(None, "held-out pairs for validation recall (a manifest or shards)")
+    tokenizer: str = documented("", "a folder with tokenizer.json or vocab.txt (`openalign tokenizer train`)")
+    image_size: int | None = documented(None, "the training crop in pixels (default: the model config's "
+                                              "image_size)")
+    resize: int | None = documented(None, "the square resize before the crop (default: image_size * 346 / 289)")
+    flip: bool | str = documented("auto", "random horizontal flips; auto: none when the caption says left or right")
+    max_length: int = documented(64, "tokens per caption, [CLS] and [SEP] included; longer captions are cut")
+    num_workers: int = documented(0, "data loader processes per training process (0: load in the main process)")
+    resampled: bool = documented(False, "draw shards with replacement, endlessly (large shard sets)")
+    shuffle_buffer: int = documented(1000, "samples held for shuffling a shard stream")
+    epoch_size: int | None = documented(None, "samples per epoch (default: the whole source)")
+    cache_images: bool = documented(False, "keep decoded images in memory after their first epoch (data that fits "
+                                           "in RAM)")
+    group_by: str | None = documented(None, "a manifest column: shuffle in runs of group_size rows sharing its "
+                                            "value, so in-batch negatives share it (hard negatives)")
+    group_size: int = documented(128, "rows per run with data.group_by")
+    group_fraction: float = documented(1.0, "the share of rows that come in runs; the rest are shuffled singly")
+    group_from_epoch: int = documented(0, "plain shuffles before this epoch, grouped ones from it on")
+    val_max_samples: int = documented(1000, "validate on at most this many pairs")
 
 
 @dataclass
 class OptimSection:
     """Optimiser, schedule, batch and gradient handling."""
 
-    name: str = "lamb"  # lamb | adamw
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    schedule: str = "linear"  # linear | cosine | constant (after the warmup)
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    batch_size: int = 32  # per process; the global batch is batch_size * world_size
-    accumulation: int = 1  # micro-batches per step, exact through feature caching when > 1
+    name: str = documented("lamb", "optimiser (LAMB is the paper's)")
+    lr: float = documented(1e-3, "peak learning rate, reached at the end of the warm-up")
+    weight_decay: float = documented(1e-5, "decoupled weight decay (not on biases, norms or the temperature)")
+    betas: tuple[float, float] = documented((0.9, 0.999), "Adam moments' decay rates, as [b1, b2]")
+    eps: float = documented(1e-6, "the optimiser's epsilon")
+    warmup_steps: int = documented(0, "steps of linear warm-up from 0 to optim.lr")
+    total_steps: int = documented(1000, "steps of the whole schedule; with run.max_minutes re-planned to fit the "
+                                        "time (run.fit_steps_to_time)")
+    schedule: str = documented("linear", "the decay after the warm-up")
+    min_lr_ratio: float = documented(0.0, "the learning rate at the end, as a fraction of optim.lr")
+    grad_clip: float | None = documented(None, "largest global gradient norm (default: no clipping)")
+    batch_size: int = documented(32, "pairs per step per process; the global batch is batch_size x processes")
+    accumulation: int = documented(1, "micro-batches per step, exact through feature caching when > 1")
 
 
 @dataclass
 class LossSection:
     """The contrastive loss; negatives come from the global batch under torch.distributed."""
 
-    name: str = "align"  # a key of openalign.losses.LOSSES (align, clip, siglip, and any registered there)
-    label_smoothing: float = 0.1
-    local_loss: bool = True
-    gather_with_grad: bool = True
-    # Hard-negative weighting (align and clip): each negative counts in proportion to exp(beta * its cosine),
-    # normalised to average 1 (losses.py); 0 is the plain loss.
-    hard_negative_beta: float = 0.0
-    # A label-free second term (train/image_ssl.py, after SLIP): each image against a colour-scrambled, moved
-    # view of itself, through an MLP head. 0 turns it off; images: how many per batch get a view (0: all).
-    image_ssl_weight: float = 0.0
-    image_ssl_images: int = 0
-    image_ssl_temperature: float = 0.1
-    image_ssl_warmup_steps: int = 0  # the weight rises linearly from 0 to image_ssl_weight over these steps
+    name: str = documented("align", "the contrastive loss, by its name in openalign.losses.LOSSES")
+    label_smoothing: float = documented(0.1, "label smoothing of the softmax losses (ALIGN: 0.1)")
+    local_loss: bool = documented(True, "under torch.distributed, score each rank's rows against the global batch "
+                                        "(open_clip's local_loss) instead of the full matrix on every rank")
+    gather_with_grad: bool = documented(True, "let gradients flow through the features gathered from other ranks")
+    hard_negative_beta: float = documented(0.0, "weight each negative by exp(beta x its cosine), normalised (align "
+                                                "and clip); 0: the plain loss")
+    image_ssl_weight: float = documented(0.0, "weight of the label-free image term (each image against a "
+                                              "colour-scrambled view of itself); 0: off")
+    image_ssl_images: int = documented(0, "images per batch that get a second view for that term (0: all)")
+    image_ssl_temperature: float = documented(0.1, "temperature of that term's InfoNCE")
+    image_ssl_warmup_steps: int = documented(0, "steps over which that term's weight rises from 0")
 
 
 @dataclass
 class RunSection:
     """Where the run lives and how it is watched, saved and guarded."""
 
-    out_dir: str = "runs/align"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler, CUDA only)
-    channels_last: bool | str = "auto"  # memory format of the image tower; auto: on for CPU
-    compile: bool = False
-    ema_decay: float | None = None
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    val_every: int = 0  # 0: validate only at the end (when a val set is given)
-    log_every: int = 10
-    nan_policy: str = "halt"  # halt | skip
-    max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
-    # With max_minutes: re-plan optim.total_steps from the measured step time while the decay is in its first
-    # quarter, so that the schedule ends when the time does (instead of being cut by it, or ending early).
-    fit_steps_to_time: bool = False
-    progress: bool = True
-    tensorboard: bool = True  # used when the tensorboard package is importable
-    plots: bool = True
+    out_dir: str = documented("runs/align", "the run folder: config.yaml, metrics.jsonl, checkpoints, model/, "
+                                             "plots/")
+    seed: int = documented(0, "seed of the weights, the data order and the augmentation")
+    device: str = documented("auto", "auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU")
+    dtype: str = documented("fp32", "autocast precision (fp16 with a grad scaler, CUDA only)")
+    channels_last: bool | str = documented("auto", "memory format of the image tower; auto: on for the CPU")
+    compile: bool = documented(False, "torch.compile the model's forward")
+    ema_decay: float | None = documented(None, "keep an exponential moving average of the weights with this decay "
+                                               "(e.g. 0.9999), saved as model-ema/")
+    checkpoint_every: int = documented(1000, "steps between checkpoints (and one at the end)")
+    keep_last: int = documented(3, "checkpoints kept; older ones are deleted")
+    val_every: int = documented(0, "steps between validations (0: only at the end); needs data.val")
+    log_every: int = documented(10, "steps between metrics.jsonl lines")
+    nan_policy: str = documented("halt", "on a NaN or infinite loss: stop, or skip the step")
+    max_minutes: float | None = documented(None, "a time budget: stop (with a checkpoint) once this much wall time "
+                                                 "has passed")
+    fit_steps_to_time: bool = documented(True, "with run.max_minutes: re-plan optim.total_steps from the measured "
+                                               "step time so the schedule ends with the time (false: the time "
+                                               "budget cuts the schedule wherever it is)")
+    progress: bool = documented(True, "show a progress bar")
+    tensorboard: bool = documented(True, "also log to TensorBoard when the tensorboard package is importable")
+    plots: bool = documented(True, "write PNG plots of the metrics into plots/ at the end")
+
+    @property
+    def time_fitted(self) -> bool:
+        """Whether the step count follows the time budget: fit_steps_to_time, and a budget to fit."""
+        return self.fit_steps_to_time and self.max_minutes is not None
 
 
 @dataclass
 class DistributedSection:
     """How several processes share the work (only used under torchrun)."""
 
-    strategy: str = "ddp"  # ddp | fsdp
-    sync_batchnorm: bool = False
-    backend: str | None = None  # default: nccl on GPU, gloo on CPU
+    strategy: str = documented("ddp", "ddp: every process holds the model; fsdp: parameters sharded (FSDP2)")
+    sync_batchnorm: bool = documented(False, "BatchNorm statistics over the global batch")
+    backend: str | None = documented(None, "process-group backend (default: nccl on GPU, gloo on CPU)")
 
 
 def field_choices() -> dict[str, tuple]:
@@ -205,8 +228,6 @@ class TrainConfig:
             others = " or ".join(name for name, loss in LOSSES.items() if not loss.hard_negatives)
             raise ConfigError(f"loss.hard_negative_beta = {beta} must not be negative, and works with loss.name "
                               f"{takes} (the softmax losses), not {others}")
-        if self.run.fit_steps_to_time and self.run.max_minutes is None:
-            raise ConfigError("run.fit_steps_to_time needs run.max_minutes: the time to fit the steps to")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self
@@ -246,10 +267,14 @@ class TrainConfig:
                 config.set(f"{section}.{name}", value)
         return config
 
+    def to_yaml(self) -> str:
+        """The resolved configuration as YAML, sections and fields in their declared order."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> Path:
         """Write the resolved configuration as YAML."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
         return path
 
 
@@ -300,12 +325,56 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def load_command_config(path: str | Path | None, overrides: dict[str, Any], base: dict[str, Any] | None = None,
+                        resume: str | None = None) -> TrainConfig:
+    """The configuration an `openalign train` command line asks for: `load_config(path, overrides, base)`,
+    except that a resumed run given no config file reads its run folder's own config.yaml (written when the
+    run started): the folder of a checkpoint named by `resume`, or for "latest" run.out_dir as the command
+    line, recipe or defaults give it (never the current folder)."""
+    if path is None and resume:
+        run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
+        if (run_dir / "config.yaml").is_file():
+            path = run_dir / "config.yaml"
+    return load_config(path, overrides, base=base)
+
+
 def field_names() -> list[str]:
     """Every dotted key a TrainConfig accepts, e.g. "optim.lr" (used to build command-line flags)."""
     names = []
     for section in dataclasses.fields(TrainConfig):
         names += [f"{section.name}.{entry.name}" for entry in dataclasses.fields(_section_class(section.name))]
     return names
+
+
+def field_type_name(key: str) -> str:
+    """A field's type as a command line shows it: INT, FLOAT, TEXT, BOOL, unions joined by |, e.g. FLOAT|none."""
+    section, name = _split_key(key)
+    annotation = _field_types(_section_class(section))[name]
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    names = {int: "INT", float: "FLOAT", str: "TEXT", bool: "BOOL", type(None): "none"}
+    return "|".join(names.get(option, "[FLOAT,FLOAT]") for option in options)
+
+
+def describe_field(key: str) -> str:
+    """A field's description, choices and default in one line, for `openalign train --help`."""
+    section, name = _split_key(key)
+    entry = next(entry for entry in dataclasses.fields(_section_class(section)) if entry.name == name)
+    choices = field_choices().get(key)
+    details = [f"one of {', '.join(_shown(choice) for choice in choices)}"] if choices else []
+    help_text = entry.metadata.get("help", "")
+    if "default" not in help_text:
+        details.append(f"default: {_shown(entry.default)}")
+    return f"{help_text} ({'; '.join(details)})" if details else help_text
+
+
+def _shown(value: Any) -> str:
+    """A value as it is written on the command line or in YAML: true, none, [0.9, 0.999], empty."""
+    if value is None or value == "":
+        return "none" if value is None else "empty"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def _set_checked(config: TrainConfig, key: str, value: Any, source: str) -> None:

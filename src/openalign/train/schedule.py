@@ -79,8 +79,9 @@ def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: i
 class TimeFit:
     """`run.fit_steps_to_time`: the total step count that ends the schedule with the time budget.
 
-    Every step is timed (data loading included; validation and checkpointing not). After the warm-up, while
-    the decay is in its first quarter, every step re-plans: total = step + (margin x budget - elapsed) / (mean
+    Every step is timed (data loading included; validation and checkpointing not). From the WINDOW-th step
+    (during the warm-up too, whose rates do not depend on the total) until the decay is a quarter through,
+    every step re-plans: total = step + (margin x budget - elapsed) / (mean
     of the last WINDOW step times), the slowest rank's mean under torch.distributed so that every rank plans
     the same. Near the start of a cosine or linear decay the learning rate hardly depends on the total, so the
     re-plans move it by little; a first epoch slowed by decoding (images cached after it) is outgrown by the
@@ -104,7 +105,7 @@ class TimeFit:
         self.durations.append(now - self.last)
         self.last = now
         decaying = step - self.warmup_steps
-        if decaying < 0 or decaying > 0.25 * (total_steps - self.warmup_steps) or len(self.durations) < self.WINDOW:
+        if decaying > 0.25 * (total_steps - self.warmup_steps) or len(self.durations) < self.WINDOW:
             return total_steps
         seconds = max_over_ranks(sum(self.durations) / len(self.durations))
         remaining = max(0.0, self.MARGIN * self.budget - elapsed)

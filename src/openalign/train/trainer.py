@@ -38,9 +38,10 @@ from openalign.errors import CheckpointError, ConfigError
 from openalign.losses import ContrastiveLoss
 from openalign.models.align import AlignModel
 from openalign.pretrained import load_into, read_state_dict
+from openalign.processing.processor import AlignProcessor
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train import checkpointing
-from openalign.train.builders import build_contrastive_loss, build_loaders, build_model
+from openalign.train.builders import build_contrastive_loss, build_loaders, build_model, run_processor
 from openalign.train.checkpointing import (
     StateDictWriter,
     gather_model_state,
@@ -81,7 +82,9 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
     Works in one process and under torchrun (one process per device; DDP, or FSDP2 with
     distributed.strategy=fsdp). Writes config.yaml, metrics.jsonl, checkpoint-*/ folders, model/ (the final
-    weights; model-ema/ too with an EMA) and plots/ into run.out_dir.
+    weights; model-ema/ too with an EMA) and plots/ into run.out_dir. model/ and every checkpoint hold the
+    processor too (tokenizer files and the image settings the run validated with), so each is a folder every
+    command and `AlignProcessor.from_pretrained` take as it is.
     """
     config.validate()
     info = init_distributed(config.distributed.backend)
@@ -128,6 +131,7 @@ class _Parts:
     val_loader: Any
     state_holder: nn.Module  # what the optimiser state is keyed through (under FSDP, the sharded root)
     fsdp: bool
+    processor: AlignProcessor  # saved beside the weights, so model/ and every checkpoint work as they are
 
 
 @dataclass
@@ -164,9 +168,8 @@ class _RunState:
 
 
 def _train(config: TrainConfig, resume: str | None, info: WorldInfo) -> TrainResult:
+    _check_data(config)
     run = _start(config, info)
-    if not config.data.tokenizer:
-        raise ConfigError("data.tokenizer is empty: give a folder with tokenizer.json or vocab.txt")
     tokenizer = AlignTokenizer.from_pretrained(config.data.tokenizer, max_length=config.data.max_length)
     model = build_model(config, tokenizer.vocab_size)
     checkpoint_folder, trainer_state = _read_checkpoint(run, model, resume)
@@ -176,6 +179,19 @@ def _train(config: TrainConfig, resume: str | None, info: WorldInfo) -> TrainRes
     if trainer_state is not None:
         _restore(run, parts, state, trainer_state, checkpoint_folder)
     return _train_and_write(run, parts, state, resumed=trainer_state is not None)
+
+
+def _check_data(config: TrainConfig) -> None:
+    """Refuse a run without pairs or a tokenizer, naming both and how a first run gets them."""
+    missing = [key for key in ("data.train", "data.tokenizer") if not config.get(key)]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty: a run needs image-text pairs "
+            "(a manifest, image folder or shards) and a WordPiece tokenizer folder. For a first run: "
+            "`openalign data synth --out data --n 2000`, `openalign tokenizer train data/train/manifest.jsonl "
+            "--vocab-size 1000 --out tokenizer`, then `--data.train data/train/manifest.jsonl --data.tokenizer "
+            "tokenizer`"
+        )
 
 
 def _start(config: TrainConfig, info: WorldInfo) -> _Run:
@@ -271,14 +287,15 @@ def _build(run: _Run, model: AlignModel, tokenizer: AlignTokenizer) -> _Parts:
         device=device, autocast_dtype=AUTOCAST_DTYPES[config.run.dtype], channels_last=channels_last,
         accumulation=optim.accumulation, grad_clip=optim.grad_clip, nan_policy=config.run.nan_policy,
     )
+    processor = run_processor(config, tokenizer, model.config.vision_config.image_size)
     return _Parts(model, features, loss, image_ssl, optimizer, scheduler, scaler, ema, stepper, train_loader,
-                  val_loader, state_holder, fsdp)
+                  val_loader, state_holder, fsdp, processor)
 
 
 def _restore(run: _Run, parts: _Parts, state: _RunState, trainer_state: dict, folder: Path) -> None:
     """Put the counters and every part back where the checkpoint left them, this rank's RNG states last."""
     state.step, state.skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
-    if run.config.run.fit_steps_to_time:  # go on with the plan as re-planned, not the config's first guess
+    if run.config.run.time_fitted:  # go on with the plan as re-planned, not the config's first guess
         state.total_steps = trainer_state.get("total_steps", state.total_steps)
         set_total_steps(parts.scheduler, state.total_steps)
     load_optimizer_state(parts.state_holder, parts.optimizer, trainer_state["optimizer"], parts.fsdp)
@@ -313,7 +330,7 @@ def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
         "ema": parts.ema.state_dict() if parts.ema is not None else None, "data": parts.train_loader.state_dict(),
         "rng": all_gather_objects(checkpointing.rng_state()),
     }
-    weights = StateDictWriter(parts.model.config, gather_model_state(parts.model, parts.fsdp))
+    weights = StateDictWriter(parts.model.config, gather_model_state(parts.model, parts.fsdp), parts.processor)
     folder = run.run_dir / checkpointing.checkpoint_name(state.step)
     if run.main:
         folder = checkpointing.save_checkpoint(run.run_dir, state.step, weights, trainer_state,
@@ -332,9 +349,10 @@ def _train_and_write(run: _Run, parts: _Parts, state: _RunState, resumed: bool) 
         _loop(run, parts, state, log, progress)
         final_weights = gather_model_state(parts.model, parts.fsdp)  # a collective under FSDP: every rank calls it
         if run.main:
-            StateDictWriter(parts.model.config, final_weights).save_pretrained(run.run_dir / "model")
+            StateDictWriter(parts.model.config, final_weights, parts.processor).save_pretrained(run.run_dir / "model")
             if parts.ema is not None:
                 parts.ema.module.save_pretrained(run.run_dir / "model-ema")
+                parts.processor.save_pretrained(run.run_dir / "model-ema")
     finally:
         progress.close()
         log.close()
@@ -352,7 +370,7 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
     settings = run.config.run
     start_time = time.monotonic()
     state.window = _Window()
-    fit = TimeFit(60 * settings.max_minutes, run.config.optim.warmup_steps) if settings.fit_steps_to_time else None
+    fit = TimeFit(60 * settings.max_minutes, run.config.optim.warmup_steps) if settings.time_fitted else None
     data_iterator = iter(parts.train_loader)
     while state.step < state.total_steps:
         try:
