@@ -85,3 +85,17 @@ def direct_text_embeddings(folder: Path, texts) -> torch.Tensor:
     with torch.no_grad():
         features = model.get_text_features(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return torch.nn.functional.normalize(features, dim=-1)
+
+
+def make_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+    """A stand-in for the Hugging Face hub: `folder`'s files as huggingface_hub's cache holds a downloaded
+    snapshot of `repo_id` (models--OWNER--NAME/snapshots/COMMIT/ and refs/main), so that with HF_HUB_CACHE set to
+    `cache` and HF_HUB_OFFLINE=1 the id resolves without a network."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repository / "snapshots" / commit)
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / "main").write_text(commit)
+    return cache

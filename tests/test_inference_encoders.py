@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from openalign.cli import main
-from openalign.errors import ImageLoadError
+from openalign.errors import CheckpointError, ImageLoadError
 from openalign.inference.encoders import EncoderLoadError, load_encoders
 from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_images
 
@@ -41,7 +41,7 @@ def test_bfloat16_stays_close(checkpoint, images, optimize):
 def test_errors_name_the_offending_value(checkpoint, images, tmp_path, capsys):
     with pytest.raises(EncoderLoadError, match="dtype 'float64'"):
         load_encoders(checkpoint, dtype="float64")
-    with pytest.raises(EncoderLoadError, match=f"{tmp_path / 'missing'} is not a folder"):
+    with pytest.raises(CheckpointError, match=f"no model folder at '{tmp_path / 'missing'}'"):
         load_encoders(tmp_path / "missing")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"no")

@@ -6,6 +6,8 @@ largest preset is summarised without allocating its weights. A multiply-add coun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,6 +15,20 @@ from openalign.model_config import AlignConfig
 from openalign.models.align import AlignModel
 from openalign.models.efficientnet import block_specs
 from openalign.models.utils import count_parameters
+
+
+def read_model_config(name: str) -> AlignConfig:
+    """The AlignConfig a name gives: a config.json file, a model folder or hub id (its config.json), or a
+    preset name such as "align-base" or "efficientnet-b0+bert-mini"."""
+    from openalign.model_config import get_preset
+    from openalign.pretrained import resolve_folder
+
+    path = Path(name)
+    if path.suffix == ".json":
+        return AlignConfig.from_json_file(path)
+    if path.is_dir() or (name.count("/") == 1 and not path.exists()):
+        return AlignConfig.from_json_file(resolve_folder(name, allow_patterns=["config.json"]) / "config.json")
+    return get_preset(name)
 
 
 def model_summary(config: AlignConfig, text_length: int = 64) -> dict:

@@ -15,19 +15,25 @@ import logging
 from pathlib import Path
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
+from openalign.cli._help import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` command."""
-    parser = subparsers.add_parser(
-        "serve", help="serve an index over HTTP: clip-retrieval's API and a search page",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(
+        subparsers, "serve", help="serve an index over HTTP: clip-retrieval's API and a search page",
+        description="Serve an index over HTTP: clip-retrieval's JSON API (/indices-list, /knn-service, "
+                    "/metadata), a search page at /, /healthz and /metrics. It binds 127.0.0.1 (this machine "
+                    "only) unless --host says otherwise.",
+        examples=("openalign serve embeddings/index   # then open http://127.0.0.1:8000",
+                  "openalign serve photos-index --port 8080 -m runs/first/model",
+                  "python -c \"from clip_retrieval.clip_client import ClipClient; print(ClipClient("
+                  "'http://127.0.0.1:8000/knn-service', 'photos-index').query(text='a red bicycle'))\""))
     parser.add_argument("index", help="index folder written by `openalign index`, or one holding image/ and text/")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; anything else is public)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+                        help="address to listen on (127.0.0.1: this machine only; anything else is public)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    parser.add_argument("--threads", type=int, default=8, help="request threads")
     parser.add_argument("--name", help="the collection's name in /indices-list (default: the folder's name)")
     parser.add_argument("--no-model", action="store_true",
                         help="load no model: only embedding_input and id queries (no text or image)")
@@ -48,7 +54,6 @@ def _model_of(index_dir: Path) -> str | None:
 @reports_errors("serve")
 def run(args: argparse.Namespace) -> int:
     """Load the index and the encoders, then serve until interrupted."""
-    from openalign.pretrained import resolve_folder
     from openalign.serve import create_app, run_server
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -61,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
         args.model = args.model or _model_of(index_dir)
         if args.model is None:
             raise SystemExit(f"openalign serve: {index_dir} names no model (model.json); pass --model or --no-model")
-        args.model = str(resolve_folder(args.model))  # a folder as is, a hub id from the local cache or the hub
         encoders = encoders_from_arguments(args)
     app = create_app(index_dir, encoders, name=args.name)
     try:

@@ -92,11 +92,14 @@ class Encoders:
         return int(self.model.config.projection_dim)
 
 
-def check_checkpoint_folder(folder: str | Path) -> Path:
-    """The folder as a Path, after checking it holds a config, and tokenizer files the processor can read."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EncoderLoadError(f"model {folder} is not a folder (expected config.json, weights and tokenizer files)")
+def check_checkpoint_folder(folder_or_hub_id: str | Path) -> Path:
+    """The model's folder, after checking it holds a config, and tokenizer files the processor can read.
+
+    A local folder is taken as it is; a hub id such as "kakaobrain/align-base" is downloaded, or found in the
+    local cache (`openalign.hub.resolve_folder`, the one place every command resolves a model)."""
+    from openalign.pretrained import resolve_folder
+
+    folder = resolve_folder(folder_or_hub_id)
     if not (folder / "config.json").is_file():
         raise EncoderLoadError(f"model folder {folder} has no config.json")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -114,7 +117,7 @@ def load_encoders(
     batch_size: int | None = None,
     optimize: bool = True,
 ) -> Encoders:
-    """Encoders for a checkpoint folder holding the model and its processor files.
+    """Encoders for a checkpoint folder (or a hub id) holding the model and its processor files.
 
     dtype: "float32" or "bfloat16" (weights and activations; embeddings come back float32). optimize: use
     `AlignModel.optimize_for_inference` (BatchNorm folded, fused attention; float rounding only), else the
