@@ -43,10 +43,19 @@ def test_same_seed_gives_byte_identical_output_whatever_the_workers(tmp_path):
     generate(tmp_path / "b", 1200, config, seed=7, workers=2, heldout_n=20)  # 3 chunks over 2 processes
     generate(tmp_path / "c", 1200, config, seed=8, workers=1, heldout_n=20)
     first, second, other = (tree_digest(tmp_path / name) for name in "abc")
-    assert len(first) == 1200 + 20 + 3  # images, two manifests, dataset.json
+    assert len(first) == 1200 + 20 + 5  # images, two manifests, two captions files, dataset.json
     assert first == second
     changed = [name for name in first if first[name] != other.get(name)]
     assert len(changed) > 1000  # a different seed changes nearly every image
+
+
+def test_each_split_has_its_captions_one_a_line(generated):
+    """captions.txt holds the manifest's captions in its order (what `tokenizer train` and `embed` take)."""
+    out, _, _ = generated
+    for split in ("train", "heldout"):
+        rows = read_rows(out / split / "manifest.jsonl")
+        lines = (out / split / "captions.txt").read_text(encoding="utf-8").splitlines()
+        assert lines == [" ".join(row["caption"].split()) for row in rows] and len(lines) == len(rows)
 
 
 def test_noise_proportions_are_exact(generated):

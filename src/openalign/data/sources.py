@@ -378,6 +378,28 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
                         f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
 
 
+def count_records(source: str | Path | list) -> int | None:
+    """About how many records `iter_records(source)` yields (a progress bar's total), from what is cheap to read:
+    manifest rows, non-blank caption lines, image file names, shard headers. None where counting means reading a
+    stream twice (pipe: shards) or the source is not one iter_records knows."""
+    if isinstance(source, (list, tuple)):
+        parts = expand_shards(list(source)) if is_shard_source(source) else list(source)
+        counts = [count_records(item) for item in parts]
+        return None if None in counts else sum(counts)
+    text = str(source)
+    if is_caption_file(text) and os.path.isfile(text):
+        with open(text, encoding="utf-8", errors="replace") as handle:
+            return sum(1 for line in handle if line.strip())
+    if is_shard_source(text):
+        urls = expand_shards(text)
+        return None if any(url.startswith("pipe:") for url in urls) else sum(map(count_shard_samples, urls))
+    if os.path.isdir(text):
+        return sum(1 for path in Path(text).rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if text.lower().endswith(MANIFEST_SUFFIXES) and os.path.isfile(text):
+        return sum(1 for _ in _read_rows(Path(text))[1])
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Writers
 

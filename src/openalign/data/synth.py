@@ -3,6 +3,8 @@ kinds of noise real alt-text has, in configurable proportions.
 
 Layout written under `out_dir`:
     train/manifest.jsonl, train/images/*.jpg      noisy training pairs
+    train/captions.txt                            their captions, one a line (as every split has), for
+                                                  `openalign tokenizer train` or `openalign embed`
     heldout/manifest.jsonl, heldout/images/*.jpg  clean pairs, colour-shape combinations absent from train
     seen/manifest.jsonl, seen/images/*.jpg        clean pairs of training combinations, new images (optional)
     shards/{train,heldout}-*.tar                  the same records as WebDataset shards (optional)
@@ -399,6 +401,8 @@ def generate(out_dir: str | os.PathLike, n: int, config: SynthConfig | None = No
                 bar.update(len(part))
         bar.close()
         manifests[split] = sources.write_manifest(rows, out / split / f"manifest.{manifest_format}")
+        (out / split / "captions.txt").write_text("".join(" ".join(row["caption"].split()) + "\n" for row in rows),
+                                                  encoding="utf-8")
         if shards:
             _write_split_shards(rows, out / split, out / "shards", split, samples_per_shard)
         if split == "train":
