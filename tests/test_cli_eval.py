@@ -52,9 +52,9 @@ def test_retrieval_groups_captions_by_image_and_equals_the_metric_on_direct_embe
         assert metrics[key] == pytest.approx(value), key
     assert metrics["num_images"] == 4 and metrics["num_texts"] == 9
 
-    main(["eval", "retrieval", str(manifest), "--model", str(checkpoint), "--output", str(tmp_path / "r.json")])
+    main(["eval", "retrieval", str(manifest), "--model", str(checkpoint), "--out", str(tmp_path / "r.json")])
     table = capsys.readouterr().out
-    assert f"image_to_text_r1  {expected['image_to_text_r1']:.2f}".split() == next(
+    assert f"image_to_text_r1  {expected['image_to_text_r1']:.3f}".split() == next(
         line for line in table.splitlines() if line.startswith("image_to_text_r1 ")).split()
     assert json.loads((tmp_path / "r.json").read_text()) == metrics
 

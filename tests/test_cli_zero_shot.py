@@ -110,3 +110,17 @@ def test_compare_matrix_equals_direct_cosines_and_draws_a_heatmap(checkpoint, im
 
     with pytest.raises(CompareInputError, match="does not fit 3 images and 1 texts"):
         plot_similarity_heatmap(images, texts[:1], np.zeros((3, 2)), tmp_path / "wrong.png")
+
+
+def test_heatmap_colour_scale_can_be_fixed_so_pictures_compare(images, tmp_path, monkeypatch):
+    from openalign.eval import heatmap
+
+    figures = []
+    monkeypatch.setattr(heatmap, "save_figure", lambda figure, path: figures.append(figure) or path)
+    matrix = np.array([[0.2, 0.3], [0.25, 0.1], [0.05, 0.15]])
+    for scale in ("auto", "cosine", "positive"):
+        plot_similarity_heatmap(images, ["a", "b"], matrix, tmp_path / f"{scale}.png", scale=scale)
+    limits = [figure.axes[0].images[0].get_clim() for figure in figures]  # the matrix is drawn first
+    assert limits == [(0.05, 0.3), (-1.0, 1.0), (0.0, 1.0)]
+    with pytest.raises(CompareInputError, match="scale 'log'"):
+        plot_similarity_heatmap(images, ["a", "b"], matrix, tmp_path / "x.png", scale="log")

@@ -24,7 +24,7 @@ def _reference_ranks(images, texts, text_to_image):
 
 
 def _reference_recall(ranks, k):
-    return 100.0 * sum(rank <= k for rank in ranks) / len(ranks)
+    return sum(rank <= k for rank in ranks) / len(ranks)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])

@@ -123,9 +123,9 @@ def test_classify_and_evaluate_on_separable_set():
     np.testing.assert_allclose(probabilities[:, 0], expected.max(axis=1), rtol=1e-4)
 
     metrics = evaluate_zero_shot(images, labels, centres, chunk_size=7)
-    assert metrics["top1"] == 100.0 and metrics["top5"] == 100.0
+    assert metrics["top1"] == 1.0 and metrics["top5"] == 1.0
     np.testing.assert_array_equal(metrics["confusion_matrix"], np.diag(np.bincount(labels)))
-    assert metrics["per_class_accuracy"] == [100.0] * 6
+    assert metrics["per_class_accuracy"] == [1.0] * 6
 
 
 def test_evaluate_zero_shot_matches_brute_force_with_errors():
@@ -133,16 +133,16 @@ def test_evaluate_zero_shot_matches_brute_force_with_errors():
     metrics = evaluate_zero_shot(images, labels, centres, chunk_size=11)
     scores = (images / np.linalg.norm(images, axis=1, keepdims=True)) @ centres.T
     order = np.argsort(-scores, axis=1)
-    assert 0 < metrics["top1"] < 100
-    assert metrics["top1"] == pytest.approx(100 * np.mean(order[:, 0] == labels))
-    assert metrics["top5"] == pytest.approx(100 * np.mean([labels[i] in order[i, :5] for i in range(len(labels))]))
+    assert 0 < metrics["top1"] < 1
+    assert metrics["top1"] == pytest.approx(np.mean(order[:, 0] == labels))
+    assert metrics["top5"] == pytest.approx(np.mean([labels[i] in order[i, :5] for i in range(len(labels))]))
     expected_confusion = np.zeros((6, 6), dtype=np.int64)
     for true_class, predicted in zip(labels, order[:, 0]):
         expected_confusion[true_class, predicted] += 1
     np.testing.assert_array_equal(metrics["confusion_matrix"], expected_confusion)
     for class_index in range(6):
         in_class = labels == class_index
-        expected = 100 * np.mean(order[in_class, 0] == class_index)
+        expected = np.mean(order[in_class, 0] == class_index)
         assert metrics["per_class_accuracy"][class_index] == pytest.approx(expected)
 
 
@@ -155,9 +155,22 @@ def test_zero_shot_end_to_end_with_prompts(tmp_path):
     true = np.repeat(np.arange(4), 5)
     images = np.stack([encoder.vectors[labels[c]] for c in true]) + 0.2 * rng.standard_normal((20, 64))
     metrics = evaluate_zero_shot(images, true, classifier)
-    assert metrics["top1"] == 100.0
+    assert metrics["top1"] == 1.0
     path = plot_confusion_matrix(metrics["confusion_matrix"], labels, tmp_path / "plots" / "confusion.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_matrix_picture_states_accuracy_and_counts(tmp_path, monkeypatch):
+    from openalign.eval import zero_shot
+
+    figures = []
+    monkeypatch.setattr(zero_shot, "save_figure", lambda figure, path: figures.append(figure) or path)
+    confusion = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 4]])
+    plot_confusion_matrix(confusion, ["cat", "dog", "owl"], tmp_path / "c.png")
+    axes = figures[0].axes[0]
+    assert "top-1 accuracy 0.750 (9 of 12 images)" in axes.get_title()
+    cells = {(round(text.get_position()[1]), round(text.get_position()[0])): text.get_text() for text in axes.texts}
+    assert cells == {(row, column): str(confusion[row, column]) for row in range(3) for column in range(3)}
 
 
 def _reference_knn(train, train_labels, test, k, temperature, num_classes):
@@ -187,10 +200,10 @@ def test_knn_accuracy_on_separable_set():
     _, train, train_labels = _synthetic_classes(num_classes=8, per_class=10, seed=6)
     _, test, test_labels = _synthetic_classes(num_classes=8, per_class=3, seed=6)
     metrics = evaluate_knn(train, train_labels, test, test_labels, k=5)
-    assert metrics["top1"] == 100.0 and metrics["top5"] == 100.0
+    assert metrics["top1"] == 1.0 and metrics["top5"] == 1.0
     # Shuffled train labels destroy the signal: accuracy must drop.
     shuffled = np.random.default_rng(0).permutation(train_labels)
-    assert evaluate_knn(train, shuffled, test, test_labels, k=5)["top1"] < 60.0
+    assert evaluate_knn(train, shuffled, test, test_labels, k=5)["top1"] < 0.6
 
 
 def test_knn_bad_inputs():

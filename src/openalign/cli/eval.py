@@ -10,19 +10,31 @@ from __future__ import annotations
 import argparse
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._help import add_command
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--output", help="also write the results as JSON to this file")
+    parser.add_argument("--out", "-o", help="also write the results as JSON to this file")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its retrieval / zero-shot / knn sub-commands."""
-    parser = subparsers.add_parser("eval", help="evaluate a checkpoint: retrieval, zero-shot, knn")
+    examples = {
+        "retrieval": ("openalign eval retrieval data/heldout/manifest.jsonl -m runs/first/model",
+                      "openalign eval retrieval coco-karpathy-test.csv -m kakaobrain/align-base --out coco.json"),
+        "zero-shot": ("openalign eval zero-shot imagenet/val -m runs/first/model --confusion confusion.png",),
+        "knn": ("openalign eval knn --train imagenet/train --test imagenet/val -m runs/first/model -k 20",),
+    }
+    parser = add_command(subparsers, "eval", help="evaluate a model: retrieval, zero-shot, knn",
+                         examples=[example for group in examples.values() for example in group])
     tasks = parser.add_subparsers(dest="eval_task", metavar="TASK")
 
-    retrieval = tasks.add_parser("retrieval", help="image-text retrieval on a manifest with several captions per image")
+    retrieval = add_command(
+        tasks, "retrieval", help="image-text retrieval on a manifest with several captions per image",
+        description="Image-text retrieval on a manifest of (image, caption) rows, several captions per image "
+                    "(Karpathy protocol): recall@1/5/10 both ways as fractions of the queries, and mean and "
+                    "median rank.", examples=examples["retrieval"])
     retrieval.add_argument("manifest", help="CSV/TSV/JSONL/Parquet manifest, one row per (image, caption)")
     retrieval.add_argument("--image-column", help="image column (default: detected)")
     retrieval.add_argument("--caption-column", help="caption column (default: detected)")
@@ -30,7 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_output_arguments(retrieval)
     retrieval.set_defaults(func=run_retrieval)
 
-    zero_shot = tasks.add_parser("zero-shot", help="zero-shot accuracy on a folder of class sub-folders")
+    zero_shot = add_command(
+        tasks, "zero-shot", help="zero-shot accuracy on a folder of class sub-folders",
+        description="Zero-shot classification accuracy (top-1 and top-5, as fractions of the images) on a folder "
+                    "of class sub-folders, whose names are the labels.", examples=examples["zero-shot"])
     zero_shot.add_argument("folder", help="folder of class sub-folders (names are the labels)")
     zero_shot.add_argument("--templates", default="imagenet80", help="imagenet80, photo, or a file of templates")
     zero_shot.add_argument("--confusion", help="write the confusion matrix as a PNG here")
@@ -38,10 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_output_arguments(zero_shot)
     zero_shot.set_defaults(func=run_zero_shot)
 
-    knn = tasks.add_parser("knn", help="k-nearest-neighbour accuracy of test images against train images")
+    knn = add_command(
+        tasks, "knn", help="k-nearest-neighbour accuracy of test images against train images",
+        description="k-nearest-neighbour accuracy (top-1 and top-5, as fractions) of test images voted by their "
+                    "neighbours among train images.", examples=examples["knn"])
     knn.add_argument("--train", required=True, help="folder of class sub-folders (the neighbours)")
     knn.add_argument("--test", required=True, help="folder of class sub-folders (the queries)")
-    knn.add_argument("-k", type=int, default=20, help="neighbours (default 20)")
+    knn.add_argument("-k", type=int, default=20, help="neighbours")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / temperature)")
     add_model_arguments(knn)
     _add_output_arguments(knn)
@@ -54,10 +72,10 @@ def _report(metrics: dict, title: str, args: argparse.Namespace) -> int:
 
     if args.json:
         print_json(metrics)
-        if args.output:
-            write_json(metrics, args.output)
+        if args.out:
+            write_json(metrics, args.out)
     else:
-        report(metrics, title=title, json_path=args.output)
+        report(metrics, title=title, json_path=args.out)
     return 0
 
 
@@ -68,7 +86,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_retrieval_manifest(encoders_from_arguments(args), args.manifest,
                                           image_column=args.image_column, caption_column=args.caption_column)
-    return _report(metrics, f"retrieval on {args.manifest}", args)
+    return _report(metrics, f"retrieval on {args.manifest} (recall as a fraction of the queries)", args)
 
 
 @reports_errors("eval zero-shot")
@@ -78,13 +96,13 @@ def run_zero_shot(args: argparse.Namespace) -> int:
 
     metrics = evaluate_zero_shot_folder(encoders_from_arguments(args), args.folder, templates=args.templates,
                                         confusion_png=args.confusion)
-    result = _report(metrics, f"zero-shot on {args.folder}", args)
+    result = _report(metrics, f"zero-shot on {args.folder} (accuracy as a fraction of the images)", args)
     if not args.json:
         from openalign.eval.report import format_rows
 
         rows = [{"class": name, "accuracy": accuracy}
                 for name, accuracy in zip(metrics["class_names"], metrics["per_class_accuracy"])]
-        print("\n" + format_rows(rows))
+        print("\n" + format_rows(rows, precision=3))
     return result
 
 
@@ -95,4 +113,4 @@ def run_knn(args: argparse.Namespace) -> int:
 
     metrics = evaluate_knn_folders(encoders_from_arguments(args), args.train, args.test, k=args.k,
                                    temperature=args.temperature)
-    return _report(metrics, f"kNN ({args.test} against {args.train})", args)
+    return _report(metrics, f"kNN ({args.test} against {args.train}; accuracy as a fraction of the images)", args)

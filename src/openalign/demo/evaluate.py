@@ -118,7 +118,7 @@ def retrieval_figures(image_embeds: torch.Tensor, texts: Sequence[str], encode_t
     position = {text: index for index, text in enumerate(unique)}
     text_embeds = unique_embeds[[position[text] for text in texts]]  # identical strings, identical rows
     metrics = retrieval_metrics(image_embeds, text_embeds, np.arange(len(texts)), ks=RECALL_KS)
-    return {f"{direction}_r{k}": metrics[f"{direction}_r{k}"] / 100.0
+    return {f"{direction}_r{k}": metrics[f"{direction}_r{k}"]
             for direction in ("image_to_text", "text_to_image") for k in RECALL_KS}
 
 

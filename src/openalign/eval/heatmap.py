@@ -47,11 +47,20 @@ def _thumbnail(source, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
+COLOUR_SCALES = {"auto": None, "cosine": (-1.0, 1.0), "positive": (0.0, 1.0)}
+
+
 def plot_similarity_heatmap(
-    images: Sequence, texts: Sequence[str], matrix, path: str | Path, *, thumbnail_size: int = 96
+    images: Sequence, texts: Sequence[str], matrix, path: str | Path, *, thumbnail_size: int = 96,
+    scale: str = "auto",
 ) -> Path:
     """Write a PNG: one row per image (its thumbnail on the left), one column per text, cells coloured and
-    labelled with the similarity. Returns the path."""
+    labelled with the similarity. Returns the path.
+
+    scale: the colour scale, "auto" (the matrix's own range: the most contrast within one picture), "cosine"
+    (-1 to 1) or "positive" (0 to 1), fixed so that pictures of different runs or models compare."""
+    if scale not in COLOUR_SCALES:
+        raise CompareInputError(f"scale {scale!r} is not one of {', '.join(COLOUR_SCALES)}")
     plt = pyplot()
 
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -61,14 +70,16 @@ def plot_similarity_heatmap(
         )
     num_images, num_texts = matrix.shape
     figure, axes = plt.subplots(figsize=(2.5 + 1.3 * num_texts, 1.5 + 1.1 * num_images))
-    heat = axes.imshow(matrix, cmap="viridis", aspect="equal", extent=(-0.5, num_texts - 0.5, num_images - 0.5, -0.5))
+    low, high = COLOUR_SCALES[scale] or (matrix.min(), matrix.max())
+    heat = axes.imshow(matrix, cmap="viridis", aspect="equal", vmin=low, vmax=high,
+                       extent=(-0.5, num_texts - 0.5, num_images - 0.5, -0.5))
     # Thumbnails live in the same axes, one cell to the left of each row, so they line up with it exactly.
     for row, source in enumerate(images):
         thumbnail = _thumbnail(source, thumbnail_size)
         height, width = thumbnail.shape[:2]
         half_width, half_height = 0.45 * width / max(width, height), 0.45 * height / max(width, height)
         axes.imshow(thumbnail, extent=(-1 - half_width, -1 + half_width, row + half_height, row - half_height))
-    middle = (matrix.max() + matrix.min()) / 2
+    middle = (high + low) / 2
     for row in range(num_images):
         for column in range(num_texts):
             colour = "black" if matrix[row, column] > middle else "white"

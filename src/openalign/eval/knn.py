@@ -105,7 +105,8 @@ def evaluate_knn(
     num_classes: int | None = None,
     chunk_size: int = 1024,
 ) -> dict:
-    """Top-1 and top-5 kNN accuracy in percent, with the settings used, as a flat dict for reports."""
+    """Top-1 and top-5 kNN accuracy as fractions of the test images (0-1), with the settings used, as a flat
+    dict for reports."""
     test_labels = np.asarray(test_labels)
     predictions, _ = knn_classify(
         train_embeds,
@@ -119,8 +120,8 @@ def evaluate_knn(
     )
     hits = predictions == test_labels[:, None]
     return {
-        "top1": float(100.0 * hits[:, :1].any(axis=1).mean()),
-        "top5": float(100.0 * hits.any(axis=1).mean()),
+        "top1": float(hits[:, :1].any(axis=1).mean()),
+        "top5": float(hits.any(axis=1).mean()),
         "k": k,
         "temperature": temperature,
         "num_train": int(len(np.asarray(train_labels))),

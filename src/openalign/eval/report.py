@@ -72,9 +72,11 @@ def write_json(metrics: Mapping, path: str | Path) -> Path:
     return path
 
 
-def report(metrics: Mapping, *, title: str, json_path: str | Path | None = None, print_table: bool = True) -> str:
-    """Print the table (unless print_table is False), write the JSON when json_path is given, return the table."""
-    table = format_table(metrics, title=title)
+def report(metrics: Mapping, *, title: str, json_path: str | Path | None = None, print_table: bool = True,
+           precision: int = 3) -> str:
+    """Print the table (unless print_table is False), write the JSON when json_path is given, return the table.
+    Three decimals by default: recall and accuracy are fractions (0-1) in every openalign output."""
+    table = format_table(metrics, title=title, precision=precision)
     if print_table:
         print(table)
     if json_path is not None:

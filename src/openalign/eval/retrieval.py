@@ -91,9 +91,10 @@ def retrieval_ranks(
 
 
 def summarize_ranks(ranks: np.ndarray, prefix: str, ks=(1, 5, 10)) -> dict:
-    """Recall@k in percent (0-100), mean rank and median rank for one direction's 1-based ranks."""
+    """Recall@k as a fraction of the queries (0-1, as every openalign output gives it), mean rank and median
+    rank for one direction's 1-based ranks."""
     ranks = np.asarray(ranks)
-    metrics = {f"{prefix}_r{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
+    metrics = {f"{prefix}_r{k}": float(np.mean(ranks <= k)) for k in ks}
     metrics[f"{prefix}_mean_rank"] = float(np.mean(ranks))
     metrics[f"{prefix}_median_rank"] = float(np.median(ranks))
     return metrics
@@ -105,8 +106,8 @@ def retrieval_metrics(
     """Karpathy-protocol retrieval metrics in both directions.
 
     text_to_image maps each caption (row of text_embeds) to the index of its image (row of image_embeds).
-    Returns a flat dict: image_to_text_r{k} and text_to_image_r{k} in percent, *_mean_rank, *_median_rank,
-    and the counts num_images / num_texts.
+    Returns a flat dict: image_to_text_r{k} and text_to_image_r{k} as fractions of the queries (0-1),
+    *_mean_rank, *_median_rank, the counts num_images / num_texts, and rsum, the sum of the recalls (0-6).
     """
     image_ranks, text_ranks = retrieval_ranks(
         image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, normalize=normalize

@@ -119,7 +119,7 @@ def classify(image_embeds, classifier, k: int = 5, temperature: float | None = N
 
 
 def evaluate_zero_shot(image_embeds, labels_true, classifier, *, chunk_size: int = 4096) -> dict:
-    """Top-1 / top-5 accuracy (percent), per-class top-1 accuracy and the confusion matrix.
+    """Top-1 / top-5 accuracy and per-class top-1 accuracy (fractions, 0-1) and the confusion matrix.
 
     The confusion matrix is (C, C) int64 with rows the true class and columns the predicted class.
     Per-class accuracy is NaN for a class with no test image.
@@ -143,10 +143,10 @@ def evaluate_zero_shot(image_embeds, labels_true, classifier, *, chunk_size: int
     np.add.at(confusion, (labels_true, top_predictions[:, 0]), 1)
     per_class_total = confusion.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = 100.0 * np.diag(confusion) / per_class_total
+        per_class = np.diag(confusion) / per_class_total
     return {
-        "top1": float(100.0 * hits[:, 0].mean()) if len(hits) else float("nan"),
-        "top5": float(100.0 * hits.any(axis=1).mean()) if len(hits) else float("nan"),
+        "top1": float(hits[:, 0].mean()) if len(hits) else float("nan"),
+        "top5": float(hits.any(axis=1).mean()) if len(hits) else float("nan"),
         "num_images": int(len(labels_true)),
         "num_classes": num_classes,
         "per_class_accuracy": per_class.tolist(),
@@ -154,24 +154,35 @@ def evaluate_zero_shot(image_embeds, labels_true, classifier, *, chunk_size: int
     }
 
 
-def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, normalize: bool = True) -> Path:
+def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, normalize: bool = True,
+                          title: str = "zero-shot confusion matrix") -> Path:
     """Write the confusion matrix as a PNG heat map (rows true, columns predicted) and return its path.
 
-    Rows are normalised to fractions of each true class when normalize is set. Class names are drawn on the
-    axes only up to 50 classes, beyond which they would overlap.
+    The title gives the top-1 accuracy (correct of all images); rows are coloured by the fraction of each true
+    class when normalize is set, and each cell up to 30 classes is labelled with its count of images. Class
+    names are drawn on the axes only up to 50 classes, beyond which they would overlap.
     """
     plt = pyplot()
 
-    matrix = np.asarray(matrix, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
-        raise ZeroShotInputError(f"confusion matrix of shape {matrix.shape} does not fit {len(labels)} labels")
+    counts = np.asarray(matrix, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(labels):
+        raise ZeroShotInputError(f"confusion matrix of shape {counts.shape} does not fit {len(labels)} labels")
+    colours = counts
     if normalize:
         with np.errstate(invalid="ignore", divide="ignore"):
-            matrix = np.nan_to_num(matrix / matrix.sum(axis=1, keepdims=True))
+            colours = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
     size = min(4 + 0.25 * len(labels), 20)
     figure, axes = plt.subplots(figsize=(size, size))
-    image = axes.imshow(matrix, cmap="Blues", interpolation="nearest")
-    figure.colorbar(image, ax=axes, fraction=0.046)
+    image = axes.imshow(colours, cmap="Blues", interpolation="nearest", vmin=0, vmax=1 if normalize else None)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="fraction of the true class" if normalize else "images")
+    correct, total = int(np.trace(counts)), int(counts.sum())
+    accuracy = correct / total if total else float("nan")
+    axes.set_title(f"{title}\ntop-1 accuracy {accuracy:.3f} ({correct} of {total} images); cells: counts")
+    if len(labels) <= 30:
+        middle = (colours.max() + colours.min()) / 2
+        for row, column in np.ndindex(counts.shape):
+            axes.text(column, row, f"{int(counts[row, column])}", ha="center", va="center", fontsize=8,
+                      color="white" if colours[row, column] > middle else "black")
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     if len(labels) <= 50:

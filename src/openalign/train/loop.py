@@ -228,7 +228,7 @@ def validate(stepper: Stepper, model: nn.Module, loader, max_batches: int | None
     for direction in ("image_to_text", "text_to_image"):
         for k in (1, 5, 10):
             result[f"val_{direction}_r{k}"] = float(metrics[f"{direction}_r{k}"])
-    result["val_chance_r1"] = 100.0 / len(text_embeds)
+    result["val_chance_r1"] = 1.0 / len(text_embeds)  # recall is a fraction, as everywhere
     return result
 
 

@@ -12,17 +12,19 @@ from openalign.errors import ConfigError
 from openalign.figures import pyplot, save_figure
 from openalign.train.run_log import METRICS_NAME, read_metrics
 
-PANELS = {  # file stem: (title, y label, [(metric key, legend label)], log scale)
+PANELS = {  # file stem: (title, y label, [(metric key, legend label)], y limits)
     "loss": ("Loss", "loss", [("loss", "train"), ("val_loss", "validation"),
-                              ("image_ssl_loss", "train: its image self-supervision share")], False),
-    "temperature": ("Temperature", "temperature", [("temperature", "temperature")], True),
-    "learning_rate": ("Learning rate", "lr", [("lr", "lr")], False),
-    "val_recall": ("Validation recall", "recall (%)", [
+                              ("image_ssl_loss", "train: its image self-supervision share")], None),
+    "temperature": ("Temperature", "temperature (logits = cosine / temperature)",
+                    [("temperature", "temperature")], None),
+    "learning_rate": ("Learning rate", "lr", [("lr", "lr")], None),
+    "val_recall": ("Validation recall", "recall (fraction of the queries)", [
         ("val_image_to_text_r1", "image->text R@1"), ("val_image_to_text_r5", "image->text R@5"),
         ("val_text_to_image_r1", "text->image R@1"), ("val_text_to_image_r5", "text->image R@5"),
         ("val_chance_r1", "chance R@1"),
-    ], False),
+    ], (0.0, 1.0)),
 }
+REFERENCE_LINES = {"val_chance_r1"}  # constants drawn as dashed lines, not as a series that hides the first points
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -37,21 +39,24 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, (title, ylabel, series, log_scale) in PANELS.items():
+    for stem, (title, ylabel, series, limits) in PANELS.items():
         curves = []
         for key, label in series:
             points = [(record["step"], record[key]) for record in records if record.get(key) is not None]
             if points:
-                curves.append((label, points))
+                curves.append((key, label, points))
         if not curves:
             continue
         figure, axes = plt.subplots(figsize=(6, 4))
-        for label, points in curves:
+        for key, label, points in curves:
             steps, values = zip(*points)
-            axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            if key in REFERENCE_LINES:
+                axes.axhline(values[-1], linestyle="--", color="grey", linewidth=1, label=f"{label} ({values[-1]:.3g})")
+            else:
+                axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
         axes.set(title=title, xlabel="step", ylabel=ylabel)
-        if log_scale:
-            axes.set_yscale("log")
+        if limits is not None:
+            axes.set_ylim(*limits)
         if len(curves) > 1:
             axes.legend()
         axes.grid(alpha=0.3)
