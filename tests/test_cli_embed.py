@@ -58,8 +58,8 @@ def test_folder_embeddings_metadata_and_skipped_files(checkpoint, tmp_path, caps
 def test_texts_from_a_caption_file_and_both_kinds_from_a_manifest(checkpoint, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS[:5]) + "\n\n")
-    main(["embed", str(captions), "--kind", "text", "--model", str(checkpoint), "--out", str(tmp_path / "texts"),
-          "--no-progress"])
+    # A .txt of captions is embedded as texts without being told (--kind auto).
+    main(["embed", str(captions), "--model", str(checkpoint), "--out", str(tmp_path / "texts"), "--no-progress"])
     embeddings, metadata = read_embedding_folder(tmp_path / "texts")
     assert metadata.column("caption").to_pylist() == CAPTIONS[:5]
     oracle = direct_text_embeddings(checkpoint, CAPTIONS[:5]).numpy()
@@ -68,8 +68,13 @@ def test_texts_from_a_caption_file_and_both_kinds_from_a_manifest(checkpoint, tm
     paths = make_images(tmp_path / "images", 4)
     manifest = write_manifest([Record(key=str(p), caption=c, image_path=p) for p, c in zip(paths, CAPTIONS)],
                               tmp_path / "pairs.csv")
+    # What a first attempt that failed before finishing a part leaves (other settings, no .done marker) does not
+    # stand in the way of the corrected command.
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "embed_config.json").write_text(json.dumps({"kinds": ["image"], "part_size": 3}))
     main(["embed", str(manifest), "--kind", "both", "--model", str(checkpoint), "--out", str(tmp_path / "both"),
           "--no-progress"])
+    assert json.loads((tmp_path / "both" / "embed_config.json").read_text())["kinds"] == ["image", "text"]
     image_embeddings, _ = read_embedding_folder(tmp_path / "both", "image")
     text_embeddings, metadata = read_embedding_folder(tmp_path / "both", "text")
     assert metadata.column("caption").to_pylist() == CAPTIONS[:4]

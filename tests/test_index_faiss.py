@@ -122,17 +122,26 @@ def test_search_with_encoders_and_html(tmp_path):
     with pytest.raises(IndexBuildError, match="encode_images"):
         index.search(images=["query.jpg"], k=3)
 
-    page = write_results_html(["item 7", "item 30"], results, tmp_path / "results.html")
+    labelled = [{"query": query, "kind": "text", "hits": hits} for query, hits in zip(["item 7", "item 30"], results)]
+    page = write_results_html(labelled, tmp_path / "results.html")
     text = page.read_text()
-    assert "item 7" in text and "key-7" in text and text.count("<figure") == 6
+    assert "text query: item 7" in text and "key-7" in text and text.count("<figure") == 6
     assert "data:image" not in text  # the sources are keys, not files: grey boxes
+    # Ranks 1..3 per query, each score labelled as what it is.
+    assert text.count('class="rank">#1<') == 2 and text.count('class="rank">#3<') == 2
+    assert f"cosine similarity {results[0][0]['score']:.3f}" in text
 
     from PIL import Image
 
     Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "red.png")
-    hits = [[{"source": str(tmp_path / "red.png"), "caption": None, "score": 0.5}]]
-    text = write_results_html(["a red <b>"], hits, tmp_path / "red.html", thumbnail_size=64).read_text()
-    assert text.count("data:image/jpeg;base64,") == 1 and "a red &lt;b&gt;" in text
+    Image.new("RGB", (50, 50), (30, 30, 200)).save(tmp_path / "query.png")
+    hits = [{"source": str(tmp_path / "red.png"), "caption": "a red <b> square", "score": 0.5}]
+    labelled = [{"query": "a red <b>", "kind": "text", "hits": hits},
+                {"query": str(tmp_path / "query.png"), "kind": "image", "hits": hits}]
+    text = write_results_html(labelled, tmp_path / "red.html", thumbnail_size=64).read_text()
+    assert "text query: a red &lt;b&gt;" in text and "image query:" in text
+    # Two hit thumbnails and the query image's; the caption from the metadata under each hit.
+    assert text.count("data:image/jpeg;base64,") == 3 and text.count("a red &lt;b&gt; square</div>") == 2
 
 
 def test_load_errors(tmp_path):

@@ -156,7 +156,7 @@ def test_texts_and_both_kinds(tmp_path):
     assert text_embeddings.shape == (4, 3) and image_embeddings.shape == (4, 5)
     assert metadata.column("caption").to_pylist() == [captions[i] for i in (0, 1, 3, 5)]
     np.testing.assert_allclose(np.linalg.norm(text_embeddings.astype(np.float32), axis=1), 1.0, atol=1e-3)
-    with pytest.raises(EmbeddingFolderError, match="pass kind="):
+    with pytest.raises(EmbeddingFolderError, match=r"choose one \(openalign index --embed-kind image\|text"):
         read_embedding_folder(tmp_path / "both")
 
     only_texts = embed_to_folder(captions, encode_texts, tmp_path / "texts", kind="text", progress=False)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,7 +70,7 @@ def test_cli_exports_a_checkpoint(tmp_path, exported):
     model, out_dir, _ = exported
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
-    assert main(["export", "onnx", str(checkpoint), str(tmp_path / "out"), "--opset", "17"]) == 0
+    assert main(["export", "onnx", "-m", str(checkpoint), "--out", str(tmp_path / "out"), "--opset", "17"]) == 0
     manifest = json.loads((tmp_path / "out" / "export.json").read_text())
     assert manifest["opset"] == 17 and manifest["check"]["text"]["max_relative"] < RELATIVE
     # Same weights, same graph: the CLI's vision graph agrees with the library's.
@@ -76,3 +79,25 @@ def test_cli_exports_a_checkpoint(tmp_path, exported):
     ours = onnx_session(tmp_path / "out" / "vision.onnx").run(None, {"pixel_values": pixel_values})[0]
     library = onnx_session(out_dir / "vision.onnx").run(None, {"pixel_values": pixel_values})[0]
     np.testing.assert_allclose(ours, library, rtol=1e-6, atol=1e-6)
+
+
+def test_the_bundle_embeds_a_photo_and_captions_by_itself(checkpoint, tmp_path):
+    """export onnx puts the tokenizer, the image settings and example.py beside the graphs; example.py, run with
+    onnxruntime, tokenizers and Pillow alone, gives the cosines the model gives through openalign (the oracle)."""
+    from openalign.inference.encoders import load_encoders
+    from tests.cli_fixtures import make_images
+
+    out = tmp_path / "bundle"
+    assert main(["export", "onnx", "--model", str(checkpoint), "--out", str(out)]) == 0
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["processor"]["example"] == "example.py"
+    assert all((out / name).is_file() for name in ("tokenizer.json", "preprocessor_config.json", "example.py"))
+    [image] = make_images(tmp_path / "images", 1, size=(53, 41))
+    texts = ["a red square", "a dog on the beach with a very long caption that runs past the cut"]
+    completed = subprocess.run([sys.executable, str(out / "example.py"), str(image), *texts], capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert completed.returncode == 0, completed.stderr
+    printed = [float(line.split()[0]) for line in completed.stdout.splitlines()]
+    encoders = load_encoders(checkpoint, device="cpu", optimize=False)
+    expected = (encoders.encode_images([image]) @ encoders.encode_texts(texts).T)[0]
+    np.testing.assert_allclose(printed, expected.numpy(), atol=2e-4)

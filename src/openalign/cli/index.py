@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from openalign.cli._common import reports_errors
+from openalign.cli._help import add_command
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}
@@ -29,17 +30,25 @@ def parse_bytes(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `index` command."""
-    parser = subparsers.add_parser("index", help="build a FAISS index over an embedding folder")
+    parser = add_command(
+        subparsers, "index", help="build a FAISS index over an embedding folder",
+        description="Build a FAISS index over a finished `openalign embed` folder: exact up to 100k vectors that "
+                    "fit the memory budget, PQ with re-ranking up to 1M, IVF-PQ lists on disk beyond.",
+        examples=("openalign index embeddings",
+                  "openalign index emb --embed-kind image --out photos-index/image --memory-budget 4GB",
+                  "openalign index EMB --out IDX --kind ivfpq --stage train   # then --stage shard, --stage merge"))
     parser.add_argument("embed_dir", help="a finished `openalign embed` folder")
     parser.add_argument("--out", "-o", help="index folder (default EMBED_DIR/index)")
     parser.add_argument("--kind", default="auto", choices=("auto", "flat", "pq", "ivfpq"),
                         help="auto: exact up to 100k vectors that fit the budget, approximate beyond")
-    parser.add_argument("--memory-budget", type=parse_bytes, help="most bytes the index may take, e.g. 4GB")
-    parser.add_argument("--embed-kind", choices=("image", "text"), help="which embeddings, when the folder has both")
+    parser.add_argument("--memory-budget", type=parse_bytes,
+                        help="most bytes the index may take in memory, e.g. 4GB (default: no limit)")
+    parser.add_argument("--embed-kind", choices=("image", "text"),
+                        help="which embeddings, when the folder has both (default: its only kind)")
     parser.add_argument("--stage", choices=("all", "train", "shard", "merge"), default="all",
-                        help="ivfpq only: one stage of a build shared by several processes (default all)")
+                        help="ivfpq only: one stage of a build shared by several processes")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                        help="with --stage shard: add the parts p with p %% N == I (e.g. 3/8)")
+                        help="with --stage shard: add the parts p with p %% N == I, e.g. 3/8 (default: 0/1)")
     parser.add_argument("--shard-count", type=int, default=1, help="with --stage merge: how many shards were built")
     parser.set_defaults(func=run)
 
@@ -77,4 +86,5 @@ def run(args: argparse.Namespace) -> int:
     copy_model_reference(args.embed_dir, out)
     print(f"wrote {out}: {plan.kind} index ({plan.factory}) of {plan.num_vectors} x {plan.dim}, "
           f"about {plan.estimated_bytes / 1e6:.1f} MB; {plan.reason}")
+    print(f'next: openalign search {out} "a red bicycle"   (or: openalign serve {out})')
     return 0

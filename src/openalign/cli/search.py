@@ -1,4 +1,5 @@
-"""`openalign search INDEX "a red bicycle" [--image query.jpg] [-k 10] [--json] [--html out.html]`."""
+"""`openalign search INDEX "a red bicycle" [--image query.jpg] [-k 10] [--json] [--html out.html]`: the command
+line of `openalign.index.faiss_index.search_index`."""
 
 from __future__ import annotations
 
@@ -6,34 +7,33 @@ import argparse
 from pathlib import Path
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._help import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `search` command."""
-    parser = subparsers.add_parser("search", help="search an index by text and/or image queries")
+    parser = add_command(
+        subparsers, "search", help="search an index by text and/or image queries",
+        description="Search an index from `openalign index` by text and/or image queries, with the model the "
+                    "embeddings were made with (the index's model.json) unless --model says otherwise. Scores are "
+                    "cosine similarities.",
+        examples=('openalign search embeddings/index "a red bicycle" -k 5',
+                  "openalign search embeddings/index --image query.jpg --html results.html",
+                  'openalign search embeddings/index "a dog" "a cat" --json'))
     parser.add_argument("index", help="index folder written by `openalign index`")
     parser.add_argument("texts", nargs="*", help="text queries")
     parser.add_argument("--image", action="append", default=[], dest="images", help="an image query; repeat")
-    parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    parser.add_argument("-k", type=int, default=10, help="hits per query")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--html", help="also write a page of result thumbnails here")
+    parser.add_argument("--html", help="also write a page of the results (query, thumbnails, captions) here")
     add_model_arguments(parser, required=False)
     parser.set_defaults(func=run)
-
-
-def search_index(index_dir, encoders, texts=(), images=(), k: int = 10) -> list[dict]:
-    """One {"query", "kind", "hits"} dict per query (texts first), hits as Index.search returns them."""
-    from openalign.index.faiss_index import Index
-
-    index = Index.load(index_dir, encode_texts=encoders.encode_texts, encode_images=encoders.encode_images)
-    results = index.search(texts=list(texts), images=list(images), k=k)
-    queries = [("text", text) for text in texts] + [("image", str(image)) for image in images]
-    return [{"query": query, "kind": kind, "hits": hits} for (kind, query), hits in zip(queries, results)]
 
 
 @reports_errors("search")
 def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
+    from openalign.index.faiss_index import search_index
     from openalign.index.html import write_results_html
     from openalign.inference.embedding_folder import MODEL_FILE, read_model_reference
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"openalign search: {Path(args.index) / MODEL_FILE} does not exist; pass --model")
     results = search_index(args.index, encoders_from_arguments(args), args.texts, args.images, args.k)
     if args.html:
-        write_results_html([f"{r['kind']}: {r['query']}" for r in results], [r["hits"] for r in results], args.html)
+        write_results_html(results, args.html)
     if args.json:
         print_json(results)
         return 0
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         for rank, hit in enumerate(result["hits"], start=1):
             caption = f"  {hit['caption']}" if hit.get("caption") else ""
             print(f"  {rank:>3}. {hit['score']:.4f}  {hit['source']}{caption}")
+    print("(rank. cosine similarity  source  caption)")
     if args.html:
         print(f"wrote {args.html}")
     return 0

@@ -326,6 +326,17 @@ class Index:
         return self.search_vectors(np.concatenate(batches), k, nprobe=nprobe, k_factor=k_factor)[2]
 
 
+
+def search_index(index_dir: str | os.PathLike, encoders, texts: Sequence[str] = (), images: Sequence = (),
+                 k: int = 10) -> list[dict]:
+    """Load the index at index_dir with `encoders`' text and image encoders (an
+    `openalign.inference.encoders.Encoders`) and search: one {"query", "kind", "hits"} dict per query, texts
+    first, kind "text" or "image", hits as `Index.search` returns them (metadata with "score"), best first."""
+    index = Index.load(index_dir, encode_texts=encoders.encode_texts, encode_images=encoders.encode_images)
+    results = index.search(texts=list(texts), images=list(images), k=k)
+    queries = [("text", text) for text in texts] + [("image", str(image)) for image in images]
+    return [{"query": query, "kind": kind, "hits": hits} for (kind, query), hits in zip(queries, results)]
+
 def rerank(queries: np.ndarray, candidate_ids: np.ndarray, vectors: np.ndarray, k: int):
     """Exact top-k of each query among its candidates, scored against vectors (e.g. a memory-mapped float16
     copy). Returns (scores (Q, k) float32, ids (Q, k) int64), padded with -inf / -1 past the candidates."""

@@ -38,8 +38,8 @@ class IndexBuildError(OpenAlignError, ValueError):
 def _faiss():
     try:
         import faiss
-    except ImportError as error:  # an optional dependency: name the extra that installs it
-        raise IndexBuildError("faiss is not installed: pip install 'openalign[index]'") from error
+    except ImportError as error:  # a dependency of openalign: only a broken or partial install lacks it
+        raise IndexBuildError("faiss is not installed (a dependency of openalign): pip install faiss-cpu") from error
     return faiss
 
 

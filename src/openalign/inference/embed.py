@@ -159,6 +159,7 @@ def embed_to_folder(
     image_loader: Callable = load_image,
     num_workers: int = 0,
     progress: bool = True,
+    total: int | None = None,
 ) -> dict | None:
     """Embed items into the embedding folder out_dir (see openalign.inference.embedding_folder); returns the
     summary or None.
@@ -170,7 +171,8 @@ def embed_to_folder(
     caption when texts are embedded) is skipped and listed. num_workers > 0 decodes each batch's images on
     that many threads. part_size items go to a part, rank r of world_size writes the parts p with
     p % world_size == r, and a rerun resumes. The summary is returned by the rank that finds every part done
-    at its end (rank 0 under torch.distributed, after a barrier); other ranks return None.
+    at its end (rank 0 under torch.distributed, after a barrier); other ranks return None. total: the number of
+    items, when known, for the progress bar.
     """
     kinds = KINDS if kind == "both" else (kind,)
     if kind not in KINDS + ("both",):
@@ -188,7 +190,7 @@ def embed_to_folder(
                                   batch_size=batch_size, pool=pool)
     try:
         return write_parts(items, out_dir, fill_part, kinds=kinds, part_size=part_size, rank=rank,
-                           world_size=world_size, progress=progress)
+                           world_size=world_size, progress=progress, total=total)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -129,8 +129,12 @@ def _check_config(out_dir: Path, config: dict) -> str | None:
         layout = existing.get("layout", LEGACY_LAYOUT)
         # A folder begun before the layout was recorded goes on in its own: compare the rest.
         if {**existing, "layout": layout} != {**config, "layout": layout}:
+            if not any(out_dir.glob("*.done")):  # nothing finished under the old settings: a corrected rerun
+                path.unlink(missing_ok=True)
+                return _check_config(out_dir, config)
             raise EmbeddingFolderError(
-                f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
+                f"{path} was written with {existing}, this run asks for {config}, and parts are finished "
+                "under the first: rerun with those settings to resume, or use a fresh folder"
             )
         return layout
     # Ranks start together: each fills a private temporary file and publishes it with os.link, which is atomic
@@ -151,8 +155,10 @@ def _check_config(out_dir: Path, config: dict) -> str | None:
 
 def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, kinds: tuple[str, ...],
                 part_size: int, rank: int = 0, world_size: int = 1, progress: bool = True,
-                description: str = "embed") -> dict | None:
+                description: str = "embed", total: int | None = None) -> dict | None:
     """Walk items in parts of part_size, fill and commit this rank's unfinished parts; return the summary.
+
+    total: how many items there are (default: len(items) when it has one), for the progress bar's total.
 
     fill_part(part_items, first_index, advance) consumes an iterator over one part's items (numbered from
     first_index), calls advance(n) as it gets through n of them (the progress bar), and returns (arrays by
@@ -172,11 +178,12 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
         from tqdm import tqdm
 
         # Rank 0 counts only its own items; items/s times world_size is the job's rate.
-        total = None
-        if hasattr(items, "__len__"):
-            num_parts = -(-len(items) // part_size)
-            total = sum(min(part_size, len(items) - p * part_size) for p in range(rank, num_parts, world_size))
-        progress_bar = tqdm(total=total, unit="item", desc=f"{description} rank 0/{world_size}", dynamic_ncols=True)
+        total = len(items) if total is None and hasattr(items, "__len__") else total
+        if total is not None:
+            num_parts = -(-total // part_size)
+            total = sum(min(part_size, total - p * part_size) for p in range(rank, num_parts, world_size))
+        label = description if world_size == 1 else f"{description} rank 0/{world_size}"
+        progress_bar = tqdm(total=total, unit="item", desc=label, dynamic_ncols=True)
     advance = progress_bar.update if progress_bar is not None else lambda count: None
     iterator = iter(items)
     num_parts = 0
@@ -242,10 +249,12 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
 
 
 def write_model_reference(out_dir: str | Path, model: str | os.PathLike) -> None:
-    """model.json: the checkpoint folder (absolute) the embeddings were made with, for index and search."""
+    """model.json: the checkpoint the embeddings were made with, for index and search: a local folder as an
+    absolute path, a hub id as it is (search resolves it again, from the cache)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MODEL_FILE).write_text(json.dumps({"model": str(Path(model).resolve())}) + "\n")
+    reference = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    (out_dir / MODEL_FILE).write_text(json.dumps({"model": reference}) + "\n")
 
 
 def copy_model_reference(from_dir: str | Path, to_dir: str | Path) -> bool:
@@ -275,7 +284,9 @@ def read_model_reference(folder: str | Path) -> str | None:
 def _resolve_kind(out_dir: Path, summary: dict, kind: str | None) -> str:
     if kind is None:
         if len(summary["kinds"]) != 1:
-            raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings: pass kind=")
+            raise EmbeddingFolderError(
+                f"{out_dir} holds {' and '.join(summary['kinds'])} embeddings: choose one (openalign index "
+                f"--embed-kind {'|'.join(summary['kinds'])}; embed_kind= in Python)")
         return summary["kinds"][0]
     if kind not in summary["kinds"]:
         raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings, not {kind!r}")

@@ -7,6 +7,12 @@
                   (batch, sequence) int64
     export.json   opset, input / output names, image size, and the check results
 
+and, given the model's processor, what turns a photo or a caption into those inputs without openalign:
+
+    tokenizer.json, vocab.txt, tokenizer_config.json   the WordPiece tokenizer (`tokenizers`, or transformers)
+    preprocessor_config.json (+ processor_config.json)  the image settings: resize, centre crop, rescale
+    example.py    EXAMPLE below: onnxruntime, tokenizers, Pillow and numpy embed a photo and captions
+
 from the float32 inference copy (BatchNorm folded, fused QKV, [CLS]-only last layer): the graphs compute the
 same unnormalised embeddings as `AlignModel.get_image_features` / `get_text_features`. Batch is dynamic in
 both, sequence length in the text graph.
@@ -24,11 +30,46 @@ from pathlib import Path
 
 import torch
 
+from openalign.errors import OpenAlignError
 from openalign.inference.optimize import optimize_for_inference
 
 DEFAULT_OPSET = 17
-VISION_FILE, TEXT_FILE, MANIFEST_FILE = "vision.onnx", "text.onnx", "export.json"
+VISION_FILE, TEXT_FILE, MANIFEST_FILE, EXAMPLE_FILE = "vision.onnx", "text.onnx", "export.json", "example.py"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+# What example.py holds: the exported model used with nothing of openalign or PyTorch.
+EXAMPLE = '''"""python example.py photo.jpg "a cat" "a dog": the cosine similarity of a photo and captions, with the
+exported graphs alone (pip install onnxruntime tokenizers pillow numpy)."""
+import json, sys
+from pathlib import Path
+
+import numpy as np, onnxruntime
+from PIL import Image
+from tokenizers import Tokenizer
+
+here = Path(__file__).parent
+settings = json.loads((here / "preprocessor_config.json").read_text())  # resize, then centre crop, then rescale
+size, crop = settings["size"]["height"], settings["crop_size"]["height"]
+image = Image.open(sys.argv[1]).convert("RGB").resize((size, size), Image.Resampling(settings["resample"]))
+top = (size - crop) // 2
+pixels = np.asarray(image, np.float32)[top : top + crop, top : top + crop] * settings["rescale_factor"]
+pixels -= 1.0 if settings["rescale_offset"] else 0.0  # ALIGN's pixels are in [-1, 1]
+pixel_values = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])  # (1, 3, H, W)
+image_embeds = onnxruntime.InferenceSession(str(here / "vision.onnx")).run(None, {"pixel_values": pixel_values})[0]
+
+tokenizer = Tokenizer.from_file(str(here / "tokenizer.json"))
+max_length = json.loads((here / "tokenizer_config.json").read_text())["model_max_length"]
+tokenizer.enable_truncation(min(max_length, 64))
+tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
+encodings = tokenizer.encode_batch(sys.argv[2:])
+inputs = {name: np.array([getattr(e, key) for e in encodings], np.int64)
+          for name, key in (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))}
+text_embeds = onnxruntime.InferenceSession(str(here / "text.onnx")).run(None, inputs)[0]
+
+normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+for text, similarity in zip(sys.argv[2:], (normalise(image_embeds) @ normalise(text_embeds).T)[0]):
+    print(f"{similarity:.4f}  {text}")
+'''
 
 
 def _example_text(config, batch: int, length: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -46,13 +87,19 @@ def _example_pixels(config, batch: int, seed: int) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(seed))
 
 
-def export_onnx(model, out_dir: str | Path, opset: int = DEFAULT_OPSET, check: bool = True) -> dict:
+def export_onnx(model, out_dir: str | Path, opset: int = DEFAULT_OPSET, check: bool = True, processor=None) -> dict:
     """Export both towers of an AlignModel to out_dir (see the module docstring); returns the manifest.
+    With `processor` (the model's AlignProcessor), its tokenizer and image settings and example.py go beside the
+    graphs, so the folder embeds photos and captions by itself.
 
     With check, each graph is run by onnxruntime on inputs of another batch size (and sequence length) than
     the export example and compared with the PyTorch inference copy; the maximum absolute and relative
     differences are stored in the manifest (`check_onnx` raises when they exceed 1e-4 relative).
     """
+    try:
+        import onnx  # noqa: F401 (torch's exporter writes the graphs through it)
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'openalign[onnx]'") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     optimized = optimize_for_inference(model, channels_last=False, device="cpu")
@@ -78,15 +125,41 @@ def export_onnx(model, out_dir: str | Path, opset: int = DEFAULT_OPSET, check: b
         "text": {"file": TEXT_FILE, "inputs": list(TEXT_INPUTS), "outputs": ["text_embeds"]},
         "embedding_dim": config.projection_dim,
     }
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+        (out_dir / EXAMPLE_FILE).write_text(EXAMPLE, encoding="utf-8")
+        manifest["processor"] = {"tokenizer": "tokenizer.json", "image_settings": "preprocessor_config.json",
+                                 "max_length": processor.tokenizer.max_length, "example": EXAMPLE_FILE}
     if check:
         manifest["check"] = check_onnx(optimized, out_dir)
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def load_for_export(model: str | Path):
+    """(AlignModel, its AlignProcessor or None) of a model folder or hub id: None when the folder holds no
+    tokenizer files, whose graphs can still be exported alone."""
+    from openalign.inference.encoders import TOKENIZER_FILES
+    from openalign.models.align import AlignModel
+    from openalign.pretrained import resolve_folder
+    from openalign.processing.processor import AlignProcessor
+
+    folder = resolve_folder(model)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    return AlignModel.from_pretrained(folder), AlignProcessor.from_pretrained(folder) if has_tokenizer else None
+
+
+class ExportError(OpenAlignError, RuntimeError):
+    """An export cannot run here: its runtime is not installed."""
+
+
 def onnx_session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU InferenceSession with full graph optimisation."""
-    import onnxruntime
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("checking the ONNX graphs needs onnxruntime: pip install 'openalign[onnx]' "
+                          "(or export with --no-check)") from None
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
