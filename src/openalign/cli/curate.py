@@ -7,17 +7,22 @@ from __future__ import annotations
 import argparse
 
 from openalign.cli._common import reports_errors
+from openalign.cli._help import add_command
 from openalign.cli.filter import add_rule_arguments, add_similarity_arguments, rule_config, similarity_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `curate` command."""
-    parser = subparsers.add_parser(
-        "curate", help="rules -> bootstrap model -> similarity scores -> keep -> train again, resumable",
-        description="Training settings: defaults < --recipe < --config < --set, for every training run.",
-    )
+    parser = add_command(
+        subparsers, "curate", help="rules -> bootstrap model -> similarity scores -> keep -> train again, resumable",
+        description="Curate a noisy corpus: the paper's rules, a bootstrap model trained on what they keep, its "
+                    "image-text similarity scores, keep the best, and train again; every stage in one folder, "
+                    "resumable. Training settings: defaults < --recipe < --config < --set, for every training run.",
+        examples=("openalign curate data/train/manifest.jsonl --recipe cpu-small --keep-fraction 0.7 --out curated",
+                  "openalign curate 'shards/{00000..00999}.tar' --config run.yaml --rounds 2 --keep-fraction 0.5 "
+                  "--out curated"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet) or shard spec")
-    parser.add_argument("--out", required=True, help="folder for every stage (rerun the same command to resume)")
+    parser.add_argument("--out", "-o", required=True, help="folder for every stage (rerun the same command to resume)")
     training = parser.add_argument_group("training")
     training.add_argument("--config", default=None, help="a YAML or TOML training config for every run")
     training.add_argument("--recipe", default=None, help="a named recipe to start from (e.g. cpu-small)")
@@ -27,16 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--bootstrap-minutes", type=float, default=None, help="time limit of each bootstrap run")
     training.add_argument("--steps", type=int, default=1000, help="steps of the final run")
     training.add_argument("--minutes", type=float, default=None, help="time limit of the final run")
-    training.add_argument("--rounds", type=int, default=1, help="bootstrap rounds: train, score, keep (default 1)")
+    training.add_argument("--rounds", type=int, default=1, help="bootstrap rounds: train, score, keep")
     training.add_argument("--start-from", choices=("bootstrap", "scratch"), default="bootstrap",
                           help="each run after the first starts from the previous run's weights or from scratch")
     training.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train a WordPiece "
                           "vocabulary on the captions the rules keep)")
-    training.add_argument("--vocab-size", type=int, default=1000, help="size of that vocabulary (default 1000)")
+    training.add_argument("--vocab-size", type=int, default=1000, help="size of that vocabulary")
     similarity = parser.add_argument_group("similarity", "how each round keeps pairs")
     add_similarity_arguments(similarity)
     similarity.add_argument("--label-field", default="noise", help="record field with noise labels, for the "
-                            "report's precision and recall (default noise)")
+                            "report's precision and recall")
     similarity.add_argument("--device", default="auto", help="device that scores (auto, cpu, cuda, ...)")
     rules = parser.add_argument_group("rules", "the paper's filters, applied first")
     rules.add_argument("--no-rules", action="store_true", help="skip the rules: score the source as it is")

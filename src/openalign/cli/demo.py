@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from openalign.cli._common import reports_errors
+from openalign.cli._help import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from openalign.train.config import DataSection
 
     defaults = DemoConfig()
-    parser = subparsers.add_parser(
-        "demo", help="train a small ALIGN on a generated noisy dataset and report held-out figures")
+    parser = add_command(
+        subparsers, "demo", help="train a small ALIGN on a generated noisy dataset and report held-out figures",
+        description="Generate a noisy image-text dataset, filter it, train a tokenizer and a small ALIGN from "
+                    "scratch within --minutes, and evaluate it on colour-shape combinations never seen in "
+                    "training; model/, plots, a heat map and report.md go to --out.",
+        examples=("openalign demo", "openalign demo --minutes 3 --out quick-demo", "openalign demo --no-filter"))
     parser.add_argument("--out", default=defaults.out_dir, help=f"output folder (default {defaults.out_dir})")
     parser.add_argument("--minutes", type=float, default=defaults.minutes,
                         help=f"wall-time budget of the whole command (default {defaults.minutes:g})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from openalign.cli._common import add_model_arguments, reports_errors
+from openalign.cli._help import add_command
 
 RULE_THRESHOLDS = {
     "min_side": (int, "keep images whose shorter side is over this many pixels"),
@@ -29,12 +30,20 @@ RULE_THRESHOLDS = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `filter` command."""
-    parser = subparsers.add_parser("filter", help="apply the paper's data filters, or filter by image-text "
-                                   "similarity under a checkpoint, to a manifest or shards")
+    parser = add_command(
+        subparsers, "filter", help="apply the paper's data filters, or filter by image-text similarity under a "
+                                   "model, to a manifest or shards",
+        description="Apply the ALIGN paper's data filters (image size and aspect, shared alt-texts, rare tokens, "
+                    "caption length, near-duplicates of evaluation images) to a manifest or shards, with a report "
+                    "of what each rule dropped; or, with --similarity, keep the pairs a model scores best.",
+        examples=("openalign filter data/train/manifest.jsonl --out filtered",
+                  "openalign filter shards/ --similarity -m runs/first/model --keep-fraction 0.5 --out kept",
+                  "torchrun --nproc-per-node 4 -m openalign filter shards/ --similarity -m ckpt --keep-fraction 0.3 "
+                  "--out kept"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet), shard spec, or image folder")
-    parser.add_argument("--out", required=True, help="folder for the kept pairs, dropped.jsonl and reports")
-    parser.add_argument("--output", choices=("auto", "manifest", "shards"), default="auto",
-                        help="what to write the kept pairs as (default: like the source)")
+    parser.add_argument("--out", "-o", required=True, help="folder for the kept pairs, dropped.jsonl and reports")
+    parser.add_argument("--format", dest="output", choices=("auto", "manifest", "shards"), default="auto",
+                        help="what to write the kept pairs as; auto: like the source")
     add_rule_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     similarity = parser.add_argument_group("similarity", "filter by the image-text cosine under a checkpoint")
@@ -43,10 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help="score every pair with --model instead of applying the rules")
     similarity.add_argument("--scores-from", default=None, metavar="DIR",
                             help="re-threshold the scores an earlier --similarity run saved in DIR (no model)")
-    similarity.add_argument("--part-size", type=int, default=10_000, help="pairs per scoring part (default 10000)")
+    similarity.add_argument("--part-size", type=int, default=10_000, help="pairs per scoring part")
     similarity.add_argument("--num-workers", type=int, default=0, help="threads decoding each batch's images")
     similarity.add_argument("--label-field", default="noise",
-                            help="record field with noise labels, for precision and recall (default noise)")
+                            help="record field with noise labels, for precision and recall")
     add_model_arguments(similarity, required=False)
     parser.set_defaults(func=run)
 
@@ -58,7 +67,7 @@ def add_rule_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FilterConfig()
     for name, (kind, text) in RULE_THRESHOLDS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
-                            help=f"{text} (default {getattr(defaults, name)})")
+                            help=text)
     parser.add_argument("--eval-images", default=None,
                         help="evaluation images (folder, manifest or shards): drop near-duplicates of them")
     for rule in RULES:

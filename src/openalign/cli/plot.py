@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from openalign.cli._help import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `plot` command."""
-    parser = subparsers.add_parser("plot", help="plot loss, temperature, learning rate and recall of a run")
+    parser = add_command(subparsers, "plot", help="plot loss, temperature, learning rate and recall of a run",
+                         examples=("openalign plot runs/first", "openalign plot runs/first --out figures"))
     parser.add_argument("run_dir", help="a training run folder (holding metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default RUN_DIR/plots)")
+    parser.add_argument("--out", "-o", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
     parser.set_defaults(func=run_plot)
 
 
