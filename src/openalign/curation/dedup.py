@@ -55,8 +55,8 @@ def _faiss():
     try:
         import faiss
     except ImportError as error:
-        raise CurationError("semantic deduplication needs FAISS: pip install 'openalign[index]' "
-                            "(faiss-cpu)") from error
+        raise CurationError("semantic deduplication needs FAISS (a dependency of openalign): "
+                            "pip install faiss-cpu") from error
     return faiss
 
 
