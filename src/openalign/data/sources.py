@@ -2,14 +2,18 @@
 
 Every source is read as a stream of `Record`s. A record holds the undecoded image (a path or raw bytes) and
 its caption, so readers stay cheap and decoding errors surface where they can be counted: in the training
-dataset.
+dataset. Every read is bounded (openalign.untrusted): a shard member, caption or sidecar above its bound is not
+read, and its record carries the reason in `error`, so the consumer skips and counts it; an image file must be
+a regular file within the image bound.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -17,12 +21,21 @@ import re
 import shlex
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openalign.errors import OpenAlignError
+from openalign.errors import InputLimitError, OpenAlignError
+from openalign.untrusted import (
+    MAX_IMAGE_BYTES,
+    MAX_LINE_BYTES,
+    MAX_TEXT_BYTES,
+    parse_json,
+    read_regular_file,
+    read_text_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +55,8 @@ class Record:
     """One image-text pair as stored, before decoding.
 
     `key` is stable across runs: the manifest's path as written, or "<shard stem>/<sample key>" for shards.
+    `error` says why the sample cannot be used when the reader found out without decoding (a member above its
+    size bound, a sidecar nested too deep); consumers skip such a record and count it.
     """
 
     key: str
@@ -50,9 +65,13 @@ class Record:
     image_bytes: bytes | None = None
     image_ext: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
     def open_image_bytes(self) -> bytes:
-        """Return the encoded image, reading `image_path` when the record holds no bytes."""
+        """Return the encoded image, reading `image_path` when the record holds no bytes: a regular file of at
+        most MAX_IMAGE_BYTES, else InputLimitError naming it."""
+        if self.error is not None:
+            raise InputLimitError(self.error)
         if self.image_bytes is not None:
             return self.image_bytes
         if self.image_path is None:
@@ -60,7 +79,7 @@ class Record:
         if "://" in str(self.image_path):
             raise DataError(f"record {self.key!r}: remote image {self.image_path} is not downloaded here; "
                             "fetch the images first (e.g. with img2dataset) and train from the shards")
-        return Path(self.image_path).read_bytes()
+        return read_regular_file(self.image_path, MAX_IMAGE_BYTES, f"image of record {self.key!r}:")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -143,42 +162,89 @@ def _pick_column(columns: list[str], requested: str | None, candidates: tuple[st
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each non-empty line of a JSON-lines manifest, read as a stream."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    """(line number, row) for each non-empty line of a JSON-lines manifest, read as a stream; a line above
+    MAX_LINE_BYTES, not UTF-8, not JSON or not an object is a DataError naming the file and line."""
+    with open(path, "rb") as handle:
+        for number in itertools.count(1):
+            line = handle.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            where = f"manifest {path}, line {number}"
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{where}: longer than the limit of {MAX_LINE_BYTES} bytes")
             try:
-                yield number, json.loads(line)
+                text = line.decode("utf-8")
+                if not text.strip():
+                    continue
+                row = parse_json(text, where)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 (byte {error.start}: {error.reason})") from None
             except json.JSONDecodeError as error:
-                raise DataError(f"manifest {path}, line {number}: invalid JSON ({error})") from error
+                raise DataError(f"{where}: invalid JSON ({error})") from None
+            except InputLimitError as error:
+                raise DataError(str(error)) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object of columns, found a {type(row).__name__}")
+            yield number, row
+
+
+def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    """Column names and rows of a CSV / TSV manifest; a line that is not UTF-8 or a malformed row is a DataError
+    naming the file and line."""
+    handle = open(path, "rb")  # closed by rows() below; lines decoded one by one, so an error knows its line
+
+    def lines() -> Iterator[str]:
+        for number, line in enumerate(handle, 1):
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"manifest {path}, line {number}: not UTF-8 (byte {error.start} of the line: "
+                                f"{error.reason}); re-save it as UTF-8") from None
+
+    reader = csv.DictReader(lines(), delimiter=delimiter)
+    try:
+        columns = list(reader.fieldnames or [])
+    except csv.Error as error:
+        handle.close()
+        raise DataError(f"manifest {path}, line {reader.line_num}: {error}") from None
+    except DataError:
+        handle.close()
+        raise
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with handle:
+            try:
+                yield from reader
+            except csv.Error as error:
+                raise DataError(f"manifest {path}, line {reader.line_num}: {error}") from None
+
+    return columns, rows()
 
 
 def _read_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Column names and an iterator of row dicts for a manifest file."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        handle = open(path, newline="", encoding="utf-8")  # closed by rows() below
-        reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-        columns = list(reader.fieldnames or [])
-
-        def rows() -> Iterator[dict[str, Any]]:
-            with handle:
-                yield from reader
-
-        return columns, rows()
+        return _csv_rows(path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".jsonl":
         # Two streaming passes (column names, then rows) so a manifest larger than memory still reads.
         columns = list(dict.fromkeys(key for _, row in _jsonl_rows(path) for key in row))
         return columns, (row for _, row in _jsonl_rows(path))
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as parquet
 
-        parquet_file = parquet.ParquetFile(path)
+        try:
+            parquet_file = parquet.ParquetFile(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"manifest {path} is not a readable Parquet file: {error}") from None
 
         def parquet_rows() -> Iterator[dict[str, Any]]:
-            for batch in parquet_file.iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
+            try:
+                for batch in parquet_file.iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+            except (pyarrow.ArrowException, OSError) as error:
+                raise DataError(f"manifest {path} is corrupt: {error}") from None
 
         return list(parquet_file.schema_arrow.names), parquet_rows()
     raise DataError(f"manifest {path}: unknown format {suffix!r}; expected one of {list(MANIFEST_SUFFIXES)}")
@@ -230,14 +296,22 @@ def _shard_stem(url: str) -> str:
     return base
 
 
-def _record_from_members(shard: str, key: str, members: dict[str, bytes]) -> Record:
+# Members a sample is made of, and the most bytes each may have; others are passed over unread.
+MEMBER_LIMITS = {**{extension: MAX_IMAGE_BYTES for extension in IMAGE_EXTENSIONS},
+                 "txt": MAX_TEXT_BYTES, "json": MAX_TEXT_BYTES}
+
+
+def _record_from_members(shard: str, key: str, members: dict[str, bytes], error: str | None = None) -> Record:
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    where = f"shard {shard}, sample {key}"
     extra: dict[str, Any] = {}
     if "json" in members:
         try:
-            extra = json.loads(members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            logger.warning("shard %s, sample %s: unreadable .json sidecar (%s)", shard, key, error)
+            extra = parse_json(members["json"].decode("utf-8"), f"{where}: .json sidecar")
+        except (UnicodeDecodeError, json.JSONDecodeError) as decode_error:
+            logger.warning("%s: unreadable .json sidecar (%s)", where, decode_error)
+        except InputLimitError as limit_error:
+            error = error or str(limit_error)
         if not isinstance(extra, dict):
             extra = {"json": extra}
     caption = None
@@ -246,7 +320,17 @@ def _record_from_members(shard: str, key: str, members: dict[str, bytes]) -> Rec
     elif extra.get("caption") is not None or extra.get("text") is not None:
         caption = str(extra.get("caption") if extra.get("caption") is not None else extra["text"])
     return Record(key=f"{_shard_stem(shard)}/{key}", caption=caption,
-                  image_bytes=members.get(image_ext) if image_ext else None, image_ext=image_ext, extra=extra)
+                  image_bytes=members.get(image_ext) if image_ext else None, image_ext=image_ext, extra=extra,
+                  error=error)
+
+
+def _open_tar_stream(raw: io.BufferedReader) -> tarfile.TarFile:
+    """A streaming TarFile over `raw`, gunzipped by gzip.GzipFile when the bytes are gzipped. tarfile's own
+    stream decompresses whole chunks whatever their expansion and copies its buffer at every block, so passing
+    over a 600 MB member of zeros took minutes; GzipFile decompresses only what is read."""
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return tarfile.open(fileobj=gzip.GzipFile(fileobj=raw, mode="rb"), mode="r|")
+    return tarfile.open(fileobj=raw, mode="r|*")
 
 
 def iter_shard(url: str) -> Iterator[Record]:
@@ -257,42 +341,49 @@ def iter_shard(url: str) -> Iterator[Record]:
     read raises DataError naming it, after the samples read so far have been yielded.
     """
     process = None
-    current_key, members = None, {}
+    current_key, members, oversized = None, {}, None
     try:
         if url.startswith("pipe:"):
             command = url[len("pipe:"):]
             process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            stream = tarfile.open(fileobj=process.stdout, mode="r|*")
+            raw = process.stdout
         else:
-            stream = tarfile.open(url, mode="r|*")
-        with stream:
+            raw = open(url, "rb")
+        with raw, _open_tar_stream(raw) as stream:
             for member in stream:
                 if not member.isfile():
                     continue
                 key, extension = _split_member_name(member.name)
                 if key != current_key:
                     if current_key is not None:
-                        yield _record_from_members(url, current_key, members)
-                    current_key, members = key, {}
+                        yield _record_from_members(url, current_key, members, oversized)
+                    current_key, members, oversized = key, {}, None
+                limit = MEMBER_LIMITS.get(extension)
+                if limit is None:
+                    continue  # not part of an image-text sample: never read
+                if member.size > limit:
+                    oversized = oversized or (f"shard {url}, sample {key}: member {member.name} has {member.size} "
+                                              f"bytes, above the limit of {limit} for .{extension}")
+                    continue  # left unread: the stream skips it block by block
                 handle = stream.extractfile(member)
-                members[extension] = handle.read() if handle is not None else b""
+                members[extension] = handle.read() if handle is not None else b""  # member.size bytes at most
             # tarfile ends quietly at a short or missing header; a complete tar ends with a full zero block.
             if stream.fileobj.pos - stream.offset < tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("archive ends without its end-of-archive blocks")
-    except (OSError, tarfile.TarError, EOFError) as error:
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
         if process is None or process.poll() in (None, 0):
             raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
                 from error
     finally:
         if process is not None:
             process.stdout.close()
-            stderr = process.stderr.read().decode("utf-8", errors="replace").strip()
+            stderr = process.stderr.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace").strip()
             process.stderr.close()
             returncode = process.wait()
     if process is not None and returncode != 0:
         raise DataError(f"shard {url}: command exited with status {returncode}: {stderr}")
     if current_key is not None:
-        yield _record_from_members(url, current_key, members)
+        yield _record_from_members(url, current_key, members, oversized)
 
 
 def count_shard_samples(url: str) -> int:
@@ -314,9 +405,14 @@ def iter_image_folder(folder: str | Path) -> Iterator[Record]:
     images = sorted(path for path in folder.rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     for image_path in images:
         sidecar = image_path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        caption, error = None, None
+        if sidecar.is_file():
+            try:
+                caption = read_text_file(sidecar, MAX_TEXT_BYTES, "caption file").strip()
+            except InputLimitError as limit_error:
+                error = str(limit_error)
         yield Record(key=image_path.relative_to(folder).as_posix(), caption=caption, image_path=image_path,
-                     image_ext=image_path.suffix.lower().lstrip("."))
+                     image_ext=image_path.suffix.lower().lstrip("."), error=error)
 
 
 def is_shard_source(source: str | Path | list) -> bool:
