@@ -36,10 +36,13 @@ def search_index(index_dir, encoders, texts=(), images=(), k: int = 10) -> list[
 @reports_errors("search")
 def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
+    from openalign.index.faiss_index import IndexBuildError
     from openalign.index.html import write_results_html
 
     if not args.texts and not args.images:
         raise SystemExit("openalign search: give a text query, --image, or both")
+    if not Path(args.index).is_dir():
+        raise IndexBuildError(f"no index folder at {args.index} (build one with `openalign index EMBED_DIR`)")
     if args.model is None:
         model_file = Path(args.index) / MODEL_FILE
         if not model_file.is_file():

@@ -47,12 +47,16 @@ def run_train(args: argparse.Namespace) -> int:
         key, value = parse_override(text)
         overrides[key] = value
     config_path = args.config
+    base = get_recipe(args.recipe) if args.recipe else None
     if config_path is None and args.resume:
-        # Resuming without --config: the run folder's own config.yaml (written at the start of the run).
-        run_dir = Path(args.resume).parent if args.resume != "latest" else Path(overrides.get("run.out_dir", ""))
+        # Resuming without --config: the run folder's own config.yaml (written at the start of the run). For
+        # "latest" that folder is run.out_dir as the command line (or recipe, or default) gives it, never the
+        # current folder.
+        run_dir = (Path(args.resume).parent if args.resume != "latest"
+                   else Path(load_config(None, overrides, base=base).run.out_dir))
         if (run_dir / "config.yaml").is_file():
             config_path = run_dir / "config.yaml"
-    config = load_config(config_path, overrides, base=get_recipe(args.recipe) if args.recipe else None)
+    config = load_config(config_path, overrides, base=base)
     result = train(config, resume=args.resume)
     print(f"stopped at step {result.step} ({result.stop_reason}); run folder {result.run_dir}")
     return 0

@@ -249,6 +249,7 @@ class Index:
         q's hits, best first, each with its "id" and "score". Ids of -1 (fewer than k vectors) are dropped
         from rows.
         """
+        _check_k(k)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.faiss_index.d:
             raise IndexBuildError(f"queries have dim {queries.shape[1]}, the index {self.faiss_index.d}")
@@ -283,6 +284,7 @@ class Index:
 
         The encoders default to those given to Index.load; they map a list of queries to (Q, D) embeddings.
         """
+        _check_k(k)  # before the queries are encoded
         batches = []
         for queries, encoder, name in (
             (texts, encode_texts or self.encode_texts, "texts"),
@@ -298,3 +300,8 @@ class Index:
         if not batches:
             raise IndexBuildError("search needs texts= or images=")
         return self.search_vectors(np.concatenate(batches), k, nprobe=nprobe, k_factor=k_factor)[2]
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise IndexBuildError(f"k = {k!r}: the number of hits per query must be a positive integer")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,9 @@ import pyarrow.parquet as pq
 import torch
 
 from openalign.errors import ImageLoadError, OpenAlignError
+from openalign.processing.tokenizer import is_unicode_text
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
 METADATA_SCHEMA = pa.schema(
@@ -102,12 +106,15 @@ def load_image(source, image=None):
 def _load(kinds, item, index, image_loader):
     """Metadata row plus the payload for each kind; ImageLoadError / missing captions propagate to the caller."""
     described = _describe(item, kinds)
+    if getattr(item, "error", None):  # a data-source Record its reader found unusable (a member over its bound)
+        raise ImageLoadError(item.error)
     row = {"index": index, "source": described["source"], "caption": described["caption"]}
     row["width"] = row["height"] = None
     payloads = {}
     if "text" in kinds:
-        if not isinstance(described["caption"], str):
-            raise MissingCaptionError(f"item {index} ({described['source']}) has no caption text to embed")
+        if not is_unicode_text(described["caption"]):
+            raise MissingCaptionError(f"item {index} ({described['source']}) has no caption text to embed "
+                                      "(missing, or not valid Unicode)")
         payloads["text"] = described["caption"]
     if "image" in kinds:
         image = image_loader(described["source"], described["image"])
@@ -191,8 +198,51 @@ def _write_part(out_dir: Path, part_index: int, embeddings, rows, skipped) -> No
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     _atomic_write(out_dir / f"{stem}.parquet", lambda temporary: pq.write_table(table, temporary))
     _write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
-    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in embeddings.items()}}
+    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in embeddings.items()},
+            "sizes": {name: (out_dir / name).stat().st_size
+                      for name in [*(f"{stem}.{kind}.npy" for kind in embeddings), f"{stem}.parquet",
+                                   f"{stem}.skipped.json"]}}
     _write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
+
+
+def verify_part(out_dir: str | Path, part_index: int) -> dict:
+    """The .done marker of a finished part, after checking that every file it lists is there with the size it
+    was written with; EmbeddingFolderError naming the file otherwise (deleted, truncated or replaced later)."""
+    out_dir = Path(out_dir)
+    marker = out_dir / f"{part_name(part_index)}.done"
+    try:
+        done = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise EmbeddingFolderError(f"{marker} is missing: the part was never finished") from None
+    except (OSError, ValueError) as error:
+        raise EmbeddingFolderError(f"{marker} is unreadable ({error})") from None
+    # Markers from before sizes were recorded list no sizes: then the files must at least exist.
+    expected = done.get("sizes") or {name: None for name in (
+        *(f"{part_name(part_index)}.{kind}.npy" for kind in done.get("dims", {})),
+        f"{part_name(part_index)}.parquet", f"{part_name(part_index)}.skipped.json")}
+    for name, size in expected.items():
+        path = out_dir / name
+        if not path.is_file():
+            raise EmbeddingFolderError(f"{path} is missing (removed after the run?); rerun the same embed command "
+                                       "to redo its part")
+        if size is not None and path.stat().st_size != size:
+            raise EmbeddingFolderError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or "
+                                       "replaced); rerun the same embed command to redo its part")
+    return done
+
+
+def _part_is_done(out_dir: Path, part_index: int) -> bool:
+    """Whether a part is finished and intact; a damaged one is logged and will be redone."""
+    if not (out_dir / f"{part_name(part_index)}.done").exists():
+        return False
+    try:
+        verify_part(out_dir, part_index)
+    except EmbeddingFolderError as error:
+        logger.warning("redoing a damaged part: %s", error)
+        (out_dir / f"{part_name(part_index)}.done").unlink(missing_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _check_config(out_dir: Path, config: dict) -> None:
@@ -232,7 +282,7 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         marker = out_dir / f"{part_name(part_index)}.done"
         if not marker.exists():
             return None
-        done = json.loads(marker.read_text())
+        done = verify_part(out_dir, part_index)
         parts.append({"name": part_name(part_index), "count": done["count"], "skipped": done["skipped"]})
         count += done["count"]
         dims.update({kind: dim for kind, dim in done["dims"].items() if done["count"]})
@@ -319,7 +369,7 @@ def embed_to_folder(
             # Every rank walks the whole item stream so the global numbering agrees; items of other ranks'
             # parts and of finished parts are read past without decoding.
             part_items = itertools.islice(iterator, part_size)
-            if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
+            if part_index % world_size != rank or _part_is_done(out_dir, part_index):
                 consumed = sum(1 for _ in part_items)
             else:
                 embeddings, rows, skipped, consumed = _embed_part(
@@ -372,7 +422,8 @@ def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
     out_dir = Path(out_dir)
     summary = read_summary(out_dir)
     kind = _resolve_kind(out_dir, summary, kind)
-    for part in summary["parts"]:
+    for part_index, part in enumerate(summary["parts"]):
+        verify_part(out_dir, part_index)
         if part["count"] == 0:
             continue
         embeddings = np.load(out_dir / f"{part['name']}.{kind}.npy", mmap_mode="r")
