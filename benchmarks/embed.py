@@ -36,14 +36,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import build_openalign  # noqa: E402
-from openalign.cli.embed import caption_lines  # noqa: E402
 from openalign.data.sources import iter_records  # noqa: E402
-from openalign.inference.allocator import configure_allocator  # noqa: E402
 from openalign.inference.embed import embed_to_folder  # noqa: E402
 from openalign.inference.encoders import load_encoders  # noqa: E402
 from openalign.processing.image_processor import AlignImageProcessor  # noqa: E402
 from openalign.processing.processor import AlignProcessor  # noqa: E402
 from openalign.processing.tokenizer import train_wordpiece  # noqa: E402
+from openalign.runtime import configure_allocator  # noqa: E402
 
 WORDS = (
     "a the of with and in on at photo picture close up portrait young old man woman child dog cat bird horse car "
@@ -118,7 +117,7 @@ def main() -> None:
             return iter_records(workspace / "images")
 
         def text_items():
-            return caption_lines(workspace / "captions.txt")
+            return iter_records(workspace / "captions.txt")
 
         results = {"preset": arguments.preset, "dtype": arguments.dtype, "images": arguments.images,
                    "texts": arguments.texts, "threads": torch.get_num_threads(), "rows": {}}

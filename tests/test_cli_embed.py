@@ -19,7 +19,7 @@ import torch
 from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.data.sources import Record, write_manifest, write_shards
-from openalign.inference.embed import read_embedding_folder
+from openalign.inference.embedding_folder import read_embedding_folder
 
 
 @pytest.fixture(scope="module")

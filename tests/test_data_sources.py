@@ -143,3 +143,17 @@ def test_image_folder_with_sidecar_captions(tmp_path):
     back = list(iter_records(tmp_path))
     assert [(record.key, record.caption) for record in back] == [("0.png", None), ("1.png", "one"),
                                                                   ("2.png", None)]
+
+
+def test_caption_file_gives_one_imageless_record_per_line(tmp_path):
+    path = tmp_path / "captions.txt"
+    lines = ["  a red square ", "", "a blue circle", "   ", "two dogs"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    back = list(iter_records(path))
+    expected = [(f"{path}:{number}", line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+    assert [(record.key, record.caption) for record in back] == expected
+    assert all(record.image_path is None and record.image_bytes is None for record in back)
+    with pytest.raises(DataError, match="record .* has no image"):
+        back[0].open_image_bytes()
+    with pytest.raises(DataError, match="missing.txt"):
+        list(iter_records(tmp_path / "missing.txt"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -201,16 +200,6 @@ def test_prompt_templates_come_from_the_caption_templates():
     shape = [evaluate.fill(t, None, "circle") for t in evaluate.shape_only_templates()]
     assert "an orange circle" in pair and "a photo of an orange circle" in pair
     assert "a circle" in shape and all("orange" not in text and "  " not in text for text in shape)
-
-
-def test_openmp_threads_wait_passively_only_when_others_share_the_cores():
-    from openalign.cli.demo import busy_cores, omp_wait_policy
-
-    assert omp_wait_policy(busy=0.3, cores=2) == "ACTIVE"  # a quiet machine: spinning threads are faster
-    assert omp_wait_policy(busy=1.0, cores=2) == "PASSIVE"  # another process keeps a core busy
-    assert omp_wait_policy(busy=3.9, cores=8) == "ACTIVE"
-    assert omp_wait_policy(busy=4.0, cores=8) == "PASSIVE"
-    assert 0.0 <= busy_cores(interval=0.05) <= os.cpu_count()
 
 
 def test_train_overrides_reach_the_training_config(tmp_path):

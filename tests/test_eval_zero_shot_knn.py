@@ -19,6 +19,7 @@ from openalign.eval.zero_shot import (
     build_classifier,
     class_folder,
     classify,
+    ensemble_embeddings,
     evaluate_zero_shot,
     plot_confusion_matrix,
 )
@@ -78,6 +79,25 @@ def test_build_classifier_is_mean_of_normalised_prompts_renormalised():
         unit_rows = [row / np.linalg.norm(row) for row in rows]
         mean = np.mean(unit_rows, axis=0)
         np.testing.assert_allclose(classifier[class_index].numpy(), mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_ensemble_is_the_same_however_many_classes_share_an_encoder_call():
+    prompts_per_class = [["a cat", "the cat"], ["a dog"], ["a red bicycle", "red bicycle", "the bicycle"]]
+    encoder = _WordEncoder()
+    one_call = ensemble_embeddings(encoder, prompts_per_class, classes_per_call=None)
+    assert encoder.calls == [[prompt for prompts in prompts_per_class for prompt in prompts]]
+    for classes_per_call in (1, 2):
+        encoder.calls.clear()
+        grouped = ensemble_embeddings(encoder, prompts_per_class, classes_per_call=classes_per_call)
+        assert len(encoder.calls) == math.ceil(3 / classes_per_call)
+        torch.testing.assert_close(grouped, one_call, rtol=0, atol=1e-6)
+    for class_index, prompts in enumerate(prompts_per_class):
+        units = [row / np.linalg.norm(row) for row in
+                 (sum(encoder.vectors[word] for word in prompt.split()) for prompt in prompts)]
+        mean = np.mean(units, axis=0)
+        np.testing.assert_allclose(one_call[class_index].numpy(), mean / np.linalg.norm(mean), atol=1e-6)
+    with pytest.raises(ZeroShotInputError, match="'a cat'"):
+        ensemble_embeddings(lambda texts: torch.zeros(1, 4), prompts_per_class)
 
 
 def _synthetic_classes(num_classes=6, per_class=20, dim=16, noise=0.3, seed=0):

@@ -7,7 +7,8 @@ import torch
 
 from openalign.index.faiss_index import Index, IndexBuildError, build_index, choose_index
 from openalign.index.html import write_results_html
-from openalign.inference.embed import embed_to_folder, read_embedding_folder
+from openalign.inference.embed import embed_to_folder
+from openalign.inference.embedding_folder import read_embedding_folder
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from openalign.inference.embed import (
+from openalign.inference.embed import embed_to_folder
+from openalign.inference.embedding_folder import (
     EmbeddingFolderError,
-    embed_to_folder,
     iter_embedding_parts,
     read_embedding_folder,
     read_summary,
@@ -222,7 +222,7 @@ def test_ranks_starting_together_never_read_a_half_written_config(tmp_path):
     # but not yet filled (under torchrun this surfaced as a JSONDecodeError on one rank).
     import threading
 
-    from openalign.inference.embed import _check_config
+    from openalign.inference.embedding_folder import _check_config
 
     config = {"kinds": ["image"], "part_size": 3}
     errors = []

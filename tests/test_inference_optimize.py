@@ -181,7 +181,7 @@ ALLOCATOR_PROBE = textwrap.dedent(
     model = AlignModel(get_preset("tiny")).eval()  # building and running a model asks for no process-wide setting
     model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=torch.randn(1, 3, 32, 32))
     if sys.argv[1] == "configured":
-        from openalign.inference.allocator import configure_allocator
+        from openalign.runtime import configure_allocator
         assert configure_allocator()["applied"]
     elif sys.argv[1] == "optimized":
         model.optimize_for_inference()  # asking for speed configures the allocator

@@ -130,7 +130,7 @@ def test_hub_id_goes_through_snapshot_download(saved, monkeypatch):
     model, folder = saved
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns=None):
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
         calls.append((repo_id, allow_patterns))
         return str(folder)
 

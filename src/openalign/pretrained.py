@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from openalign import hub
 from openalign.errors import CheckpointError, ConfigError, InputLimitError
+from openalign.files import atomic_write, atomic_write_bytes
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 from openalign.untrusted import confined_path, parse_json, read_text_file
 
@@ -61,24 +62,11 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def resolve_folder(path_or_hub_id: str | os.PathLike, *, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder as is; anything else that looks like `owner/name` is downloaded with huggingface_hub."""
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; expected a checkpoint folder holding {CONFIG_NAME}")
-    name = str(path_or_hub_id)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(f"no checkpoint folder at {name!r} (and it is not a hub id such as 'owner/name')")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"downloading {name!r} needs huggingface_hub: pip install huggingface_hub") from error
-    try:
-        return Path(snapshot_download(name, allow_patterns=allow_patterns or HUB_PATTERNS))
-    except Exception as error:
-        raise CheckpointError(f"could not download {name!r} from the hub: {error}") from error
+def resolve_folder(path_or_hub_id: str | os.PathLike, *, allow_patterns: list[str] | None = None,
+                   revision: str | None = None) -> Path:
+    """A checkpoint folder: a local folder as is, a hub id (`owner/name`) downloaded with the checkpoint's files
+    (HUB_PATTERNS unless allow_patterns is given)."""
+    return hub.resolve_folder(path_or_hub_id, allow_patterns=allow_patterns or HUB_PATTERNS, revision=revision)
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -142,18 +130,6 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_checkpoint(folder: str | os.PathLike, config, state_dict: dict[str, torch.Tensor]) -> Path:
     """`config.json` + `model.safetensors`, each written atomically."""
     from safetensors.torch import save_file
@@ -161,10 +137,12 @@ def write_checkpoint(folder: str | os.PathLike, config, state_dict: dict[str, to
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # shared: several processes may save the same folder at once (each writes its own temporary file).
+    atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+                 shared=True)
     config_dict = config.to_dict()
     config_dict.setdefault("architectures", [_ARCHITECTURES.get(type(config), "AlignModel")])
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2) + "\n"))
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config_dict, indent=2) + "\n").encode(), shared=True)
     return folder
 
 

@@ -19,9 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 
 def encoders_from_arguments(args: argparse.Namespace, device=None):
     """Load the encoders the arguments describe, after opting in to the allocator settings that keep freed
-    activations in the heap (openalign's command-line entry points do; see inference/allocator.py)."""
-    from openalign.inference.allocator import configure_allocator
+    activations in the heap (openalign's command-line entry points do; see openalign/runtime.py)."""
     from openalign.inference.encoders import load_encoders
+    from openalign.runtime import configure_allocator
 
     configure_allocator()
     return load_encoders(args.model, device=device or args.device, dtype=args.dtype, batch_size=args.batch_size,

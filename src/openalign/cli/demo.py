@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 from openalign.cli._common import reports_errors
 
@@ -73,45 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def busy_cores(interval: float = 0.5) -> float:
-    """How many cores other processes keep busy now: the non-idle share of all CPU time in /proc/stat over
-    `interval` seconds (this process sleeps meanwhile), times the core count. Where /proc/stat is missing,
-    the 1-minute load average (which also remembers processes that have just ended)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as handle:
-            values = [int(value) for value in handle.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
-
-    try:
-        total_before, idle_before = sample()
-        time.sleep(interval)
-        total_after, idle_after = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-    elapsed = total_after - total_before
-    return (os.cpu_count() or 1) * (1 - (idle_after - idle_before) / elapsed) if elapsed > 0 else 0.0
-
-
-def omp_wait_policy(busy: float | None = None, cores: int | None = None) -> str:
-    """OpenMP's wait policy for this machine now: PASSIVE when other processes keep half the cores busy
-    (spinning threads then make two threads many times slower than one), else ACTIVE. On a quiet 2-core
-    machine ACTIVE trained 1.3-1.4x faster than PASSIVE (520-555 vs 392 samples/s): passive threads sleep
-    between the thousands of small parallel regions of a step. A policy set in the environment wins."""
-    busy = busy_cores() if busy is None else busy
-    cores = (os.cpu_count() or 1) if cores is None else cores
-    return "PASSIVE" if busy >= cores / 2 else "ACTIVE"
-
-
 @reports_errors("demo")
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print where its outputs are."""
-    if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
-    from openalign.demo.pipeline import DemoConfig, run_demo
-    from openalign.inference.allocator import configure_allocator
+    from openalign.runtime import configure_allocator, set_omp_wait_policy
 
+    set_omp_wait_policy()  # before torch loads, below
     configure_allocator()
+    from openalign.demo.pipeline import DemoConfig, run_demo
+
     config = DemoConfig(
         out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seen_n=args.seen_n,
         seed=args.seed,

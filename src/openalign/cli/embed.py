@@ -1,9 +1,10 @@
 """`openalign embed SOURCE... --model CKPT --out DIR [--kind image|text|both]`: embeddings at scale.
 
 Sources: image folders (recursive; a sidecar <stem>.txt is the caption), manifests (.csv/.tsv/.jsonl/.parquet),
-WebDataset shards (tar, brace pattern, pipe:), or for texts a .txt file with one caption a line. The output
-layout, resumption and rank sharding are those of openalign.inference.embed. Under torchrun each rank
-loads the model on its own device and writes its own parts:
+WebDataset shards (tar, brace pattern, pipe:), or for texts a .txt file with one caption a line (all read by
+openalign.data.sources). The output layout, resumption and rank sharding are those of
+openalign.inference.embedding_folder. Under torchrun each rank loads the model on its own device and writes its
+own parts:
 
     torchrun --nproc-per-node 4 -m openalign embed photos/ --model ckpt --out embeddings
 """
@@ -11,12 +12,9 @@ loads the model on its own device and writes its own parts:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
-
-MODEL_FILE = "model.json"  # names the checkpoint an embedding folder was made with, for index and search
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,33 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def caption_lines(path: str | Path):
-    """Items of a caption file: {"source": "FILE:LINE", "caption": line} for each non-blank line."""
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield {"source": f"{path}:{line_number}", "caption": line.strip()}
-
-
-def iter_items(sources, kind: str):
-    """The item stream of the sources, in order: data-source Records, or caption lines of .txt files."""
-    from openalign.data.sources import iter_records
-
-    for source in sources:
-        if str(source).endswith(".txt"):
-            if kind != "text":
-                raise SystemExit(f"openalign embed: {source} holds captions only; use --kind text")
-            yield from caption_lines(source)
-        else:
-            yield from iter_records(source)
-
-
 @reports_errors("embed")
 def run(args: argparse.Namespace) -> int:
     """Join torchrun's process group when there is one, embed this rank's parts, print the summary."""
+    from openalign.data.sources import is_caption_file, iter_records
     from openalign.distributed import destroy_distributed, init_distributed
     from openalign.inference.embed import distributed_rank_and_world_size, embed_to_folder
+    from openalign.inference.embedding_folder import write_model_reference
 
+    captions_only = [source for source in args.sources if is_caption_file(source)]
+    if captions_only and args.kind != "text":
+        raise SystemExit(f"openalign embed: {captions_only[0]} holds captions only; use --kind text")
     info = init_distributed()
     rank, world_size = distributed_rank_and_world_size()
     # Under torchrun each rank takes the device init_distributed chose for it (cuda:LOCAL_RANK or the CPU).
@@ -67,11 +49,10 @@ def run(args: argparse.Namespace) -> int:
     encode = {"image": encoders.encode_loaded_images, "text": encoders.encode_texts}
     out = Path(args.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MODEL_FILE).write_text(json.dumps({"model": str(Path(args.model).resolve())}) + "\n")
+        write_model_reference(out, args.model)
     try:
         summary = embed_to_folder(
-            iter_items(args.sources, args.kind),
+            iter_records(args.sources),
             encode if args.kind == "both" else encode[args.kind],
             out,
             kind=args.kind,

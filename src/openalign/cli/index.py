@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from pathlib import Path
 
 from openalign.cli._common import reports_errors
-from openalign.cli.embed import MODEL_FILE
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}
@@ -38,12 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build and save the index; copy the embedding folder's model.json so search knows the checkpoint."""
     from openalign.index.faiss_index import build_index
+    from openalign.inference.embedding_folder import copy_model_reference
 
     out = Path(args.out) if args.out else Path(args.embed_dir) / "index"
     plan = build_index(args.embed_dir, out, kind=args.kind, memory_budget_bytes=args.memory_budget,
                        embed_kind=args.embed_kind)
-    if (Path(args.embed_dir) / MODEL_FILE).is_file():
-        shutil.copyfile(Path(args.embed_dir) / MODEL_FILE, out / MODEL_FILE)
+    copy_model_reference(args.embed_dir, out)
     print(f"wrote {out}: {plan.kind} index ({plan.factory}) of {plan.num_vectors} x {plan.dim}, "
           f"about {plan.estimated_bytes / 1e6:.1f} MB; {plan.reason}")
     return 0

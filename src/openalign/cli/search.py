@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
-from openalign.cli.embed import MODEL_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,16 +36,16 @@ def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
     from openalign.index.faiss_index import IndexBuildError
     from openalign.index.html import write_results_html
+    from openalign.inference.embedding_folder import MODEL_FILE, read_model_reference
 
     if not args.texts and not args.images:
         raise SystemExit("openalign search: give a text query, --image, or both")
     if not Path(args.index).is_dir():
         raise IndexBuildError(f"no index folder at {args.index} (build one with `openalign index EMBED_DIR`)")
     if args.model is None:
-        model_file = Path(args.index) / MODEL_FILE
-        if not model_file.is_file():
-            raise SystemExit(f"openalign search: {model_file} does not exist; pass --model")
-        args.model = json.loads(model_file.read_text())["model"]
+        args.model = read_model_reference(args.index)
+        if args.model is None:
+            raise SystemExit(f"openalign search: {Path(args.index) / MODEL_FILE} does not exist; pass --model")
     results = search_index(args.index, encoders_from_arguments(args), args.texts, args.images, args.k)
     if args.html:
         write_results_html([f"{r['kind']}: {r['query']}" for r in results], [r["hits"] for r in results], args.html)

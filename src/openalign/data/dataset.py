@@ -36,8 +36,10 @@ from openalign.data.sources import (
 )
 from openalign.errors import ConfigError, InputLimitError
 from openalign.processing import images
+from openalign.processing.images import train_transform
 from openalign.processing.tokenizer import is_unicode_text
 
+# train_transform (processing.images'), the dataset's default transform, is imported from here too.
 __all__ = ["Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader", "train_transform"]
 
 logger = logging.getLogger(__name__)
@@ -46,15 +48,6 @@ logger = logging.getLogger(__name__)
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 # Draws per segment of a resampled manifest: bounds what a resume replays.
 RESAMPLED_BLOCK = 10_000
-
-
-def train_transform(image: Image.Image, *, resize: int = 346, crop: int = 289,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """The paper's augmentation without its flip: square resize, random crop, scale to [-1, 1].
-
-    The flip is the dataset's `flip` option, so that a caption naming a side can veto it.
-    """
-    return images.train_transform(image, resize=resize, crop=crop, flip=False, generator=generator)
 
 
 def takes_generator(transform: Callable) -> bool:

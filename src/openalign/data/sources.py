@@ -1,4 +1,5 @@
-"""Where image-text pairs come from: manifests, WebDataset tar shards and image folders.
+"""Where image-text pairs come from: manifests, WebDataset tar shards, image folders, and caption files
+(captions without images, for embedding texts).
 
 Every source is read as a stream of `Record`s. A record holds the undecoded image (a path or raw bytes) and
 its caption, so readers stay cheap and decoding errors surface where they can be counted: in the training
@@ -40,6 +41,7 @@ from openalign.untrusted import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+CAPTION_FILE_SUFFIX = ".txt"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "url", "img")
@@ -54,7 +56,8 @@ class DataError(OpenAlignError, ValueError):
 class Record:
     """One image-text pair as stored, before decoding.
 
-    `key` is stable across runs: the manifest's path as written, or "<shard stem>/<sample key>" for shards.
+    `key` is stable across runs: the manifest's path as written, "<shard stem>/<sample key>" for shards, or
+    "FILE:LINE" for a line of a caption file (a record with a caption and no image).
     `error` says why the sample cannot be used when the reader found out without decoding (a member above its
     size bound, a sidecar nested too deep); consumers skip such a record and count it.
     """
@@ -161,31 +164,39 @@ def _pick_column(columns: list[str], requested: str | None, candidates: tuple[st
                     f"or pass {role}_column=")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each non-empty line of a JSON-lines manifest, read as a stream; a line above
-    MAX_LINE_BYTES, not UTF-8, not JSON or not an object is a DataError naming the file and line."""
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line of a UTF-8 text file, read as a stream; a line above
+    MAX_LINE_BYTES or not UTF-8 is a DataError naming the file and line."""
     with open(path, "rb") as handle:
         for number in itertools.count(1):
             line = handle.readline(MAX_LINE_BYTES + 1)
             if not line:
                 return
-            where = f"manifest {path}, line {number}"
             if len(line) > MAX_LINE_BYTES:
-                raise DataError(f"{where}: longer than the limit of {MAX_LINE_BYTES} bytes")
+                raise DataError(f"{what} {path}, line {number}: longer than the limit of {MAX_LINE_BYTES} bytes")
             try:
                 text = line.decode("utf-8")
-                if not text.strip():
-                    continue
-                row = parse_json(text, where)
             except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 (byte {error.start}: {error.reason})") from None
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error})") from None
-            except InputLimitError as error:
-                raise DataError(str(error)) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object of columns, found a {type(row).__name__}")
-            yield number, row
+                raise DataError(f"{what} {path}, line {number}: not UTF-8 (byte {error.start}: {error.reason}); "
+                                "re-save it as UTF-8") from None
+            if text.strip():
+                yield number, text
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-empty line of a JSON-lines manifest; a line that is not JSON or not an
+    object is a DataError naming the file and line."""
+    for number, text in _text_lines(path, "manifest"):
+        where = f"manifest {path}, line {number}"
+        try:
+            row = parse_json(text, where)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error})") from None
+        except InputLimitError as error:
+            raise DataError(str(error)) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object of columns, found a {type(row).__name__}")
+        yield number, row
 
 
 def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
@@ -396,7 +407,21 @@ def count_shard_samples(url: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Image folders and dispatch
+# Caption files, image folders and dispatch
+
+
+def is_caption_file(source: str | Path) -> bool:
+    """Whether source names a caption file: a .txt of one caption a line."""
+    return str(source).lower().endswith(CAPTION_FILE_SUFFIX)
+
+
+def iter_caption_file(path: str | Path) -> Iterator[Record]:
+    """One record per non-blank line of a caption file, its caption the stripped line, its key "FILE:LINE"
+    (the file as written, lines counted from 1), and no image."""
+    if not Path(path).is_file():
+        raise DataError(f"caption file {path} does not exist")
+    for line_number, line in _text_lines(Path(path), "caption file"):
+        yield Record(key=f"{path}:{line_number}", caption=line.strip())
 
 
 def iter_image_folder(folder: str | Path) -> Iterator[Record]:
@@ -428,7 +453,8 @@ def is_shard_source(source: str | Path | list) -> bool:
 
 
 def iter_records(source: str | Path | list) -> Iterator[Record]:
-    """Stream the records of a manifest file, a shard spec, a folder of images, or a list of these."""
+    """Stream the records of a manifest file, a shard spec, a folder of images, a caption file, or a list of
+    these."""
     if isinstance(source, (list, tuple)):
         if is_shard_source(source):
             for url in expand_shards(list(source)):
@@ -438,7 +464,9 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
                 yield from iter_records(item)
         return
     text = str(source)
-    if is_shard_source(text):
+    if is_caption_file(text):
+        yield from iter_caption_file(text)
+    elif is_shard_source(text):
         for url in expand_shards(text):
             yield from iter_shard(url)
     elif os.path.isdir(text):
@@ -449,7 +477,7 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
         raise DataError(f"data source {text} does not exist")
     else:
         raise DataError(f"data source {text}: not a manifest ({', '.join(MANIFEST_SUFFIXES)}), "
-                        "shard spec or folder")
+                        f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 
 from openalign.data import captions
 from openalign.eval.retrieval import retrieval_metrics
+from openalign.eval.zero_shot import ensemble_embeddings
 
 RECALL_KS = (1, 5)
 GALLERY_SIZE = 100
@@ -66,17 +67,6 @@ def fill(template: str, colour: str | None, shape: str) -> str:
     return " ".join(captions.fill_template(template, colour=colour or "", shape=shape).split())
 
 
-def class_embeddings(encode_texts, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
-    """(C, D): per class, the renormalised mean of its normalised prompt embeddings (one encoder call)."""
-    flat = [prompt for prompts in prompts_per_class for prompt in prompts]
-    embeddings = torch.nn.functional.normalize(encode_texts(flat).float(), dim=-1)  # (sum of prompts, D)
-    out, start = [], 0
-    for prompts in prompts_per_class:
-        out.append(torch.nn.functional.normalize(embeddings[start:start + len(prompts)].mean(0), dim=-1))
-        start += len(prompts)
-    return torch.stack(out)
-
-
 def zero_shot_accuracies(image_embeds: torch.Tensor, rows: Sequence[dict], colours: Sequence[str],
                          shapes: Sequence[str], encode_texts, temperature: float,
                          train_pairs: Sequence[Sequence[str]] = ()) -> dict:
@@ -84,15 +74,16 @@ def zero_shot_accuracies(image_embeds: torch.Tensor, rows: Sequence[dict], colou
     `train_pairs`, also how often the predicted pair is one seen in training."""
     pairs = [(colour, shape) for colour in colours for shape in shapes]
     templates = pair_templates()
-    pair_classes = class_embeddings(encode_texts, [[fill(t, c, s) for t in templates] for c, s in pairs])
+    pair_classes = ensemble_embeddings(encode_texts, [[fill(t, c, s) for t in templates] for c, s in pairs],
+                                       classes_per_call=None)  # one call: the demo has few classes
     probabilities = (image_embeds @ pair_classes.T / temperature).softmax(dim=-1)  # (N, C * S)
     by_colour_shape = probabilities.reshape(len(image_embeds), len(colours), len(shapes))
     colour_predicted = by_colour_shape.sum(2).argmax(1).numpy()
     shape_predicted = by_colour_shape.sum(1).argmax(1).numpy()
     pair_predicted = probabilities.argmax(1).numpy()
 
-    shape_classes = class_embeddings(encode_texts, [[fill(t, None, s) for t in shape_only_templates()]
-                                                    for s in shapes])
+    shape_classes = ensemble_embeddings(encode_texts, [[fill(t, None, s) for t in shape_only_templates()]
+                                                       for s in shapes], classes_per_call=None)
     shape_only_predicted = (image_embeds @ shape_classes.T).argmax(1).numpy()
 
     colour_true = np.array([colours.index(row["colour"]) for row in rows])
@@ -295,7 +286,8 @@ def composition_figures(seen_embeds: torch.Tensor, seen_rows: Sequence[dict], he
         return float((nearest % len(shapes) == truth).float().mean())
 
     held_pairs = [tuple(pair) for pair in summary["heldout_pairs"]]
-    prompts = class_embeddings(encode_texts, [[fill(t, c, s) for t in pair_templates()] for c, s in held_pairs])
+    prompts = ensemble_embeddings(encode_texts, [[fill(t, c, s) for t in pair_templates()] for c, s in held_pairs],
+                                  classes_per_call=None)
     own = [colours.index(c) * len(shapes) + shapes.index(s) for c, s in held_pairs]
     nearest = (prompts @ prototypes.T).argmax(1)
     return {

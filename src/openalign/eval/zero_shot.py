@@ -52,27 +52,46 @@ def _as_float_tensor(array) -> torch.Tensor:
 
 
 @torch.no_grad()
+def ensemble_embeddings(
+    encode_texts: Callable[[list[str]], torch.Tensor], prompts_per_class: Sequence[Sequence[str]], *,
+    classes_per_call: int | None = 1,
+) -> torch.Tensor:
+    """Class embeddings (C, D) by prompt ensembling: per class, the mean of its L2-normalised prompt embeddings,
+    renormalised.
+
+    The prompts of classes_per_call classes go to encode_texts in one call (None: every prompt in one call, for
+    a few classes; 1 keeps a batch to one class's prompts however many classes there are).
+    """
+    step = len(prompts_per_class) if classes_per_call is None else classes_per_call
+    class_embeddings = []
+    for start in range(0, len(prompts_per_class), max(step, 1)):
+        group = prompts_per_class[start : start + step]
+        prompts = [prompt for class_prompts in group for prompt in class_prompts]
+        embeddings = _as_float_tensor(encode_texts(prompts))  # (prompts of the group, D)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
+            raise ZeroShotInputError(
+                f"encode_texts returned shape {tuple(embeddings.shape)} for {len(prompts)} prompts "
+                f"(the first: {prompts[0]!r})"
+            )
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        first = 0
+        for class_prompts in group:
+            mean = embeddings[first : first + len(class_prompts)].mean(dim=0)
+            class_embeddings.append(torch.nn.functional.normalize(mean, dim=-1))
+            first += len(class_prompts)
+    return torch.stack(class_embeddings)
+
+
 def build_classifier(
     encode_texts: Callable[[list[str]], torch.Tensor], labels: Sequence[str], templates: Sequence[str]
 ) -> torch.Tensor:
-    """Class embeddings (C, D): per class, the mean of its L2-normalised prompt embeddings, renormalised.
-
-    Each class's prompts (one per template) are encoded in one call, so a batch holds len(templates) texts.
+    """Class embeddings (C, D) of labels, each the ensemble of its prompts (one per template, see
+    ensemble_embeddings). Each class's prompts are encoded in one call, so a batch holds len(templates) texts.
     """
     templates = check_templates(templates)
     if not labels:
         raise ZeroShotInputError("labels is empty: a classifier needs at least one class")
-    class_embeddings = []
-    for label in labels:
-        prompts = [template.format(label) for template in templates]
-        embeddings = _as_float_tensor(encode_texts(prompts))  # (T, D)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
-            raise ZeroShotInputError(
-                f"encode_texts returned shape {tuple(embeddings.shape)} for {len(prompts)} prompts of {label!r}"
-            )
-        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-        class_embeddings.append(torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1))
-    return torch.stack(class_embeddings)
+    return ensemble_embeddings(encode_texts, [[template.format(label) for template in templates] for label in labels])
 
 
 def class_logits(image_embeds, classifier, temperature: float | None = None) -> torch.Tensor:

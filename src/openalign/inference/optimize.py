@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openalign.inference.allocator import configure_allocator
 from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
 from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
+from openalign.runtime import configure_allocator
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALLOCATOR_OPT_OUT = "OPENALIGN_ALLOCATOR"  # "0": optimize_for_inference leaves glibc's allocator alone
@@ -297,7 +297,7 @@ def optimize_for_inference(
     and the [CLS]-only last layer.
 
     allocator: on a CPU, asking for an inference-optimised model also asks for the process-wide glibc settings
-    that keep freed activations in the heap (`openalign.inference.allocator.configure_allocator`): without
+    that keep freed activations in the heap (`openalign.runtime.configure_allocator`): without
     them every large activation is a fresh mmap, page-faulted and zeroed on each forward, a quarter of the fp32
     image tower's time (docs/inference.md). None (default): on for CPU models unless the environment sets
     OPENALIGN_ALLOCATOR=0; False: leave the process as it is. A process that never calls this is not touched.

@@ -249,16 +249,19 @@ def train_transform(
     *,
     resize: int = 346,
     crop: int = 289,
-    flip: bool = True,
+    flip: bool = False,
     generator: torch.Generator | None = None,
     resample: int = Image.Resampling.BILINEAR,
     rescale_factor: float = 1 / 127.5,
     rescale_offset: bool = True,
 ) -> torch.Tensor:
-    """ALIGN's training augmentation: square resize, random `crop` x `crop` window, random horizontal flip.
+    """ALIGN's training augmentation: square resize, random `crop` x `crop` window, and with `flip` a random
+    horizontal flip.
 
-    Returns float32 (3, crop, crop) with the eval rescale (x * rescale_factor - 1 by default). Deterministic
-    for a seeded `generator`; the image must already be RGB (see `load_image`).
+    The flip is off by default because the training dataset (`data.dataset.ImageTextDataset`, whose default
+    transform this is) flips after reading the caption, which may veto it ("on the left"). Returns float32
+    (3, crop, crop) with the eval rescale (x * rescale_factor - 1 by default). Deterministic for a seeded
+    `generator`; the image must already be RGB (see `load_image`).
     """
     resized = image.resize((resize, resize), resample=resample)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)

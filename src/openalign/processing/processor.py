@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from openalign.errors import ConfigError
+from openalign.hub import resolve_folder
 from openalign.processing.image_processor import AlignImageProcessor
 from openalign.processing.tokenizer import AlignTokenizer
 
@@ -58,12 +59,10 @@ class AlignProcessor:
     ) -> AlignProcessor:
         """Load from a local folder (either layout) or a hub id such as "kakaobrain/align-base".
 
-        Hub ids are fetched with `huggingface_hub.snapshot_download`, processor files only. Keyword arguments
-        override image settings (e.g. `max_pixels=...`, `num_workers=4`).
+        Hub ids are fetched with `huggingface_hub.snapshot_download`, processor files only (CheckpointError
+        when neither works). Keyword arguments override image settings (e.g. `max_pixels=...`, `num_workers=4`).
         """
-        folder = pathlib.Path(folder_or_hub_id)
-        if not folder.is_dir():
-            folder = _download(str(folder_or_hub_id), revision)
+        folder = resolve_folder(folder_or_hub_id, allow_patterns=PROCESSOR_FILES, revision=revision)
         settings = read_image_settings(folder)
         if settings is None:
             warnings.warn(
@@ -139,17 +138,6 @@ def read_image_settings(folder: str | pathlib.Path) -> dict | None:
     if flat.is_file():
         return _read_json(flat)
     return None
-
-
-def _download(hub_id: str, revision: str | None) -> pathlib.Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise ConfigError(f"{hub_id} is not a folder, and huggingface_hub is not installed") from error
-    try:
-        return pathlib.Path(snapshot_download(hub_id, revision=revision, allow_patterns=PROCESSOR_FILES))
-    except Exception as error:
-        raise ConfigError(f"{hub_id}: not a local folder, and the hub download failed ({error})") from error
 
 
 def _read_json(path: pathlib.Path) -> dict:

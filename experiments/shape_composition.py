@@ -8,8 +8,8 @@ steps, then scored on the held-out split (colour-shape pairs never drawn in trai
 A gap between the two is the image tower's own failure to compose; what narrows it is a property of the
 data or the architecture, whatever the loss.
 
-    python benchmarks/shape_composition.py --out runs/shape --grayscale-rate 0.25                 # ~4 minutes
-    python benchmarks/shape_composition.py --out runs/shape --grayscale-rate 0.25 --colour-background-rate 0.25
+    python experiments/shape_composition.py --out runs/shape --grayscale-rate 0.25                 # ~4 minutes
+    python experiments/shape_composition.py --out runs/shape --grayscale-rate 0.25 --colour-background-rate 0.25
 
 Results from this machine are in docs/demo.md. Not a test.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -105,14 +104,12 @@ def main() -> None:
     parser.add_argument("--grayscale-rate", type=float, default=None, help="default: the demo's")
     parser.add_argument("--colour-background-rate", type=float, default=None, help="default: the demo's")
     args = parser.parse_args()
-    if "OMP_WAIT_POLICY" not in os.environ:  # as `openalign demo` chooses it; read once, when torch loads below
-        from openalign.cli.demo import omp_wait_policy
+    from openalign.runtime import configure_allocator, set_omp_wait_policy
 
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
-    from openalign.demo.pipeline import DemoConfig, prepare_data
-    from openalign.inference.allocator import configure_allocator
-
+    set_omp_wait_policy()  # as `openalign demo` chooses it, before torch loads below
     configure_allocator()
+    from openalign.demo.pipeline import DemoConfig, prepare_data
+
     overrides = {name: getattr(args, name) for name in ("grayscale_rate", "colour_background_rate")
                  if getattr(args, name) is not None}
     demo = DemoConfig(out_dir=args.out, n=args.n, seed=args.seed, image_size=args.image_size, progress=False,

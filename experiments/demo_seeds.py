@@ -7,8 +7,8 @@ a JSON file of every run. A configuration is `NAME` or `NAME:key=value,key=value
 (`lr=1e-3`), generator fields (`synth.count_weights=(1.0,0,0)`) and TrainConfig keys (`train.loss.x=1`);
 `steps=N` sets its own step count.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2                     # the default, 3 seeds, about 30 minutes
-    python benchmarks/demo_seeds.py --device cuda --parallel 5 --steps 1034 \\
+    python experiments/demo_seeds.py --seeds 0 1 2                     # the default, 3 seeds, about 30 minutes
+    python experiments/demo_seeds.py --device cuda --parallel 5 --steps 1034 \\
         --config base --config hn2:train.loss.hard_negative_beta=2 --json sweep.json
 
 On CPU the default runs one demo at a time, so its step count is the one the 10-minute budget gives on this

@@ -6,8 +6,8 @@ short, too long, undersized and extreme-aspect images) in its default proportion
 default mix. The filters remove every kind except mismatched captions, which are well-formed text and which no
 rule of the paper can tell from a right caption. Not a test.
 
-    python benchmarks/demo_experiment.py --minutes 3                     # the 6-run grid, about 20 minutes
-    python benchmarks/demo_experiment.py --minutes 2 --noise-rates 0 0.5 --json grid.json
+    python experiments/demo_experiment.py --minutes 3                     # the 6-run grid, about 20 minutes
+    python experiments/demo_experiment.py --minutes 2 --noise-rates 0 0.5 --json grid.json
 
 Run it with OMP_WAIT_POLICY=PASSIVE when other processes share the cores (spinning OpenMP threads make two
 threads many times slower than one then). Results from this machine are in docs/demo.md.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -116,12 +115,9 @@ def main() -> None:
     parser.add_argument("--reevaluate", default=None,
                         help="instead of training, re-evaluate the runs under --out listed in this JSON file")
     args = parser.parse_args()
-    if "OMP_WAIT_POLICY" not in os.environ:  # as `openalign demo` chooses it; read once, when torch loads below
-        from openalign.cli.demo import omp_wait_policy
+    from openalign.runtime import configure_allocator, set_omp_wait_policy
 
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
-    from openalign.inference.allocator import configure_allocator
-
+    set_omp_wait_policy()  # as `openalign demo` chooses it, before torch loads below
     configure_allocator()
     if args.reevaluate:
         rows = reevaluate(json.loads(Path(args.reevaluate).read_text()), Path(args.out))

@@ -1,22 +1,26 @@
-"""Keep glibc malloc from returning large activations to the kernel between forward passes.
+"""Process-wide settings that openalign applies only when asked: glibc's allocator thresholds and OpenMP's wait
+policy. Each changes the whole host process, so a library must not set it behind its user's back; openalign's
+command-line entry points opt in, and so does `optimize_for_inference` for the allocator; library users of the
+plain model call these themselves.
 
-Why: with glibc's defaults every allocation above the mmap threshold (128 KiB, raised dynamically up to
+The allocator. With glibc's defaults every allocation above the mmap threshold (128 KiB, raised dynamically up to
 32 MiB) is a fresh `mmap`, and freeing it `munmap`s it. An EfficientNet forward allocates hundreds of such
 tensors, so each one is page-faulted and zeroed by the kernel on every pass: on a quiet 2-core machine that
 was more than half of transformers' image-tower time, and in our single-thread benchmark openalign's fp32 image
 path went from 0.38 to 0.30 s/image with it (docs/inference.md). Raising the mmap threshold and the trim
 threshold keeps freed blocks in the heap, where the next forward reuses them after the first pass.
-
-This changes the whole host process (every later `malloc`), so a library must not do it behind its user's
-back: nothing calls it on import or while training. It is applied when the user asks for speed:
-`AlignModel.optimize_for_inference()` on a CPU calls it (opt out with `allocator=False` or the environment
-variable OPENALIGN_ALLOCATOR=0), and so do openalign's command-line entry points. Users of the plain model can
-call it themselves, or set the equivalent environment before the process starts:
+`configure_allocator()` does it at run time, and `AlignModel.optimize_for_inference()` calls it on a CPU (the
+user asked for speed; opt out with `allocator=False` or the environment variable OPENALIGN_ALLOCATOR=0); nothing
+calls it on import or while training. The equivalent environment must be set before the process starts:
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000 python ...
 
 The cost is memory: freed blocks stay mapped, so the resident set stays at its high-water mark (measured flat
 over a stream of 1,000 align-base images). glibc 2.36 accepts both thresholds through `mallopt` at run time.
+
+The OpenMP wait policy. OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime, so
+`set_omp_wait_policy()` must run before `import torch`; it picks ACTIVE (spinning threads) on a quiet machine and
+PASSIVE on a busy one (see `omp_wait_policy`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import time
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -82,3 +87,41 @@ def configure_allocator(mmap_threshold: int = 1_000_000_000, trim_threshold: int
         }
     _state["configured"] = result
     return result
+
+
+def busy_cores(interval: float = 0.5) -> float:
+    """How many cores other processes keep busy now: the non-idle share of all CPU time in /proc/stat over
+    `interval` seconds (this process sleeps meanwhile), times the core count. Where /proc/stat is missing,
+    the 1-minute load average (which also remembers processes that have just ended)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(value) for value in handle.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
+
+    try:
+        total_before, idle_before = sample()
+        time.sleep(interval)
+        total_after, idle_after = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    elapsed = total_after - total_before
+    return (os.cpu_count() or 1) * (1 - (idle_after - idle_before) / elapsed) if elapsed > 0 else 0.0
+
+
+def omp_wait_policy(busy: float | None = None, cores: int | None = None) -> str:
+    """OpenMP's wait policy for this machine now: PASSIVE when other processes keep half the cores busy
+    (spinning threads then make two threads many times slower than one), else ACTIVE. On a quiet 2-core
+    machine ACTIVE trained 1.3-1.4x faster than PASSIVE (520-555 vs 392 samples/s): passive threads sleep
+    between the thousands of small parallel regions of a step."""
+    busy = busy_cores() if busy is None else busy
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    return "PASSIVE" if busy >= cores / 2 else "ACTIVE"
+
+
+def set_omp_wait_policy() -> str:
+    """Opt-in, process-wide: set OMP_WAIT_POLICY to omp_wait_policy() unless the environment already sets it (a
+    policy set there wins); returns the policy in force. Takes effect only when called before torch is imported."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
+    return os.environ["OMP_WAIT_POLICY"]

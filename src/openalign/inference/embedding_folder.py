@@ -1,0 +1,340 @@
+"""The embedding folder: its on-disk layout, the resumable rank-sharded writer of its parts, and its readers.
+
+Layout (kind is "image" or "text"; a folder may hold both):
+
+    embed_config.json          part_size and kinds; a resumed run must use the same ones
+    part-00000.image.npy       (n, D) float16, L2-normalised, one row per item that loaded
+    part-00000.parquet         index (global item number), source, caption, width, height per row
+    part-00000.skipped.json    items of the part that could not be loaded, with the reason
+    part-00000.done            commit marker, written last
+    summary.json               count, dim, parts and every skipped item, written once all parts are done
+    model.json                 the checkpoint the embeddings were made with (written by whoever knows it)
+
+Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
+rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
+is independent of the number of ranks. Every file goes to a temporary name and is renamed into place; the
+.done marker is renamed last (with the size of each of the part's files), so a part without it is redone from
+scratch after a crash, a part with it is skipped, and one whose files were removed or changed since is redone
+(and named by the readers). What fills a part (embedding items, or scoring them) is the caller's: write_parts
+only walks the stream, skips finished and other ranks' parts, and commits the parts it is handed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from openalign.errors import OpenAlignError
+from openalign.files import atomic_write, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("image", "text")
+MODEL_FILE = "model.json"
+METADATA_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+# fill_part(part_items, first_index, advance) -> (arrays by kind, metadata rows, skipped entries, items consumed)
+PartFiller = Callable[
+    [Iterator, int, Callable[[int], object]], tuple[dict[str, np.ndarray], list[dict], list[dict], int]
+]
+
+
+class EmbeddingFolderError(OpenAlignError, ValueError):
+    """An embedding folder is incomplete, inconsistent with the requested run, or holds a malformed part."""
+
+
+def part_name(part_index: int) -> str:
+    """File stem of a part: part-00042."""
+    return f"part-{part_index:05d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
+    atomic_write(path, write)
+
+
+def write_part(out_dir: Path, part_index: int, arrays: dict[str, np.ndarray], rows: list[dict],
+               skipped: list[dict]) -> None:
+    """Commit one part: an .npy per kind, the metadata rows, the skipped items, then the .done marker."""
+    stem = part_name(part_index)
+    for kind, array in arrays.items():
+        _write_npy(out_dir / f"{stem}.{kind}.npy", array)
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    atomic_write(out_dir / f"{stem}.parquet", lambda temporary: pq.write_table(table, temporary))
+    atomic_write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
+    names = [*(f"{stem}.{kind}.npy" for kind in arrays), f"{stem}.parquet", f"{stem}.skipped.json"]
+    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()},
+            "sizes": {name: (out_dir / name).stat().st_size for name in names}}
+    atomic_write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
+
+
+def verify_part(out_dir: str | Path, part_index: int) -> dict:
+    """The .done marker of a finished part, after checking that every file it lists is there with the size it
+    was written with; EmbeddingFolderError naming the file otherwise (deleted, truncated or replaced later)."""
+    out_dir = Path(out_dir)
+    stem = part_name(part_index)
+    marker = out_dir / f"{stem}.done"
+    try:
+        done = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise EmbeddingFolderError(f"{marker} is missing: the part was never finished") from None
+    except (OSError, ValueError) as error:
+        raise EmbeddingFolderError(f"{marker} is unreadable ({error})") from None
+    # Markers written before sizes were recorded list none: then the files must at least exist.
+    expected = done.get("sizes") or {name: None for name in (
+        *(f"{stem}.{kind}.npy" for kind in done.get("dims", {})), f"{stem}.parquet", f"{stem}.skipped.json")}
+    for name, size in expected.items():
+        path = out_dir / name
+        if not path.is_file():
+            raise EmbeddingFolderError(f"{path} is missing (removed after the run?); rerun the same embed command "
+                                       "to redo its part")
+        if size is not None and path.stat().st_size != size:
+            raise EmbeddingFolderError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or "
+                                       "replaced); rerun the same embed command to redo its part")
+    return done
+
+
+def _part_is_done(out_dir: Path, part_index: int) -> bool:
+    """Whether a part is finished and intact; a damaged one is logged, and redone by the caller."""
+    if not (out_dir / f"{part_name(part_index)}.done").exists():
+        return False
+    try:
+        verify_part(out_dir, part_index)
+    except EmbeddingFolderError as error:
+        logger.warning("redoing a damaged part: %s", error)
+        (out_dir / f"{part_name(part_index)}.done").unlink(missing_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _check_config(out_dir: Path, config: dict) -> None:
+    """Write embed_config.json, or check that a resumed run uses the same part size and kinds."""
+    path = out_dir / "embed_config.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != config:
+            raise EmbeddingFolderError(
+                f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
+            )
+        return
+    # Ranks start together: each fills a private temporary file and publishes it with os.link, which is atomic
+    # and refuses an existing name, so exactly one rank creates the file and no rank reads it half written.
+    temporary = out_dir / f".embed_config.{os.getpid()}.{threading.get_ident()}.tmp"
+    temporary.write_text(json.dumps(config, sort_keys=True))
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        _check_config(out_dir, config)
+    except OSError:  # a file system without hard links: publish by rename (atomic, last writer wins)
+        os.replace(temporary, path)
+        _check_config(out_dir, config)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, kinds: tuple[str, ...],
+                part_size: int, rank: int = 0, world_size: int = 1, progress: bool = True,
+                description: str = "embed") -> dict | None:
+    """Walk items in parts of part_size, fill and commit this rank's unfinished parts; return the summary.
+
+    fill_part(part_items, first_index, advance) consumes an iterator over one part's items (numbered from
+    first_index), calls advance(n) as it gets through n of them (the progress bar), and returns (arrays by
+    kind, metadata rows, skipped entries, items consumed). The summary is returned by the rank that finds every
+    part done at its end (rank 0 under torch.distributed, after a barrier); other ranks return None.
+    """
+    if not 0 <= rank < world_size:
+        raise EmbeddingFolderError(f"rank {rank} is outside world_size {world_size}")
+    if part_size < 1:
+        raise EmbeddingFolderError(f"part_size {part_size} must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size})
+
+    progress_bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        # Rank 0 counts only its own items; items/s times world_size is the job's rate.
+        total = None
+        if hasattr(items, "__len__"):
+            num_parts = -(-len(items) // part_size)
+            total = sum(min(part_size, len(items) - p * part_size) for p in range(rank, num_parts, world_size))
+        progress_bar = tqdm(total=total, unit="item", desc=f"{description} rank 0/{world_size}", dynamic_ncols=True)
+    advance = progress_bar.update if progress_bar is not None else lambda count: None
+    iterator = iter(items)
+    num_parts = 0
+    try:
+        for part_index in itertools.count():
+            # Every rank walks the whole item stream so the global numbering agrees; items of other ranks'
+            # parts and of finished parts are read past without decoding.
+            part_items = itertools.islice(iterator, part_size)
+            if part_index % world_size != rank or _part_is_done(out_dir, part_index):
+                consumed = sum(1 for _ in part_items)
+            else:
+                arrays, rows, skipped, consumed = fill_part(part_items, part_index * part_size, advance)
+                if consumed:
+                    write_part(out_dir, part_index, arrays, rows, skipped)
+            if consumed == 0:
+                break
+            num_parts = part_index + 1
+            if consumed < part_size:
+                break
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        return write_summary(out_dir, num_parts) if rank == 0 else None
+    return write_summary(out_dir, num_parts)
+
+
+def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
+    """Merge the parts' markers into summary.json once all num_parts parts are done; None while some are not.
+
+    The summary depends only on the part files, so whichever rank writes it writes the same bytes.
+    """
+    out_dir = Path(out_dir)
+    config = json.loads((out_dir / "embed_config.json").read_text())
+    parts, skipped, count, dims = [], [], 0, {}
+    for part_index in range(num_parts):
+        marker = out_dir / f"{part_name(part_index)}.done"
+        if not marker.exists():
+            return None
+        done = verify_part(out_dir, part_index)
+        parts.append({"name": part_name(part_index), "count": done["count"], "skipped": done["skipped"]})
+        count += done["count"]
+        dims.update({kind: dim for kind, dim in done["dims"].items() if done["count"]})
+        skipped.extend(json.loads((out_dir / f"{part_name(part_index)}.skipped.json").read_text()))
+    summary = {
+        "kinds": config["kinds"],
+        "part_size": config["part_size"],
+        "count": count,
+        "dims": dims,
+        "dtype": "float16",
+        "num_parts": num_parts,
+        "num_skipped": len(skipped),
+        "parts": parts,
+        "skipped": skipped,
+    }
+    # Several ranks may finish together and all write the (identical) summary.
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), shared=True)
+    return summary
+
+
+def write_model_reference(out_dir: str | Path, model: str | os.PathLike) -> None:
+    """model.json: the checkpoint folder (absolute) the embeddings were made with, for index and search."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MODEL_FILE).write_text(json.dumps({"model": str(Path(model).resolve())}) + "\n")
+
+
+def copy_model_reference(from_dir: str | Path, to_dir: str | Path) -> bool:
+    """Copy from_dir's model.json into to_dir (an index built from the folder); False when there is none."""
+    source = Path(from_dir) / MODEL_FILE
+    if not source.is_file():
+        return False
+    (Path(to_dir) / MODEL_FILE).write_bytes(source.read_bytes())
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_model_reference(folder: str | Path) -> str | None:
+    """The checkpoint named by folder's model.json (an embedding or index folder); None when it has none."""
+    path = Path(folder) / MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text())["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise EmbeddingFolderError(f"{path} does not name a model ({error})") from None
+
+
+def _resolve_kind(out_dir: Path, summary: dict, kind: str | None) -> str:
+    if kind is None:
+        if len(summary["kinds"]) != 1:
+            raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings: pass kind=")
+        return summary["kinds"][0]
+    if kind not in summary["kinds"]:
+        raise EmbeddingFolderError(f"{out_dir} holds {summary['kinds']} embeddings, not {kind!r}")
+    return kind
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    """summary.json of a finished embedding folder; the error says which parts are missing otherwise."""
+    out_dir = Path(out_dir)
+    path = out_dir / "summary.json"
+    if not path.exists():
+        unfinished = sorted(p.name for p in out_dir.glob("part-*.parquet") if not p.with_suffix(".done").exists())
+        raise EmbeddingFolderError(
+            f"{path} does not exist: the embedding run has not finished"
+            + (f" (parts without a .done marker: {', '.join(unfinished[:5])})" if unfinished else "")
+        )
+    return json.loads(path.read_text())
+
+
+def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
+    """Yield (embeddings (n, D) float16 memory-mapped, metadata pyarrow.Table) for each non-empty part."""
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    kind = _resolve_kind(out_dir, summary, kind)
+    for part_index, part in enumerate(summary["parts"]):
+        verify_part(out_dir, part_index)
+        if part["count"] == 0:
+            continue
+        embeddings = np.load(out_dir / f"{part['name']}.{kind}.npy", mmap_mode="r")
+        metadata = pq.read_table(out_dir / f"{part['name']}.parquet")
+        if embeddings.shape[0] != metadata.num_rows or embeddings.shape[0] != part["count"]:
+            raise EmbeddingFolderError(
+                f"{out_dir / part['name']}: {embeddings.shape[0]} embeddings, {metadata.num_rows} metadata rows, "
+                f"summary says {part['count']}"
+            )
+        yield embeddings, metadata
+
+
+def read_embedding_folder(out_dir: str | Path, kind: str | None = None):
+    """All embeddings of a finished folder as one (N, D) float16 array, plus the metadata pyarrow.Table.
+
+    kind may be left out when the folder holds one kind. Use iter_embedding_parts to stream instead.
+    """
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    kind = _resolve_kind(out_dir, summary, kind)
+    dim = summary["dims"].get(kind, 0)
+    embeddings = np.empty((summary["count"], dim), dtype=np.float16)
+    tables, filled = [], 0
+    for part_embeddings, metadata in iter_embedding_parts(out_dir, kind):
+        embeddings[filled : filled + len(part_embeddings)] = part_embeddings
+        filled += len(part_embeddings)
+        tables.append(metadata)
+    metadata = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+    return embeddings, metadata

@@ -1,0 +1,31 @@
+"""Process-wide settings applied only when asked: the OpenMP wait policy (the allocator is tested with the
+inference path, in test_inference_optimize.py)."""
+
+import os
+import subprocess
+import sys
+
+from openalign.runtime import busy_cores, omp_wait_policy, set_omp_wait_policy
+
+
+def test_openmp_threads_wait_passively_only_when_others_share_the_cores():
+    assert omp_wait_policy(busy=0.3, cores=2) == "ACTIVE"  # a quiet machine: spinning threads are faster
+    assert omp_wait_policy(busy=1.0, cores=2) == "PASSIVE"  # another process keeps a core busy
+    assert omp_wait_policy(busy=3.9, cores=8) == "ACTIVE"
+    assert omp_wait_policy(busy=4.0, cores=8) == "PASSIVE"
+    assert 0.0 <= busy_cores(interval=0.05) <= os.cpu_count()
+
+
+def test_set_omp_wait_policy_keeps_a_policy_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert set_omp_wait_policy() == "passive" and os.environ["OMP_WAIT_POLICY"] == "passive"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    chosen = set_omp_wait_policy()
+    assert chosen in ("ACTIVE", "PASSIVE") and os.environ["OMP_WAIT_POLICY"] == chosen
+
+
+def test_importing_runtime_does_not_load_torch():
+    # The wait policy is read when torch loads its OpenMP runtime, so setting it must not load torch first.
+    code = "import sys, openalign.runtime; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
