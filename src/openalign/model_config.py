@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from openalign.errors import ConfigError
+from openalign.untrusted import read_json_object
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "tanh")
 POOLING_TYPES = ("mean", "max")
@@ -86,16 +87,9 @@ class _Config:
     @classmethod
     def from_json_file(cls, path: str | Path):
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: JSON nested too deep") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a JSON object, found {type(values).__name__}")
+        if not path.exists():
+            raise ConfigError(f"no config file at {path}")
+        values = read_json_object(path)
         try:
             return cls.from_dict(values)
         except ConfigError as error:

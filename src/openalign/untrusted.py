@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from openalign.errors import InputLimitError
+from openalign.errors import ConfigError, InputLimitError
 
 MAX_IMAGE_BYTES = 64 * 2**20  # one encoded image file or shard member
 MAX_TEXT_BYTES = 2**20  # one caption or JSON sidecar (a shard member, or a sidecar file beside an image)
@@ -81,6 +81,18 @@ def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) ->
     depth = json_depth(value)
     if depth > max_depth:
         raise InputLimitError(f"{what}: JSON nested {depth} levels deep, above the limit of {max_depth}")
+    return value
+
+
+def read_json_object(path: str | os.PathLike, max_bytes: int = MAX_TEXT_BYTES) -> dict:
+    """A small JSON settings file of a model or tokenizer folder (tokenizer_config.json, preprocessor_config.json,
+    config.json) as a dict: bounded in size and depth; anything else is a ConfigError naming the file."""
+    try:
+        value = parse_json(read_text_file(path, max_bytes, "JSON file"), str(path))
+    except (InputLimitError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found a {type(value).__name__}")
     return value
 
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 from openalign.errors import ConfigError, TextInputError
+from openalign.untrusted import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ class AlignTokenizer:
         """Load a folder holding `tokenizer.json` and/or `vocab.txt` (+ optional `tokenizer_config.json`)."""
         folder = pathlib.Path(folder)
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         special_tokens_path = folder / "special_tokens_map.json"
         if special_tokens_path.is_file():
-            for key, value in _read_json(special_tokens_path).items():
+            for key, value in read_json_object(special_tokens_path).items():
                 config.setdefault(key, value["content"] if isinstance(value, dict) else value)
         if (folder / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -376,12 +377,6 @@ def _padding_strategy(padding: bool | str) -> str:
         raise ValueError(f"padding must be one of {PADDING_CHOICES} or a bool, got {padding!r}")
     return padding
 
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read JSON ({error})") from error
 
 
 def _write_json(path: pathlib.Path, content: dict) -> None:
