@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override one field (repeatable)")
     parser.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
                         help="continue the run in run.out_dir from its newest complete checkpoint, or a folder")
+    parser.add_argument("--trust-run-config", action="store_true",
+                        help="when resuming without --config, let the run folder's config.yaml run commands "
+                             "(pipe: data sources); refused otherwise, since a run folder may come from anyone")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.out_dir that holds another run's checkpoints, removing them")
+    parser.add_argument("--force", action="store_true",
+                        help="resume although the configuration differs from the checkpoint's in settings that "
+                             "change the updates (the differences are listed)")
     overrides = parser.add_argument_group("fields", "every config field, e.g. --optim.lr 1e-3")
     for name in field_names():
         overrides.add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="VALUE")
@@ -32,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Resolve the configuration and call `openalign.train.trainer.train`."""
-    from openalign.train.config import load_config, parse_override
+    from openalign.train.config import parse_override, resolve_run_config
     from openalign.train.recipes import get_recipe
     from openalign.train.trainer import train
 
@@ -46,17 +53,8 @@ def run_train(args: argparse.Namespace) -> int:
     for text in args.set:
         key, value = parse_override(text)
         overrides[key] = value
-    config_path = args.config
-    base = get_recipe(args.recipe) if args.recipe else None
-    if config_path is None and args.resume:
-        # Resuming without --config: the run folder's own config.yaml (written at the start of the run). For
-        # "latest" that folder is run.out_dir as the command line (or recipe, or default) gives it, never the
-        # current folder.
-        run_dir = (Path(args.resume).parent if args.resume != "latest"
-                   else Path(load_config(None, overrides, base=base).run.out_dir))
-        if (run_dir / "config.yaml").is_file():
-            config_path = run_dir / "config.yaml"
-    config = load_config(config_path, overrides, base=base)
-    result = train(config, resume=args.resume)
+    config = resolve_run_config(args.config, args.resume, overrides, get_recipe(args.recipe) if args.recipe else None,
+                                trust_run_config=args.trust_run_config)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
     print(f"stopped at step {result.step} ({result.stop_reason}); run folder {result.run_dir}")
     return 0

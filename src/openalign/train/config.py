@@ -119,6 +119,10 @@ class RunSection:
     val_every: int = 0  # 0: validate only at the end (when a val set is given)
     log_every: int = 10
     nan_policy: str = "halt"  # halt | skip
+    # With nan_policy skip, a run that skips this many steps in a row, or this many in all (None: a tenth of
+    # optim.total_steps, at least 10), has diverged: it stops with an error instead of reporting success.
+    max_consecutive_skipped_steps: int = 10
+    max_skipped_steps: int | None = None
     max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
     # With max_minutes: re-plan optim.total_steps from the measured step time while the decay is in its first
     # quarter, so that the schedule ends when the time does (instead of being cut by it, or ending early).
@@ -150,7 +154,18 @@ CHOICES = {
     "distributed.strategy": ("ddp", "fsdp"),
 }
 POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size",
-            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every")
+            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every",
+            "run.max_consecutive_skipped_steps")
+# Fields that change how a run is watched, saved, timed or placed, but not the updates it computes: a resumed run
+# may change them freely. Any other difference from the checkpoint's configuration needs --force.
+TRAJECTORY_NEUTRAL = {
+    "run.out_dir", "run.device", "run.compile", "run.checkpoint_every", "run.keep_last", "run.val_every",
+    "run.log_every", "run.nan_policy", "run.max_consecutive_skipped_steps", "run.max_skipped_steps",
+    "run.max_minutes", "run.progress", "run.tensorboard", "run.plots", "data.val", "data.val_max_samples",
+    "data.num_workers", "data.cache_images", "distributed.backend",
+}
+# A string value starting so is a command that a shard reader runs (WebDataset's "pipe:" URLs).
+COMMAND_PREFIX = "pipe:"
 
 
 @dataclass
@@ -193,6 +208,8 @@ class TrainConfig:
         if self.loss.hard_negative_beta < 0 or (self.loss.hard_negative_beta > 0 and self.loss.name == "siglip"):
             raise ConfigError(f"loss.hard_negative_beta = {self.loss.hard_negative_beta} must not be negative, and "
                               f"works with loss.name align or clip (the softmax losses), not siglip")
+        if self.run.max_skipped_steps is not None and self.run.max_skipped_steps < 1:
+            raise ConfigError(f"run.max_skipped_steps = {self.run.max_skipped_steps} must be positive (or null)")
         if self.run.fit_steps_to_time and self.run.max_minutes is None:
             raise ConfigError("run.fit_steps_to_time needs run.max_minutes: the time to fit the steps to")
         if self.model.freeze_text and self.model.freeze_vision:
@@ -234,6 +251,13 @@ class TrainConfig:
                 config.set(f"{section}.{name}", value)
         return config
 
+    def skip_limits(self) -> tuple[int, int]:
+        """(most skipped steps in a row, most in all) before a run with nan_policy skip counts as diverged."""
+        total = self.run.max_skipped_steps
+        if total is None:
+            total = max(10, self.optim.total_steps // 10)
+        return self.run.max_consecutive_skipped_steps, total
+
     def save(self, path: str | Path) -> Path:
         """Write the resolved configuration as YAML."""
         path = Path(path)
@@ -242,24 +266,74 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                base: dict[str, Any] | None = None) -> TrainConfig:
+                base: dict[str, Any] | None = None, *, trusted: bool = True) -> TrainConfig:
     """Defaults, then `base` (a recipe dict), then the YAML/TOML file at `path`, then `overrides`
-    ("section.key=value" strings or a {dotted key: value} dict); validated."""
+    ("section.key=value" strings or a {dotted key: value} dict); validated.
+
+    `trusted=False` is for a file nobody vouched for (a run folder's config.yaml): a value in it that names a
+    command (a `pipe:` source) is a ConfigError, unless an override replaces it.
+    """
     config = TrainConfig.from_dict(base or {}, source="recipe")
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides or []]
     if path is not None:
         file_config = read_config_file(path)
         for section, entries in file_config.items():
             if not isinstance(entries, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping, got {entries!r}")
             for name, value in entries.items():
-                _set_checked(config, f"{section}.{name}", value, str(path))
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = [parse_override(text) for text in overrides or []]
+                key = f"{section}.{name}"
+                if not trusted and key not in dict(items) and commands_in(value):
+                    raise ConfigError(
+                        f"{path}: {key} = {value!r} runs a command ({COMMAND_PREFIX}), and a run folder's "
+                        "configuration is not trusted to run commands: give the source again on the command "
+                        f"line (--{key} ...), or pass --trust-run-config if you trust this folder")
+                _set_checked(config, key, value, str(path))
     for key, value in items:
         _set_checked(config, key, value, "override")
     return config.validate()
+
+
+def commands_in(value: Any) -> list[str]:
+    """The strings in a config value (a string or a list of them) that name a command to run."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in values if isinstance(item, str) and item.strip().startswith(COMMAND_PREFIX)]
+
+
+def resolve_run_config(config_path: str | Path | None, resume: str | None, overrides: dict[str, Any],
+                       base: dict[str, Any] | None = None, *, trust_run_config: bool = False) -> TrainConfig:
+    """The configuration `openalign train` runs with: defaults < recipe (`base`) < a config file < overrides.
+
+    The file is `config_path` when the user names one (trusted: the user chose it). When resuming without one,
+    it is the run folder's own config.yaml (the folder of the checkpoint, or for "latest" run.out_dir as the
+    command line, recipe or default gives it, never the current folder), which is not trusted to run commands
+    unless `trust_run_config`: a run folder may come from anyone.
+    """
+    if config_path is not None or not resume:
+        return load_config(config_path, overrides, base)
+    run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
+    run_config = run_dir / "config.yaml"
+    return load_config(run_config if run_config.is_file() else None, overrides, base, trusted=trust_run_config)
+
+
+def trajectory_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """"section.key: saved -> current" for each field of two `to_dict()` results that differs and changes the
+    updates a resumed run computes (every field but TRAJECTORY_NEUTRAL); fields only one side knows are left
+    out (a checkpoint from another version)."""
+    differences = []
+    for section, entries in current.items():
+        for name, value in entries.items():
+            key = f"{section}.{name}"
+            before = saved.get(section, {}).get(name, value) if isinstance(saved.get(section), dict) else value
+            if key not in TRAJECTORY_NEUTRAL and _comparable(before) != _comparable(value):
+                differences.append(f"{key}: {before!r} -> {value!r}")
+    return differences
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

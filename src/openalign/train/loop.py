@@ -89,9 +89,15 @@ class Stepper:
     after_step: Callable[[], None] | None = None  # e.g. the CLIP scale clamp, the EMA update
     norm_buffers: list[torch.Tensor] = field(default_factory=list)  # BatchNorm statistics to restore on skip
     image_ssl: nn.Module | None = None  # an ImageSelfSupervision: a label-free second term (train/image_ssl.py)
+    # With nan_policy skip: this many skipped steps in a row, or this many since the run began (skipped_steps,
+    # restored on resume), mean the run diverged, and stop it with NonFiniteLossError. None: no limit.
+    max_consecutive_skips: int | None = None
+    max_skips: int | None = None
+    skipped_steps: int = 0
 
     def __post_init__(self):
         self._saved_buffers = [buffer.clone() for buffer in self.norm_buffers] if self.nan_policy == "skip" else []
+        self._consecutive_skips = 0
 
     def autocast(self):
         """Mixed precision for the towers' forward (the loss runs in float32)."""
@@ -145,6 +151,7 @@ class Stepper:
         if skipped:
             self._non_finite(step_number, float(loss), float(plain_norm))
         else:
+            self._consecutive_skips = 0
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(gradients, self.grad_clip, grad_norm)
             self.scaler.step(self.optimizer)
@@ -181,6 +188,15 @@ class Stepper:
         if self.nan_policy == "halt":
             raise NonFiniteLossError(message + "; resume from the last checkpoint, perhaps with a lower "
                                      "optim.lr or run.nan_policy=skip")
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        for count, limit, what in ((self._consecutive_skips, self.max_consecutive_skips, "in a row"),
+                                   (self.skipped_steps, self.max_skips, "since the run began")):
+            if limit is not None and count > limit:
+                raise NonFiniteLossError(
+                    f"{message}; {count} steps skipped {what}, over the limit of {limit} "
+                    "(run.max_consecutive_skipped_steps / run.max_skipped_steps): the run has diverged. Resume "
+                    "from a checkpoint before it with a lower optim.lr, or raise the limit")
         logger.warning("%s; skipping it (run.nan_policy=skip)", message)
         if self._saved_buffers:
             torch._foreach_copy_(self.norm_buffers, self._saved_buffers)  # the bad batch's statistics too

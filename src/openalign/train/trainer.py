@@ -37,7 +37,7 @@ from openalign.pretrained import load_into, read_state_dict
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train import checkpointing
 from openalign.train.builders import build_contrastive_loss, build_loaders, build_model
-from openalign.train.config import TrainConfig
+from openalign.train.config import TrainConfig, trajectory_differences
 from openalign.train.ema import ModelEma
 from openalign.train.image_ssl import build_image_ssl
 from openalign.train.loop import DualEncoderFeatures, Stepper, temperature_of, validate
@@ -121,8 +121,13 @@ class _ModelWriter:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+def train(config: TrainConfig, resume: str | None = None, *, overwrite: bool = False,
+          force: bool = False) -> TrainResult:
     """Train as `config` says, resuming from a checkpoint ("latest" or a folder) when `resume` is given.
+
+    A fresh run refuses a run.out_dir holding another run's checkpoints unless `overwrite` (which removes
+    them); a resume refuses a checkpoint written with a configuration that differs in anything changing the
+    updates (train.config.trajectory_differences, listed in the error) unless `force`.
 
     Works in one process and under torchrun (one process per device; DDP, or FSDP2 with
     distributed.strategy=fsdp). Writes config.yaml, metrics.jsonl, checkpoint-*/ folders, model/ (the final
@@ -131,7 +136,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     config.validate()
     info = init_distributed(config.distributed.backend)
     try:
-        result = _train(config, resume, info)
+        result = _train(config, resume, info, overwrite=overwrite, force=force)
         # Leave the group together: rank 0 is still writing the model and plots when the others finish, and a
         # rank that tears its gloo connections down while a peer still holds them open can abort the process.
         barrier()
@@ -140,7 +145,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         destroy_distributed()
 
 
-def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
+def _train(config: TrainConfig, resume: str | None, info, *, overwrite: bool, force: bool) -> TrainResult:
     run, optim = config.run, config.optim
     world_size, rank = info.world_size, info.rank
     main = is_main_process()
@@ -153,10 +158,11 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
     if fsdp and run.ema_decay is not None:
         raise ConfigError("run.ema_decay is not supported with distributed.strategy = 'fsdp'")
     run_dir = Path(run.out_dir)
+    if not resume:
+        checkpointing.prepare_fresh_run(run_dir, overwrite, remove=main)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_temporaries(run_dir)
-        config.save(run_dir / "config.yaml")
 
     random.seed(run.seed)
     np.random.seed(run.seed)
@@ -173,6 +179,14 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         load_into(model, read_state_dict(checkpoint_folder), source=str(checkpoint_folder))
         trainer_state = checkpointing.load_trainer_state(checkpoint_folder)
         logger.info("resuming from %s (step %d)", checkpoint_folder, trainer_state["step"])
+        differences = trajectory_differences(trainer_state.get("config") or {}, config.to_dict())
+        if differences and not force:
+            raise ConfigError(f"{checkpoint_folder} was written with another configuration: {'; '.join(differences)}"
+                              ". Resume with the run's own settings, or pass --force to continue with these")
+        for difference in differences:
+            logger.warning("resuming with a changed setting (--force): %s", difference)
+    if main:  # only once the run is accepted: a refused resume leaves the folder's config as it was
+        config.save(run_dir / "config.yaml")
 
     pooler = getattr(model.text_model, "pooler", None)
     if pooler is not None:
@@ -238,11 +252,13 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
         channels_last=channels_last, accumulation=optim.accumulation, grad_clip=optim.grad_clip,
         nan_policy=run.nan_policy, after_step=after_step, norm_buffers=_norm_buffers(holder), image_ssl=image_ssl,
     )
+    stepper.max_consecutive_skips, stepper.max_skips = config.skip_limits()
 
     step, skipped_steps, total_steps = 0, 0, optim.total_steps
     torch.manual_seed(run.seed + 1_000_003 * rank)  # dropout differs across ranks
     if trainer_state is not None:
         step, skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
+        stepper.skipped_steps = skipped_steps
         if run.fit_steps_to_time:  # go on with the plan as re-planned, not the config's first guess
             total_steps = trainer_state.get("total_steps", total_steps)
             set_total_steps(scheduler, total_steps)
@@ -282,7 +298,7 @@ def _train(config: TrainConfig, resume: str | None, info) -> TrainResult:
             "scaler": scaler.state_dict(), "loss": loss_module.state_dict(),
             "image_ssl": image_ssl.state_dict() if image_ssl is not None else None,
             "ema": ema.state_dict() if ema is not None else None, "data": train_loader.state_dict(),
-            "rng": _all_ranks(checkpointing.rng_state(), world_size),
+            "rng": _all_ranks(checkpointing.rng_state(), world_size), "config": config.to_dict(),
         }
         weights = _ModelWriter(model.config, _model_state(model, fsdp))
         folder = run_dir / checkpointing.checkpoint_name(step_number)
