@@ -87,9 +87,11 @@ def test_a_run_folders_config_runs_no_command_unless_trusted(run_copy, data, tmp
 # -- item 2: a diverged run stops -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("limits, reason", [({}, "in a row"),
-                                            ({"run.max_consecutive_skipped_steps": 100,
-                                              "run.max_skipped_steps": 5}, "since the run began")])
+@pytest.mark.parametrize("limits, reason", [
+    ({"run.max_consecutive_skipped_steps": 3}, "4 steps skipped in a row, over the limit of 3"),
+    ({"run.max_consecutive_skipped_steps": 100, "run.max_skipped_steps": 4},
+     "5 steps skipped since the run began, over the limit of 4"),
+])
 def test_a_run_that_keeps_skipping_non_finite_steps_stops_with_an_error(data, tmp_path, limits, reason):
     config = tiny_config(data, tmp_path / "run", **{"optim.lr": 1e8, "optim.grad_clip": None,
                                                     "run.nan_policy": "skip", "optim.total_steps": 30,
