@@ -114,6 +114,10 @@ def test_errors_are_one_line_naming_the_culprit_and_a_non_zero_exit(tmp_path, ca
         (["summary", "align-huge"], ["align-huge"]),
         (["train", "--config", str(tmp_path / "missing.yaml")], ["missing.yaml"]),
         (["tokenizer", "train", str(empty), "--vocab-size", "50", "--out", str(tmp_path / "tok")], ["empty.txt"]),
+        (["tokenizer", "train", str(tmp_path / "absent.txt"), "--vocab-size", "50", "--out", str(tmp_path / "tok")],
+         ["absent.txt"]),
+        (["tokenizer", "train", str(empty), "--vocab-size", "3", "--out", str(tmp_path / "tok")], ["vocab_size"]),
+        (["plot", str(tmp_path / "no-run")], ["no-run"]),
     ]
     for argv, names in cases:
         status, error = run_command(argv, capsys)

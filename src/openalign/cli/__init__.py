@@ -57,8 +57,10 @@ def describe_error(error: BaseException) -> str | None:
 
     if isinstance(error, OpenAlignError):
         return str(error)
-    if isinstance(error, OSError) and error.strerror:
+    if isinstance(error, OSError):
         # A file the user named or the disk it sits on: the errno text and the path say it all.
+        if not error.strerror:
+            return str(error)
         path = f": {error.filename}" if error.filename is not None else ""
         return f"{error.strerror.lower()}{path}"
     if isinstance(error, MemoryError):

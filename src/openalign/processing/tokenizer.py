@@ -100,7 +100,7 @@ class AlignTokenizer:
         texts = validate_texts(text)
         max_length = self.max_length if max_length is None else int(max_length)
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 to hold [CLS] and [SEP], got {max_length}")
+            raise ConfigError(f"max_length must be at least 2 to hold [CLS] and [SEP], got {max_length}")
         padding = _padding_strategy(padding)
         # Truncating here rather than through `enable_truncation` keeps the shared Rust tokenizer stateless,
         # so threads can call it concurrently. Keeping the first tokens and the final [SEP] is what
@@ -124,13 +124,13 @@ class AlignTokenizer:
         if return_tensors == "pt":
             lengths = {len(ids) for ids in batch["input_ids"]}
             if len(lengths) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"texts have different token counts {sorted(lengths)}; "
                     "use padding='longest' or 'max_length'"
                 )
             return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
         if return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+            raise ConfigError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         return batch
 
     def _encode(self, texts: list[str]) -> list:
@@ -282,7 +282,7 @@ def train_wordpiece(
     When `out_dir` is given, the result is saved there in a layout both openalign and transformers load.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        raise ConfigError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     config = {
         **SPECIAL_TOKENS, "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True
     }
@@ -374,7 +374,7 @@ def _padding_strategy(padding: bool | str) -> str:
     if padding is False:
         return "do_not_pad"
     if padding not in PADDING_CHOICES:
-        raise ValueError(f"padding must be one of {PADDING_CHOICES} or a bool, got {padding!r}")
+        raise ConfigError(f"padding must be one of {PADDING_CHOICES} or a bool, got {padding!r}")
     return padding
 
 
