@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 
-
-def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Random running statistics and affine parameters, so that folding them into the convolutions is tested
-    on something other than the identity (trainable_init leaves them at 0 / 1)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            channels = module.num_features
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(channels, generator=generator) * 0.5 + 0.75)
-                module.weight.mul_(torch.rand(channels, generator=generator) * 0.4 + 0.8)
-                module.bias.copy_(torch.randn(channels, generator=generator) * 0.05)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests package
+from tests.parity import randomise_batchnorm  # noqa: E402  (the tests' parity helpers: the same random weights)
 
 
 def build_openalign(preset: str = "align-base", seed: int = 0) -> AlignModel:
@@ -30,7 +23,7 @@ def build_openalign(preset: str = "align-base", seed: int = 0) -> AlignModel:
     config.text_config = config.text_config.replace(vocab_size=30522)
     model = AlignModel(config)
     trainable_init(model)
-    randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+    randomise_batchnorm(model, torch.Generator().manual_seed(seed), spread=0.25)  # near 1: a deep trunk
     return model.eval()
 
 

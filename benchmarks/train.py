@@ -7,8 +7,9 @@ Not a test: the numbers depend on the machine and its load.
 Each measurement runs in a fresh subprocess, so peak memory is that one configuration's: on CUDA
 torch.cuda.max_memory_allocated over the first step, on CPU the growth of the peak resident set (ru_maxrss)
 over the resident set before the first step (activations, gradients and optimiser state). Both sides run under
-the same allocator settings and memory format. openalign's step is `openalign.train.loop.Stepper` (features ->
-ALIGN loss -> backward -> AdamW); transformers' is `AlignModel(..., return_loss=True).loss.backward()` -> AdamW.
+the same allocator settings and memory format. openalign's step is the trainer's, from
+`openalign.train.loop.build_stepper` (features -> ALIGN loss -> backward -> AdamW); transformers' is
+`AlignModel(..., return_loss=True).loss.backward()` -> AdamW.
 transformers checkpoints only the text tower (its EfficientNet has no gradient checkpointing), so the
 "checkpointing" rows compare text-only checkpointing, and openalign's both-towers row has no peer.
 """
@@ -56,7 +57,7 @@ def worker(args: argparse.Namespace) -> dict:
     from openalign.model_config import get_preset
     from openalign.models.align import AlignModel
     from openalign.models.utils import trainable_init
-    from openalign.train.loop import DualEncoderFeatures, Stepper
+    from openalign.train.loop import build_stepper
     from openalign.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -93,15 +94,8 @@ def worker(args: argparse.Namespace) -> dict:
                                             vision=args.checkpointing == "both")
         model.to(device, memory_format=memory_format)
         optimizer = build_optimizer("adamw", model, lr=1e-4, weight_decay=0.01)
-        loss_module = AlignLoss(label_smoothing=0.1)
-        stepper = Stepper(
-            features=DualEncoderFeatures(model),
-            loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,
-            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-            scaler=torch.amp.GradScaler(device.type, enabled=False),
-            parameters=[p for p in model.parameters() if p.requires_grad], loss_parameters=[model.temperature],
-            device=device, autocast_dtype=autocast_dtype, channels_last=args.channels_last,
-        )
+        stepper = build_stepper(model, AlignLoss(label_smoothing=0.1), optimizer, device=device,
+                                autocast_dtype=autocast_dtype, channels_last=args.channels_last)
 
         def step():
             stepper.step(batch, 0)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tests.parity import randomise_batchnorm
+
 IMAGE_DIM, VOCAB_SIZE, TOKENS_PER_TEXT, EMBED_DIM = 6, 30, 4, 5
 
 
@@ -39,13 +41,10 @@ class ToyDualEncoder(nn.Module):
 
 
 def make_model(seed: int = 0, dropout: float = 0.0) -> ToyDualEncoder:
-    """The same float64 toy model on every rank; BatchNorm running statistics randomised so eval mode matters."""
+    """The same float64 toy model on every rank; BatchNorm statistics randomised so eval mode matters."""
     torch.manual_seed(seed)
     model = ToyDualEncoder(dropout=dropout).double()
-    batch_norm = model.image_tower[1]
-    batch_norm.running_mean.uniform_(-0.5, 0.5)
-    batch_norm.running_var.uniform_(0.5, 2.0)
-    return model
+    return randomise_batchnorm(model, torch.Generator().manual_seed(seed), spread=0.5)
 
 
 def make_batch(batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +175,15 @@ def helpers(rank: int) -> dict:
         unequal_error = str(error)
     return {
         "world": tuple(distributed.world_info())[:3],
+        "rank_and_world_size": distributed.rank_and_world_size(),
         "is_main": distributed.is_main_process(),
         "broadcast": distributed.broadcast_object({"from": rank}),
         "unequal_error": unequal_error,
+        "objects": distributed.all_gather_objects({"rank": rank}),
+        "sum": distributed.sum_over_ranks(rank + 1.5),
+        "max": distributed.max_over_ranks(float(rank)),
+        "mean": distributed.mean_over_ranks(rank + 1.5),
+        "any": (distributed.any_rank(rank == 1), distributed.any_rank(False)),
     }
 
 

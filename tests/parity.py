@@ -9,20 +9,33 @@ from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConf
 from openalign.models.utils import trainable_init
 
 
+def randomise_batchnorm(model: nn.Module, generator: torch.Generator, spread: float = 0.5) -> nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm, so that an eval-mode path (folding
+    them into the convolutions, a rank's eval step) is tested on something other than the identity, where
+    initialisation leaves them (0 / 1): mean ~ N(0, spread / 2), variance ~ U(1 - spread, 1 + spread), weight
+    scaled by U(1 - spread, 1 + spread), bias ~ N(0, spread / 4). Shared by the tests and benchmarks/_models.py."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                channels = module.num_features
+                module.running_mean.copy_(torch.randn(channels, generator=generator) * spread / 2)
+                module.running_var.copy_(1 - spread + torch.rand(channels, generator=generator) * 2 * spread)
+                if module.affine:
+                    module.weight.mul_(1 - spread + torch.rand(channels, generator=generator) * 2 * spread)
+                    module.bias.copy_(torch.randn(channels, generator=generator) * spread / 4)
+    return model
+
+
 def randomize(model: nn.Module, seed: int = 0, residual_gain: float = 0.2) -> nn.Module:
     """Weights whose activations neither vanish nor explode through the whole trunk: kaiming convs, small gain
     on residual branches, random BatchNorm statistics and affine parameters, random LayerNorm affine."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     trainable_init(model, residual_gain=residual_gain)
+    randomise_batchnorm(model, generator)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
-                m.weight.mul_(torch.rand(m.weight.shape, generator=generator) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
-            elif isinstance(m, nn.LayerNorm):
+            if isinstance(m, nn.LayerNorm):
                 m.weight.copy_(1 + torch.randn(m.weight.shape, generator=generator) * 0.1)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
             elif isinstance(m, nn.Linear) and m.bias is not None:

@@ -13,22 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
-from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.inference.embedding_folder import read_embedding_folder
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_images
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def _environment() -> dict[str, str]:
@@ -126,12 +120,13 @@ def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(checkpoint, 
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "part-00002.done").exists() and not (killed / "summary.json").exists()
-    first_part = os.stat(killed / "part-00000.image.npy")
+    first_part = os.stat(killed / "img_emb" / "img_emb_00000.npy")
 
     go.touch()
     subprocess.run(_embed_command(checkpoint, sources, killed), check=True, env=_environment(), capture_output=True,
                    timeout=300)
-    assert os.stat(killed / "part-00000.image.npy").st_mtime_ns == first_part.st_mtime_ns  # skipped, not redone
+    # skipped, not redone
+    assert os.stat(killed / "img_emb" / "img_emb_00000.npy").st_mtime_ns == first_part.st_mtime_ns
     resumed, straight = _folder_bytes(killed), _folder_bytes(tmp_path / "straight")
     assert sorted(resumed) == sorted(straight)
     assert any(name.endswith(".npy") for name in straight) and any(name.endswith(".parquet") for name in straight)
@@ -151,7 +146,7 @@ def test_torchrun_two_ranks_embed_every_item_exactly_once(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2" in result.stdout and "rank 1 of 2" in result.stdout
 
-    parts = sorted((tmp_path / "ranks").glob("part-*.parquet"))
+    parts = sorted((tmp_path / "ranks" / "metadata").glob("metadata_*.parquet"))
     indices = [index for part in parts for index in pq.read_table(part).column("index").to_pylist()]
     assert sorted(indices) == [index for index in range(13) if index != 5]  # each readable item exactly once
     assert len(parts) == 5

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.data.sources import write_manifest
 from openalign.eval.knn import evaluate_knn
@@ -18,13 +17,9 @@ from openalign.eval.retrieval import retrieval_metrics
 from openalign.eval.runner import EvalDataError, evaluate_knn_folders, read_caption_set
 from openalign.eval.zero_shot import evaluate_zero_shot
 from openalign.inference.encoders import load_encoders
+from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_images
 
 CLASSES = ["red_square", "dog", "yellow_car"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 def _run_json(capsys, arguments) -> dict:

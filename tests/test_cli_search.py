@@ -9,20 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.cli.index import parse_bytes
 from openalign.index.faiss_index import Index
 from openalign.inference.encoders import load_encoders
+from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_images
 
 QUERIES = ["a red bicycle", "a dog on the beach"]
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory):
-    """A checkpoint, 20 images, their embedding folder and its exact index."""
+def indexed(checkpoint, tmp_path_factory):
+    """The checkpoint, 20 images, their embedding folder and its exact index."""
     root = tmp_path_factory.mktemp("search")
-    checkpoint = make_checkpoint(root / "checkpoint")
     images = make_images(root / "images", 20)
     main(["embed", str(root / "images"), "--model", str(checkpoint), "--out", str(root / "embeddings"),
           "--part-size", "5", "--no-progress"])

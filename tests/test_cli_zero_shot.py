@@ -11,19 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.eval.heatmap import CompareInputError, plot_similarity_heatmap
 from openalign.eval.templates import IMAGENET_TEMPLATES
 from openalign.inference.encoders import EncoderLoadError, load_encoders
 from openalign.models.align import AlignModel
+from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_images
 
 LABELS = ["red square", "dog", "cat sleeping", "yellow car"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,14 @@ def test_heldout_pairs_depend_on_heldout_seed_only():
     assert max(per_colour.values()) <= 2
 
 
+def test_no_heldout_pairs_trains_on_every_pair(tmp_path):
+    config = SynthConfig(colours=("red", "blue"), shapes=("circle",), num_heldout_pairs=0)
+    assert heldout_pairs(config) == []
+    summary = generate(tmp_path, 8, config, workers=1)
+    assert summary["heldout_pairs"] == [] and sorted(map(tuple, summary["train_pairs"])) == [("blue", "circle"),
+                                                                                              ("red", "circle")]
+
+
 def test_manifest_reads_back_through_sources(generated):
     out, _, _ = generated
     records = list(sources.iter_records(out / "heldout" / "manifest.jsonl"))

@@ -212,6 +212,26 @@ def test_train_overrides_reach_the_training_config(tmp_path):
     assert train_config.data.cache_images and train_config.optim.total_steps == 10  # the demo's own still apply
 
 
+@pytest.mark.parametrize("loss_name", ["align", "clip"])
+def test_the_step_probe_steps_with_the_loss_the_trainer_would_use(loss_name, tmp_path):
+    """The probe's loss at the start is ALIGN's at the model's temperature, for CLIP too (whose scale is its
+    reciprocal), and it trains the scalars the trainer trains."""
+    from openalign.demo.pipeline import probe_stepper, training_config
+    from openalign.losses import AlignLoss
+
+    config = DemoConfig(train_overrides={"loss.name": loss_name})
+    train_config = training_config(config, tmp_path / "m.jsonl", tmp_path / "tok", tmp_path / "c.json",
+                                   tmp_path / "run", total_steps=10, minutes=1.0)
+    model, stepper = probe_stepper(config.model_config(vocab_size=50), train_config)
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    expected = AlignLoss(label_smoothing=config.label_smoothing)(image, text, torch.tensor(config.temperature_init))
+    torch.testing.assert_close(stepper.loss_fn(image, text), expected)
+    assert model.temperature.requires_grad == (loss_name == "align")  # CLIP trains a scale of its own
+    trained = {id(parameter) for group in stepper.optimizer.param_groups for parameter in group["params"]}
+    assert all(id(scalar) in trained for scalar in stepper.loss_parameters) and stepper.loss_parameters
+
+
 def test_step_time_probe_runs_real_batches_of_the_training_data(demo):
     from openalign.demo.pipeline import DemoConfig, measure_step_seconds, training_config
     from openalign.model_config import AlignConfig

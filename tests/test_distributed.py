@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_worker import make_batch, run_step, spawn, worker
 from openalign import distributed
+from tests.dist_worker import make_batch, run_step, spawn, worker
 
 WORLD_SIZE, GLOBAL_BATCH = 2, 8
 TOLERANCE = 1e-6  # relative, on the loss and on every gradient tensor
@@ -104,6 +104,13 @@ def test_helpers_in_two_processes(rank_results):
         assert helpers["is_main"] == (rank == 0)
         assert helpers["broadcast"] == {"from": 0}
         assert "same batch size" in helpers["unequal_error"] and "[1, 2]" in helpers["unequal_error"]
+        assert helpers["rank_and_world_size"] == (rank, WORLD_SIZE)
+        # The collectives against the same reductions of every rank's input (rank + 1.5, rank, ...) in one process.
+        assert helpers["objects"] == [{"rank": other} for other in range(WORLD_SIZE)]
+        assert helpers["sum"] == sum(other + 1.5 for other in range(WORLD_SIZE))
+        assert helpers["max"] == max(range(WORLD_SIZE))
+        assert helpers["mean"] == sum(other + 1.5 for other in range(WORLD_SIZE)) / WORLD_SIZE
+        assert helpers["any"] == (True, False)
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch):
@@ -114,6 +121,16 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert (info.world_size, info.rank) == (1, 0)
     assert distributed.is_main_process()
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert (distributed.sum_over_ranks(2.5), distributed.max_over_ranks(2.5), distributed.mean_over_ranks(2.5)) == (
+        2.5, 2.5, 2.5)
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.rank_and_world_size() == distributed.rank_and_world_size(from_environment=True) == (0, 1)
+    # Without a process group, torchrun's variables count only where asked for (splitting work without one).
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.rank_and_world_size(from_environment=True) == (3, 4)
+    assert distributed.rank_and_world_size() == (0, 1) and distributed.world_info().world_size == 1
     tensor = torch.randn(3, 2)
     assert distributed.all_gather_with_grad(tensor) is tensor
     model = torch.nn.Linear(2, 2)

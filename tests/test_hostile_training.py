@@ -24,7 +24,7 @@ from openalign.train.config import load_config
 from openalign.train.loop import NonFiniteLossError
 from openalign.train.run_log import read_metrics
 from openalign.train.trainer import train
-from train_data import make_data, tiny_config
+from tests.train_data import make_data, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ class _ImageEncoder:
 
 
 def _folder_bytes(folder):
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_layout_metadata_and_skipped_items(tmp_path):
@@ -63,6 +63,11 @@ def test_layout_metadata_and_skipped_items(tmp_path):
     assert "image-004.png" in summary["skipped"][0]["error"]
     assert [part["count"] for part in summary["parts"]] == [9, 9, 3]
     assert read_summary(tmp_path / "out") == summary
+    # clip-retrieval's layout, with openalign's markers beside it.
+    written = sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*.np[y]"))
+    assert written == [f"img_emb/img_emb_0000{part}.npy" for part in range(3)]
+    assert sorted(path.name for path in (tmp_path / "out" / "metadata").iterdir()) == [
+        f"metadata_0000{part}.parquet" for part in range(3)]
 
     embeddings, metadata = read_embedding_folder(tmp_path / "out")
     assert embeddings.dtype == np.float16 and embeddings.shape == (21, 5)
@@ -97,8 +102,8 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
     with pytest.raises(EmbeddingFolderError, match="has not finished"):
         read_summary(tmp_path / "resumed")
     # A torn write of part 2 left behind by the crash must not survive the resume.
-    (tmp_path / "resumed" / "part-00002.image.npy").write_bytes(b"torn")
-    (tmp_path / "resumed" / "part-00002.parquet.tmp").write_bytes(b"torn")
+    (tmp_path / "resumed" / "img_emb" / "img_emb_00002.npy").write_bytes(b"torn")
+    (tmp_path / "resumed" / "metadata" / "metadata_00002.parquet.tmp").write_bytes(b"torn")
 
     resuming = _ImageEncoder()
     embed_to_folder(paths, resuming, tmp_path / "resumed", part_size=5, batch_size=2, progress=False)
@@ -246,3 +251,19 @@ def test_ranks_starting_together_never_read_a_half_written_config(tmp_path):
         assert json.loads((folder / "embed_config.json").read_text()) == config
         assert [path.name for path in folder.iterdir()] == ["embed_config.json"]  # no temporary left behind
     assert errors == []
+
+
+def test_folders_of_the_earlier_layout_are_read_and_resumed_in_it(tmp_path):
+    paths = _make_images(tmp_path / "images")
+    # A folder begun before the clip-retrieval layout: its embed_config.json names no layout.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "embed_config.json").write_text(json.dumps({"kinds": ["image"], "part_size": 10}))
+    summary = embed_to_folder(paths, _ImageEncoder(), tmp_path / "old", part_size=10, batch_size=4, progress=False)
+    assert "layout" not in summary and (tmp_path / "old" / "part-00002.image.npy").is_file()
+    assert not (tmp_path / "old" / "img_emb").exists()
+    embed_to_folder(paths, _ImageEncoder(), tmp_path / "new", part_size=10, batch_size=4, progress=False)
+    old, new = read_embedding_folder(tmp_path / "old"), read_embedding_folder(tmp_path / "new")
+    np.testing.assert_array_equal(old[0], new[0])
+    assert old[1].equals(new[1])
+    with pytest.raises(EmbeddingFolderError, match="use a fresh folder"):
+        embed_to_folder(paths, _ImageEncoder(), tmp_path / "old", part_size=5, batch_size=4, progress=False)

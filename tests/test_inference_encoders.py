@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
 from openalign.errors import ImageLoadError
 from openalign.inference.encoders import EncoderLoadError, load_encoders
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_images
 
 
 @pytest.fixture(scope="module")

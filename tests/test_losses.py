@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from openalign.errors import ConfigError
-from openalign.losses import AlignLoss, ClipLoss, SigLipLoss, build_loss
+from openalign.losses import LOSSES, AlignLoss, ClipLoss, SigLipLoss, align_loss, build_loss
+from openalign.train.config import LossSection, TrainConfig
 
 
 def embeddings(batch_size: int = 6, dim: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +29,7 @@ def smoothed_cross_entropy(logits: torch.Tensor, smoothing: float) -> torch.Tens
 
 
 def test_align_loss_matches_the_formula_and_transformers():
-    align_loss = pytest.importorskip("transformers.models.align.modeling_align").align_loss
+    transformers_align_loss = pytest.importorskip("transformers.models.align.modeling_align").align_loss
 
     image, text = embeddings()
     temperature = torch.tensor(0.3, dtype=torch.float64)
@@ -37,7 +39,9 @@ def test_align_loss_matches_the_formula_and_transformers():
     by_hand = (smoothed_cross_entropy(logits_per_text, 0.1) + smoothed_cross_entropy(logits_per_text.T, 0.1)) / 2
     loss = AlignLoss()(image, text, temperature)
     torch.testing.assert_close(loss, by_hand, rtol=1e-12, atol=0)
-    torch.testing.assert_close(loss, align_loss(logits_per_text), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, transformers_align_loss(logits_per_text), rtol=1e-12, atol=0)
+    # The model's own return_loss (the logits' function) is transformers' to the bit.
+    assert torch.equal(align_loss(logits_per_text), transformers_align_loss(logits_per_text))
 
 
 def test_align_loss_owns_or_takes_the_temperature_and_differentiates_it():
@@ -163,3 +167,77 @@ def test_hard_negative_weighting_off_is_the_plain_loss_and_on_stresses_close_neg
     assert AlignLoss(hard_negative_beta=3.0)(image, text, temperature) > plain
     with pytest.raises(ConfigError, match="hard_negative_beta"):
         AlignLoss(hard_negative_beta=-0.5)
+
+
+class _Model(nn.Module):
+    """What a loss needs of a model: its temperature."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(temperature, dtype=torch.float64))
+
+
+def _from_config(name: str, temperature: float = 0.2, **settings):
+    model = _Model(temperature)
+    loss = LOSSES[name].from_config(LossSection(name=name, **settings), temperature).double()
+    loss.attach(model)
+    return model, loss
+
+
+def test_align_from_a_config_trains_the_model_temperature():
+    image, text = embeddings()
+    model, loss = _from_config("align", label_smoothing=0.05)
+    assert loss.uses_model_temperature and model.temperature.requires_grad
+    assert loss.trained_scalars(model) == [model.temperature] and loss.own_parameters() == []
+    expected = AlignLoss(label_smoothing=0.05)(image, text, torch.tensor(0.2, dtype=torch.float64))
+    torch.testing.assert_close(loss.bind(model)(image, text), expected, rtol=1e-14, atol=0)
+    with torch.no_grad():
+        model.temperature.fill_(0.3)  # the model's value at each call, not the one it was built with
+    assert loss.temperature_in_use(model) == pytest.approx(0.3)
+    torch.testing.assert_close(loss.bind(model)(image, text),
+                               AlignLoss(label_smoothing=0.05)(image, text, torch.tensor(0.3, dtype=torch.float64)))
+
+
+def test_clip_from_a_config_owns_its_scale_from_the_model_temperature_and_clamps_it():
+    image, text = embeddings()
+    model, loss = _from_config("clip", label_smoothing=0.05)
+    assert not loss.uses_model_temperature and not model.temperature.requires_grad  # the model's stays put
+    assert loss.trained_scalars(model) == loss.own_parameters() == [loss.logit_scale]
+    # Scale 1 / 0.2 (held as a float32 log): the softmax of ALIGN's loss at temperature 0.2.
+    expected = AlignLoss(label_smoothing=0.05)(image, text, torch.tensor(0.2, dtype=torch.float64))
+    torch.testing.assert_close(loss.bind(model)(image, text), expected, rtol=1e-6, atol=0)
+    assert loss.temperature_in_use(model) == pytest.approx(0.2)
+    with torch.no_grad():
+        loss.logit_scale.fill_(math.log(1000.0))
+    loss.after_step()
+    assert loss.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_siglip_from_a_config_owns_scale_and_bias():
+    image, text = embeddings()
+    model, loss = _from_config("siglip")
+    assert not loss.uses_model_temperature and not model.temperature.requires_grad
+    assert loss.own_parameters() == [loss.logit_scale, loss.logit_bias]
+    assert loss.temperature_in_use(model) == pytest.approx(0.1)  # SigLIP's starting scale, 10
+    expected = SigLipLoss().double()(image, text)
+    torch.testing.assert_close(loss.bind(model)(image, text), expected, rtol=1e-14, atol=0)
+
+
+def test_config_choices_and_checks_come_from_the_registry(monkeypatch):
+    config = TrainConfig()
+    config.set("loss.name", "sigmoid")
+    with pytest.raises(ConfigError, match=r"loss\.name = 'sigmoid' is invalid; choose one of \['align', 'clip', "
+                       r"'siglip'\]"):
+        config.validate()
+
+    class Toy(SigLipLoss):
+        name = "toy"
+        hard_negatives = True
+
+    monkeypatch.setitem(LOSSES, "toy", Toy)
+    config.set("loss.name", "toy")
+    config.set("loss.hard_negative_beta", 2.0)
+    assert config.validate() is config  # a registered loss that declares hard negatives takes beta
+    config.set("loss.name", "siglip")
+    with pytest.raises(ConfigError, match="loss.hard_negative_beta"):
+        config.validate()

@@ -7,7 +7,7 @@ import torch
 
 from openalign.model_config import AlignConfig, get_preset
 from openalign.models.align import AlignModel
-from parity import assert_close, randomize
+from tests.parity import assert_close, randomize
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from openalign.models.align import AlignModel  # noqa: E402
-from parity import assert_close, pixel_inputs, randomize, text_inputs, tiny_config  # noqa: E402
+from tests.parity import assert_close, pixel_inputs, randomize, text_inputs, tiny_config  # noqa: E402
 
 CONFIGS = {
     "default-odd-size": dict(image_size=33),

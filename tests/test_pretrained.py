@@ -14,7 +14,7 @@ from openalign.errors import CheckpointError
 from openalign.models.align import AlignModel
 from openalign.models.bert import AlignTextModel
 from openalign.models.efficientnet import AlignVisionModel
-from parity import assert_close, pixel_inputs, randomize, text_inputs, tiny_config
+from tests.parity import assert_close, pixel_inputs, randomize, text_inputs, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_worker import gradients, make_batch, make_model
 from openalign.losses import AlignLoss, SigLipLoss
 from openalign.train.gradcache import accumulated_step, split_batch
+from tests.dist_worker import gradients, make_batch, make_model
 
 TOLERANCE = 1e-6  # relative, per gradient tensor
 

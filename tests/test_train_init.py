@@ -13,7 +13,7 @@ from openalign.pretrained import read_state_dict
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.builders import build_model
 from openalign.train.trainer import train
-from train_data import make_data, tiny_config
+from tests.train_data import make_data, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from dist_worker import make_batch, make_model
 from openalign.errors import ConfigError
 from openalign.train.ema import ModelEma
-from openalign.train.optim import Lamb, build_optimizer, clip_gradients, freeze_tower, param_groups
+from openalign.train.loop import Stepper
+from openalign.train.optim import Lamb, build_optimizer, freeze_tower, param_groups
 from openalign.train.schedule import build_scheduler, lr_lambda, set_total_steps
+from tests.dist_worker import make_batch, make_model
 
 
 def lamb_by_hand(weight, grads, lr, beta1, beta2, eps, weight_decay, adapt, max_ratio=None):
@@ -87,13 +88,38 @@ def test_build_optimizer_names_and_errors():
         build_optimizer("sgd", model, lr=1e-3)
 
 
-def test_clip_gradients_caps_the_global_norm():
-    parameters = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
-    parameters[0].grad, parameters[1].grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
-    norm = clip_gradients(parameters, max_norm=1.0)
-    assert float(norm) == pytest.approx(math.sqrt(9 * 3 + 16 * 4))
-    assert float(torch.cat([p.grad for p in parameters]).norm()) == pytest.approx(1.0, rel=1e-5)
-    assert clip_gradients(parameters, None) is None
+class _Pair(nn.Module):
+    """Features that are two parameters, so that the loss below gives them gradients of 3 and 4 everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+
+    def forward(self, pixel_values, input_ids, attention_mask, token_type_ids):
+        return self.image[None], self.text[None]
+
+
+def _clipped_step(grad_clip: float | None) -> tuple[float, torch.Tensor]:
+    """One Stepper step with SGD at lr 1: (the gradient norm it reports, the gradient it applied)."""
+    pair = _Pair()
+    optimizer = torch.optim.SGD(pair.parameters(), lr=1.0)
+    stepper = Stepper(
+        features=pair, loss_fn=lambda image, text: 3 * image.sum() + 4 * text.sum(), optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), parameters=list(pair.parameters()), grad_clip=grad_clip,
+    )
+    batch = {key: torch.zeros(1) for key in ("pixel_values", "input_ids", "attention_mask", "token_type_ids")}
+    result = stepper.step(batch, 1)
+    return result.grad_norm, -torch.cat([pair.image.detach(), pair.text.detach()])  # SGD at lr 1: w = -grad
+
+
+def test_the_step_clips_the_global_gradient_norm():
+    norm, applied = _clipped_step(grad_clip=1.0)
+    assert norm == pytest.approx(math.sqrt(9 * 3 + 16 * 4))  # the norm before clipping
+    assert float(applied.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(applied, torch.cat([torch.full((3,), 3.0), torch.full((4,), 4.0)]) / norm)
+    _, unclipped = _clipped_step(grad_clip=None)  # None: no clipping
+    assert float(unclipped.norm()) == pytest.approx(math.sqrt(9 * 3 + 16 * 4))
 
 
 def test_schedule_values():

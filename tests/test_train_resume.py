@@ -16,7 +16,7 @@ import torch
 
 from openalign.pretrained import read_state_dict
 from openalign.train.run_log import read_metrics
-from train_data import make_data, tiny_config
+from tests.train_data import make_data, tiny_config
 
 TOTAL_STEPS, CHECKPOINT_EVERY = 10, 4
 COMPARED = ("loss", "temperature", "lr", "grad_norm", "epoch", "skipped_samples")

@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch import nn
 
+from openalign import losses
 from openalign.cli import main as cli_main
 from openalign.data.sources import Record, iter_records, write_shards
 from openalign.errors import ConfigError
 from openalign.models.align import AlignModel
-from openalign.train.checkpointing import list_checkpoints, verify_checkpoint
+from openalign.train.checkpointing import list_checkpoints, load_trainer_state, verify_checkpoint
 from openalign.train.config import load_config
 from openalign.train.run_log import read_metrics
 from openalign.train.trainer import train
-from train_data import make_data, tiny_config
+from tests.train_data import make_data, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +107,53 @@ def test_hard_negative_beta_reaches_the_loss(data, tmp_path):
     assert first_losses[3.0] > first_losses[0.0] + 1e-4, first_losses
 
 
+class _OwnTemperatureLoss(losses.ContrastiveLoss):
+    """A loss the trainer has never heard of, registered in losses.LOSSES alone: ALIGN's softmax at a temperature
+    of its own (twice the model's to start), which it keeps as a log-scale; it counts the steps it is told of."""
+
+    name = "own-temperature"
+    instances: list = []
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(-math.log(temperature)))
+        self.after_steps = 0
+        self.instances.append(self)
+
+    @classmethod
+    def from_config(cls, settings, temperature):
+        return cls(2 * temperature)
+
+    def forward(self, image_embeds, text_embeds):
+        return losses.AlignLoss(label_smoothing=0.0)(image_embeds, text_embeds, torch.exp(-self.logit_scale))
+
+    def after_step(self):
+        self.after_steps += 1
+
+
+def test_a_loss_registered_in_losses_alone_trains_as_it_declares(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(losses.LOSSES, _OwnTemperatureLoss.name, _OwnTemperatureLoss)
+    _OwnTemperatureLoss.instances.clear()
+    config = tiny_config(data, tmp_path / "run", **{"loss.name": "own-temperature", "optim.total_steps": 3,
+                                                    "run.checkpoint_every": 3, "optim.warmup_steps": 0})
+    result = train(config)
+    [loss] = _OwnTemperatureLoss.instances
+    assert result.step == 3 and loss.after_steps == 3
+    temperature = math.exp(-loss.logit_scale.item())
+    assert temperature != pytest.approx(0.2, abs=1e-5)  # it trained its own temperature...
+    assert result.metrics["temperature"] == pytest.approx(temperature)  # ...and the logs report that one
+    model = AlignModel.from_pretrained(result.run_dir / "model")
+    assert model.temperature.item() == pytest.approx(0.1)  # the model's stayed where it started
+    saved = load_trainer_state(result.run_dir / "checkpoint-00000003")["loss"]
+    assert saved["logit_scale"].item() == loss.logit_scale.item()
+
+
 def test_time_fit_plans_as_many_steps_as_the_budget_holds():
-    from openalign.train.trainer import _TimeFit
+    from openalign.train.schedule import TimeFit
 
     def plans(step_seconds):
         now = [0.0]
-        fit = _TimeFit(100.0, warmup_steps=5, world_size=1, clock=lambda: now[0])
+        fit = TimeFit(100.0, warmup_steps=5, clock=lambda: now[0])
         total, out = 1000, {}
         for step in range(1, 151):
             now[0] += step_seconds(step)
@@ -143,3 +189,19 @@ def test_fit_steps_to_time_ends_the_schedule_with_the_budget(data, tmp_path):
     assert records[-1]["elapsed_s"] >= 0.6 * 12
     with pytest.raises(ConfigError, match="run.max_minutes"):
         load_config(overrides={"run.fit_steps_to_time": True})
+
+
+@pytest.mark.parametrize("resize, crop", [(36, 32), (346, 289), (32, 32), (37, 32)])
+def test_validation_pixels_are_the_square_resize_centre_crop_and_rescale(resize, crop):
+    """Validation goes through the evaluation processor; the result is, to the bit, the steps written out here:
+    PIL bilinear square resize, centre crop box, x / 127.5 - 1 in float32."""
+    from openalign.train.builders import eval_transform
+
+    generator = np.random.default_rng(0)
+    for height, width in [(40, 50), (300, 200), (32, 32)]:
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        resized = image.resize((resize, resize), Image.BILINEAR)
+        offset = (resize - crop) // 2
+        cropped = np.asarray(resized.crop((offset, offset, offset + crop, offset + crop)), dtype=np.float32)
+        expected = torch.from_numpy(cropped).permute(2, 0, 1) / 127.5 - 1.0  # (3, crop, crop)
+        assert torch.equal(eval_transform(image, resize=resize, crop=crop), expected)

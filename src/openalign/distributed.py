@@ -67,15 +67,27 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
     return world_info()
 
 
+def rank_and_world_size(from_environment: bool = False) -> tuple[int, int]:
+    """(rank, world size) of this process: the process group's when one is initialised, else (0, 1).
+
+    ``from_environment``: without a process group, torchrun's RANK and WORLD_SIZE variables instead of (0, 1),
+    for work that splits itself over ranks without collectives (the parts of an embedding folder).
+    """
+    if _is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    if from_environment:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return 0, 1
+
+
 def world_info() -> WorldInfo:
     """World size, rank, local rank and device of this process; (1, 0, 0, cpu/cuda) when not distributed."""
     # The device init_distributed chose: the current CUDA device when there is one, whatever the backend.
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     device = device or torch.device("cpu")
-    if not _is_distributed():
-        return WorldInfo(1, 0, 0, device)
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return WorldInfo(dist.get_world_size(), dist.get_rank(), local_rank, device)
+    rank, world_size = rank_and_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank)) if _is_distributed() else 0
+    return WorldInfo(world_size, rank, local_rank, device)
 
 
 def is_main_process() -> bool:
@@ -96,6 +108,46 @@ def broadcast_object(value: Any, source_rank: int = 0) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=source_rank)
     return holder[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in a single process."""
+    if not _is_distributed() or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _reduce_number(value: float, op: dist.ReduceOp) -> float:
+    """A per-rank number reduced over ranks by ``op`` (in float64, on this process's device)."""
+    if not _is_distributed() or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=world_info().device)
+    dist.all_reduce(total, op=op)
+    return float(total.item())
+
+
+def sum_over_ranks(value: float) -> float:
+    """A per-rank number summed over ranks (e.g. samples skipped); the number itself in a single process."""
+    return _reduce_number(value, dist.ReduceOp.SUM)
+
+
+def max_over_ranks(value: float) -> float:
+    """A per-rank number's largest value over ranks (e.g. the slowest rank's step time)."""
+    return _reduce_number(value, dist.ReduceOp.MAX)
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank number over ranks: with equal local batches, the mean of the ranks' losses is the
+    loss of the global batch."""
+    return sum_over_ranks(value) / world_info().world_size
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any, so that all ranks take the same branch (stopping at the
+    same step: a rank that stops alone leaves the others waiting in a collective)."""
+    return max_over_ranks(float(flag)) > 0
 
 
 def destroy_distributed() -> None:

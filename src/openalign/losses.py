@@ -5,6 +5,10 @@ learnable scalars as arguments, so the model can own them (``AlignModel.temperat
 ``*_init`` values owns its scalars instead; with several processes their gradients then have to be averaged
 by hand (``openalign.distributed.average_gradients``), since they live outside the DDP-wrapped model.
 
+Each loss is a ``ContrastiveLoss``: it says itself how it is built from a training config, whether it uses the
+model's temperature or owns its scalars, what temperature it applies and what it does after an optimiser step,
+so the trainer never asks which loss it holds. ``LOSSES`` names them for TrainConfig's ``loss.name``.
+
 Under ``torch.distributed`` the negatives come from the global batch (N = world_size * B). With
 ``local_loss=True`` each rank scores its B rows against the N gathered columns (memory B x N): the mean of the
 ranks' losses is the single-process loss over the global batch, and with ``gather_with_grad=True`` the DDP
@@ -14,6 +18,8 @@ average of the ranks' gradients is its gradient (see ``openalign.distributed.all
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +46,91 @@ def _pick(argument: torch.Tensor | None, owned: nn.Parameter | None, name: str) 
     return owned
 
 
-class _SoftmaxContrastiveLoss(nn.Module):
+def symmetric_cross_entropy(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, labels: torch.Tensor,
+                            label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies; row i of each logits matrix targets labels[i]."""
+    loss_image = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+    loss_text = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    return (loss_image + loss_text) / 2
+
+
+def align_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """ALIGN's loss of one batch's square logits (B, B) (texts along rows, targets on the diagonal): what
+    ``AlignModel.forward(return_loss=True)`` returns, as transformers computes it."""
+    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return symmetric_cross_entropy(logits_per_text.t(), logits_per_text, targets, label_smoothing)
+
+
+class LossSettings(Protocol):
+    """What ``from_config`` reads: the loss section of a TrainConfig (``openalign.train.config.LossSection``)."""
+
+    name: str
+    label_smoothing: float
+    local_loss: bool
+    gather_with_grad: bool
+    hard_negative_beta: float
+
+
+class ContrastiveLoss(nn.Module):
+    """A loss as the trainer uses it. Each subclass declares:
+
+    - ``name``: its value of TrainConfig's ``loss.name`` (its key in ``LOSSES``);
+    - ``from_config(settings, temperature)``: the loss a config's loss section describes, for a model whose
+      temperature starts at ``temperature``;
+    - ``uses_model_temperature``: True when the scalar its forward takes is the model's temperature (ALIGN),
+      trained with the model; False when it owns its scalars (CLIP's log-scale, SigLIP's scale and bias),
+      trained beside the model, and the model's temperature stays where it is;
+    - ``hard_negatives``: whether ``hard_negative_beta`` applies to it;
+    - ``temperature_in_use(model)``: the softmax temperature it applies, for the logs;
+    - ``after_step()``: what it does after each optimiser step that updated the weights.
+
+    As in open_clip, the scalars are forward arguments: ``loss(image_embeds, text_embeds, *scalars)``.
+    """
+
+    name: ClassVar[str] = ""
+    hard_negatives: ClassVar[bool] = False
+    uses_model_temperature: bool = False
+
+    @classmethod
+    def from_config(cls, settings: LossSettings, temperature: float) -> ContrastiveLoss:
+        """The loss a TrainConfig's loss section describes, for a model starting at ``temperature``."""
+        raise NotImplementedError(f"{cls.__name__} does not say how a TrainConfig builds it")
+
+    def attach(self, model: nn.Module) -> None:
+        """Stop the model's temperature from training when this loss does not use it. Call it before the
+        optimiser and the DDP/FSDP wrapper are built: both look at ``requires_grad``."""
+        if not self.uses_model_temperature:
+            model.temperature.requires_grad_(False)
+
+    def bind(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``loss_fn(image_embeds, text_embeds)`` for a training step of ``model``."""
+        if not self.uses_model_temperature:
+            return self
+        return lambda image_embeds, text_embeds: self(image_embeds, text_embeds, model.temperature)
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The loss's own trainable scalars: no DDP/FSDP wrapper of the model averages their gradients."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def trained_scalars(self, model: nn.Module) -> list[torch.Tensor]:
+        """The trainable scalars the loss's value depends on besides the embeddings (the model's temperature or
+        the loss's own), which exact gradient accumulation differentiates too."""
+        if self.uses_model_temperature:
+            return [model.temperature] if model.temperature.requires_grad else []
+        return self.own_parameters()
+
+    def temperature_in_use(self, model: nn.Module) -> float:
+        """The softmax temperature the loss applies, for the logs; here 1 / exp(logit_scale) of a log-scale."""
+        return math.exp(-float(self.logit_scale.detach()))
+
+    def after_step(self) -> None:
+        """Called after each optimiser step that updated the weights; nothing by default."""
+
+
+class _SoftmaxContrastiveLoss(ContrastiveLoss):
     """Symmetric cross-entropy over scaled cosine similarities; subclasses say how the scale is made."""
+
+    hard_negatives = True
 
     def __init__(self, label_smoothing: float, gather_with_grad: bool, local_loss: bool, normalize: bool,
                  hard_negative_beta: float = 0.0):
@@ -93,9 +182,13 @@ class _SoftmaxContrastiveLoss(nn.Module):
         if self.hard_negative_beta > 0:
             logits_per_image = self.weight_hard_negatives(logits_per_image, labels, scale)
             logits_per_text = self.weight_hard_negatives(logits_per_text, labels, scale)
-        loss_image = F.cross_entropy(logits_per_image, labels, label_smoothing=self.label_smoothing)
-        loss_text = F.cross_entropy(logits_per_text, labels, label_smoothing=self.label_smoothing)
-        return (loss_image + loss_text) / 2
+        return symmetric_cross_entropy(logits_per_image, logits_per_text, labels, self.label_smoothing)
+
+    @staticmethod
+    def settings_options(settings: LossSettings) -> dict:
+        """The constructor arguments a config's loss section sets for a softmax loss."""
+        return {"label_smoothing": settings.label_smoothing, "gather_with_grad": settings.gather_with_grad,
+                "local_loss": settings.local_loss, "hard_negative_beta": settings.hard_negative_beta}
 
     def weight_hard_negatives(self, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Importance-weight each row's negatives by their similarity (hard-negative NCE, Radenovic et al. 2023):
@@ -116,8 +209,10 @@ class AlignLoss(_SoftmaxContrastiveLoss):
     """ALIGN's loss: similarities divided by a raw (unclamped) temperature, label smoothing 0.1.
 
     Call as ``loss(image_embeds, text_embeds, model.temperature)``; ``temperature_init`` (ALIGN: 1.0) makes the
-    loss own the temperature instead.
+    loss own the temperature instead. Built from a config it uses the model's temperature.
     """
+
+    name = "align"
 
     def __init__(
         self,
@@ -131,6 +226,19 @@ class AlignLoss(_SoftmaxContrastiveLoss):
         super().__init__(label_smoothing, gather_with_grad, local_loss, normalize, hard_negative_beta)
         self.temperature = _owned_scalar(temperature_init)
 
+    @classmethod
+    def from_config(cls, settings: LossSettings, temperature: float) -> AlignLoss:
+        """The model's temperature at every call (``temperature`` is not needed)."""
+        return cls(**cls.settings_options(settings))
+
+    @property
+    def uses_model_temperature(self) -> bool:
+        return self.temperature is None
+
+    def temperature_in_use(self, model: nn.Module) -> float:
+        """The raw temperature that divides the similarities: the model's, or the loss's own."""
+        return float((model.temperature if self.temperature is None else self.temperature).detach())
+
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -143,8 +251,11 @@ class ClipLoss(_SoftmaxContrastiveLoss):
     """CLIP's loss: scale = exp(logit_scale), capped at ``max_scale`` (100), no label smoothing by default.
 
     The cap is applied in the forward, so the logits never exceed it; a parameter that an optimiser step pushed
-    past the cap gets no gradient, so call ``clamp_()`` after each step, as CLIP does, to keep it learnable.
+    past the cap gets no gradient, so call ``clamp_()`` after each step, as CLIP does, to keep it learnable
+    (``after_step`` does). Built from a config it owns its log-scale, started at the model's temperature.
     """
+
+    name = "clip"
 
     def __init__(
         self,
@@ -162,6 +273,11 @@ class ClipLoss(_SoftmaxContrastiveLoss):
         self.max_log_scale = math.log(max_scale)
         self.logit_scale = _owned_scalar(logit_scale_init)
 
+    @classmethod
+    def from_config(cls, settings: LossSettings, temperature: float) -> ClipLoss:
+        """Its own log-scale, starting at -log(temperature): the same softmax the model's temperature gave."""
+        return cls(**cls.settings_options(settings), logit_scale_init=-math.log(temperature))
+
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -174,16 +290,24 @@ class ClipLoss(_SoftmaxContrastiveLoss):
         """Clamp the log-scale parameter in place to [0, log(max_scale)]."""
         _pick(logit_scale, self.logit_scale, "logit_scale").clamp_(0.0, self.max_log_scale)
 
+    def after_step(self) -> None:
+        """Clamp the owned log-scale back into [0, log(max_scale)], where it gets gradients."""
+        if self.logit_scale is not None:
+            self.clamp_()
 
-class SigLipLoss(nn.Module):
+
+class SigLipLoss(ContrastiveLoss):
     """SigLIP: a sigmoid loss on every (image, text) pair, positives on the diagonal.
 
     loss = -1/N * sum_ij log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias)), z = +1 on the
     diagonal, -1 elsewhere; N the global batch. By default the loss owns logit_scale (init log 10) and
     logit_bias (init -10), as in the SigLIP paper; pass ``None`` inits to take them as forward arguments.
     Distributed: each rank scores its B images against all N texts gathered with gradient, so the ranks'
-    losses average to the global value (each pair is counted on exactly one rank).
+    losses average to the global value (each pair is counted on exactly one rank). Built from a config it owns
+    both, at the paper's values; label smoothing and hard negatives do not apply.
     """
+
+    name = "siglip"
 
     def __init__(
         self,
@@ -195,6 +319,11 @@ class SigLipLoss(nn.Module):
         self.normalize = normalize
         self.logit_scale = _owned_scalar(logit_scale_init)
         self.logit_bias = _owned_scalar(logit_bias_init)
+
+    @classmethod
+    def from_config(cls, settings: LossSettings, temperature: float) -> SigLipLoss:
+        """Its own scale and bias at SigLIP's starting values (``temperature`` is not used)."""
+        return cls()
 
     def forward(
         self,
@@ -220,11 +349,16 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(signs * logits).sum() / batch_size
 
 
-LOSSES = {"align": AlignLoss, "clip": ClipLoss, "siglip": SigLipLoss}
+LOSSES: dict[str, type[ContrastiveLoss]] = {loss.name: loss for loss in (AlignLoss, ClipLoss, SigLipLoss)}
 
 
-def build_loss(kind: str = "align", **kwargs) -> nn.Module:
+def loss_class(name: str) -> type[ContrastiveLoss]:
+    """The loss registered under ``name`` in ``LOSSES``; a ConfigError naming the choices otherwise."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def build_loss(kind: str = "align", **kwargs) -> ContrastiveLoss:
     """Build a loss by name: "align" (default), "clip" or "siglip"; kwargs go to its constructor."""
-    if kind not in LOSSES:
-        raise ConfigError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[kind](**kwargs)
+    return loss_class(kind)(**kwargs)

@@ -34,15 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Join torchrun's process group when there is one, embed this rank's parts, print the summary."""
     from openalign.data.sources import is_caption_file, iter_records
-    from openalign.distributed import destroy_distributed, init_distributed
-    from openalign.inference.embed import distributed_rank_and_world_size, embed_to_folder
+    from openalign.distributed import destroy_distributed, init_distributed, rank_and_world_size
+    from openalign.inference.embed import embed_to_folder
     from openalign.inference.embedding_folder import write_model_reference
 
     captions_only = [source for source in args.sources if is_caption_file(source)]
     if captions_only and args.kind != "text":
         raise SystemExit(f"openalign embed: {captions_only[0]} holds captions only; use --kind text")
     info = init_distributed()
-    rank, world_size = distributed_rank_and_world_size()
+    rank, world_size = rank_and_world_size(from_environment=True)
     # Under torchrun each rank takes the device init_distributed chose for it (cuda:LOCAL_RANK or the CPU).
     device = info.device if world_size > 1 and args.device == "auto" else None
     encoders = encoders_from_arguments(args, device=device)

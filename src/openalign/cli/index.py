@@ -1,4 +1,11 @@
-"""`openalign index EMBED_DIR [--out INDEX_DIR] [--kind auto|flat|pq|ivfpq] [--memory-budget 4GB]`."""
+"""`openalign index EMBED_DIR [--out INDEX_DIR] [--kind auto|flat|pq|ivfpq] [--memory-budget 4GB]`.
+
+An "ivfpq" index can also be built by several processes (or machines sharing the folder) in three stages:
+
+    openalign index EMB --out IDX --kind ivfpq --stage train
+    openalign index EMB --out IDX --stage shard --shard 3/8        # eight of these, in parallel
+    openalign index EMB --out IDX --stage merge --shard-count 8
+"""
 
 from __future__ import annotations
 
@@ -29,18 +36,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: exact up to 100k vectors that fit the budget, approximate beyond")
     parser.add_argument("--memory-budget", type=parse_bytes, help="most bytes the index may take, e.g. 4GB")
     parser.add_argument("--embed-kind", choices=("image", "text"), help="which embeddings, when the folder has both")
+    parser.add_argument("--stage", choices=("all", "train", "shard", "merge"), default="all",
+                        help="ivfpq only: one stage of a build shared by several processes (default all)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="with --stage shard: add the parts p with p %% N == I (e.g. 3/8)")
+    parser.add_argument("--shard-count", type=int, default=1, help="with --stage merge: how many shards were built")
     parser.set_defaults(func=run)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        shard, count = (int(value) for value in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard such as 3/8") from None
+    return shard, count
 
 
 @reports_errors("index")
 def run(args: argparse.Namespace) -> int:
     """Build and save the index; copy the embedding folder's model.json so search knows the checkpoint."""
     from openalign.index.faiss_index import build_index
+    from openalign.index.ivf import add_ivf_shard, merge_ivf_shards, plan_ivf_index, train_ivf_index
     from openalign.inference.embedding_folder import copy_model_reference
 
     out = Path(args.out) if args.out else Path(args.embed_dir) / "index"
-    plan = build_index(args.embed_dir, out, kind=args.kind, memory_budget_bytes=args.memory_budget,
-                       embed_kind=args.embed_kind)
+    if args.stage == "train":
+        plan, embed_kind = plan_ivf_index(args.embed_dir, memory_budget_bytes=args.memory_budget,
+                                          embed_kind=args.embed_kind)
+        train_ivf_index(args.embed_dir, out, plan, embed_kind)
+        print(f"trained {out}: {plan.factory}; now --stage shard --shard I/N for each I, then --stage merge")
+        return 0
+    if args.stage == "shard":
+        print(f"wrote {add_ivf_shard(out, *args.shard)}")
+        return 0
+    if args.stage == "merge":
+        plan = merge_ivf_shards(out, args.shard_count)
+    else:
+        plan = build_index(args.embed_dir, out, kind=args.kind, memory_budget_bytes=args.memory_budget,
+                           embed_kind=args.embed_kind)
     copy_model_reference(args.embed_dir, out)
     print(f"wrote {out}: {plan.kind} index ({plan.factory}) of {plan.num_vectors} x {plan.dim}, "
           f"about {plan.estimated_bytes / 1e6:.1f} MB; {plan.reason}")

@@ -34,6 +34,7 @@ from openalign.data.sources import (
     iter_records,
     iter_shard,
 )
+from openalign.distributed import rank_and_world_size
 from openalign.errors import ConfigError, InputLimitError
 from openalign.processing import images
 from openalign.processing.images import train_transform
@@ -204,18 +205,12 @@ class ImageTextDataset(IterableDataset):
     @property
     def rank(self) -> int:
         """This process's rank: as given, else torch.distributed's, else 0."""
-        if self._rank is not None:
-            return self._rank
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return torch.distributed.get_rank() if distributed else 0
+        return self._rank if self._rank is not None else rank_and_world_size()[0]
 
     @property
     def world_size(self) -> int:
         """Number of ranks: as given, else torch.distributed's, else 1."""
-        if self._world_size is not None:
-            return self._world_size
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return torch.distributed.get_world_size() if distributed else 1
+        return self._world_size if self._world_size is not None else rank_and_world_size()[1]
 
     def resolve_placement(self) -> None:
         """Fix rank and world size now (from torch.distributed when not given), so workers need not ask it."""

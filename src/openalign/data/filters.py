@@ -253,10 +253,7 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
 
     config = config or FilterConfig()
     config.validate()
-    if output == "auto":
-        output = "shards" if sources.is_shard_source(source) else "manifest"
-    if output not in ("manifest", "shards"):
-        raise ConfigError(f"output must be 'auto', 'manifest' or 'shards', got {output!r}")
+    output = resolve_output(source, output)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -291,11 +288,7 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
                         line["error"] = stats.errors.get(index, "")
                     dropped_file.write(json.dumps(line, ensure_ascii=False) + "\n")
 
-            if output == "shards":
-                written = sources.write_shards(kept_records(), out / "shards", prefix="filtered")
-                outputs = {"shards": [str(path) for path in written]}
-            else:
-                outputs = {"manifest": str(sources.write_manifest(kept_records(), out / "manifest.jsonl"))}
+            outputs = write_kept(kept_records(), out, output)
     finally:
         if bar is not None:
             bar.close()
@@ -314,6 +307,29 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.txt").write_text(format_report(report))
     return report
+
+
+def resolve_output(source, output: str) -> str:
+    """What a filter writes its kept pairs as: "manifest" or "shards"; "auto" follows the source."""
+    from openalign.data import sources
+
+    if output == "auto":
+        output = "shards" if sources.is_shard_source(source) else "manifest"
+    if output not in ("manifest", "shards"):
+        raise ConfigError(f"output must be 'auto', 'manifest' or 'shards', got {output!r}")
+    return output
+
+
+def write_kept(records: Iterable[Record], out: Path, output: str) -> dict:
+    """Write a filter's kept pairs into `out` as `manifest.jsonl` or WebDataset shards under `shards/`
+    (`output` from `resolve_output`), streaming; returns {"manifest": path} or {"shards": [paths]}."""
+    from openalign.data import sources
+
+    if output == "shards":
+        for stale in (out / "shards").glob("filtered-*.tar"):  # an earlier run's, possibly more shards than now
+            stale.unlink()
+        return {"shards": [str(path) for path in sources.write_shards(records, out / "shards", prefix="filtered")]}
+    return {"manifest": str(sources.write_manifest(records, out / "manifest.jsonl"))}
 
 
 def thresholds(config: FilterConfig) -> dict[str, str]:

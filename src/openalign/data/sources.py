@@ -504,7 +504,8 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
     """Write records (or plain row dicts) as a manifest; the format follows the suffix.
 
     Image paths are written relative to the manifest's folder. Records holding only bytes get their images
-    written to `<manifest stem>_images/` beside it.
+    written to `<manifest stem>_images/` beside it. JSON lines are written as the records come, so memory
+    does not grow with the manifest; CSV, TSV and Parquet gather the rows first (their columns come first).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -513,18 +514,20 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
                         f"{list(MANIFEST_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     image_folder = path.parent / f"{path.stem}_images"
-    rows = [item if isinstance(item, dict) else _manifest_row(item, path, image_folder, index)
-            for index, item in enumerate(records_or_rows)]
+    rows = (item if isinstance(item, dict) else _manifest_row(item, path, image_folder, index)
+            for index, item in enumerate(records_or_rows))
+    if suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return path
+    rows = list(rows)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if suffix == ".parquet":
         import pyarrow
         import pyarrow.parquet as parquet
 
         parquet.write_table(pyarrow.Table.from_pylist(rows), path)
-    elif suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t" if suffix == ".tsv" else ",")

@@ -118,6 +118,8 @@ def heldout_pairs(config: SynthConfig) -> list[tuple[str, str]]:
     """A seeded set of colour-shape pairs kept out of training. No colour or shape is held out more than
     ceil(k / #colours) or ceil(k / #shapes) times, so every colour and shape keeps training partners."""
     k = config.num_heldout_pairs
+    if k == 0:
+        return []
     all_pairs = [(c, s) for c in config.colours for s in config.shapes]
     colour_cap = math.ceil(k / len(config.colours)) if k else 0
     shape_cap = math.ceil(k / len(config.shapes)) if k else 0

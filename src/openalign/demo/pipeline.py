@@ -28,16 +28,15 @@ from openalign.data.synth import SynthConfig
 from openalign.errors import ConfigError
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 
-# What the steps after training need, measured here on 2 cores (loading, embedding 2,000 held-out images,
-# writing the checkpoint copy, plots and the heat-map); it is subtracted from the training budget.
+# What the steps after training take (loading, embedding the held-out and seen images, the checkpoint copy,
+# plots and the heat-map), reserved out of the training budget so that the command ends within its own; measured
+# on 2 cores (docs/demo.md, "The time budget").
 EVALUATION_SECONDS_PER_IMAGE = 0.003
 EVALUATION_FIXED_SECONDS = 12.0
 
-# The image term's weight when DemoConfig.image_ssl_weight is None, and the shortest run that gets it. At 0.5
-# against off, at the CPU's step counts (three seeds each, on a GPU): held-out shape 0.58 vs 0.48, i->t R@5 0.85
-# vs 0.81; on the CPU in 10 minutes 0.465 vs 0.388 (seed 0) and 0.544 vs 0.438 (seed 1), colour kept. Weight 1
-# costs colour (0.69-0.96). In short runs it costs colour before it pays: 150 steps of 128 read held-out colour
-# at 0.14 with it (0.48 with its weight warmed up over 40% of the steps) against 0.72 without.
+# The image term's weight when DemoConfig.image_ssl_weight is None, and the shortest run that gets it: at half
+# weight the term pays in runs as long as 10 minutes give on 2 cores, at full weight it costs colour, and in
+# shorter runs it costs colour before it pays (docs/demo.md, "Three seeds a configuration, on a GPU").
 IMAGE_SSL_WEIGHT = 0.5
 IMAGE_SSL_MIN_STEPS = 700
 
@@ -55,7 +54,7 @@ class DemoConfig:
 
     out_dir: str = "demo-output"
     # The whole command's budget. 9, not 10: the training fits its steps to the time (run.fit_steps_to_time), so
-    # the command takes all of it, and the README's line installs first (about 35 s here).
+    # the command takes all of it, and the README's line installs first (docs/demo.md, "The time budget").
     minutes: float = 9.0
     n: int = 20_000
     heldout_n: int | None = 2_000
@@ -65,9 +64,9 @@ class DemoConfig:
     noise_rate: float | None = None
     mismatch_rate: float | None = None
     partial_caption_rate: float = 0.0
-    # Half the clean training images in grey with colourless captions. In 10-minute runs at 64 px (docs/demo.md):
-    # none i->t R@5 0.71-0.73; a quarter 0.78-0.81, held-out shape 0.36-0.42 (mean 0.39, five runs); half
-    # 0.77-0.84, shape 0.39-0.50 (mean 0.44, three runs; seeds 0 and 1 both gained); 70% (48 px) too many.
+    # Half the clean training images in grey with colourless captions, where colour cannot stand in for shape:
+    # more held-out shape and retrieval than a quarter or none, and 70% is too many (docs/demo.md, "Half the
+    # clean images grey, and a label-free image term").
     grayscale_rate: float = 0.5
     colour_background_rate: float = 0.0
     image_size: int = 64
@@ -91,8 +90,9 @@ class DemoConfig:
     # IMAGE_SSL_WEIGHT in runs of at least IMAGE_SSL_MIN_STEPS steps, off in shorter ones; a number: that weight.
     image_ssl_weight: float | None = None
     image_ssl_images: int | None = None  # images of a batch that get a second view; None: half the batch
-    # The term's weight rises from 0 over this fraction of the steps. Off: in 10-minute runs the term at full
-    # weight from the start read held-out shape 0.465 / 0.544 (seeds 0 / 1), warmed up over 40% 0.446-0.475 / 0.461.
+    # The term's weight rises from 0 over this fraction of the steps. Off: with the term off in short runs a
+    # warm-up has nothing left to protect, and 10-minute runs read less held-out shape with it (docs/demo.md,
+    # "Three seeds a configuration, on a GPU").
     image_ssl_warmup: float = 0.0
     batch_norm_momentum: float = 0.9
     workers: int = 2
@@ -194,25 +194,42 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
     return tokenizer
 
 
+def probe_stepper(model_config: AlignConfig, train_config):
+    """(a fresh model in training mode, the Stepper that trains it as `train_config` says): its loss and image
+    term, built and wired as the trainer builds them (`build_stepper`), AdamW over every trainable parameter,
+    channels-last, on the CPU."""
+    import torch
+    from torch import nn
+
+    from openalign.models.align import AlignModel
+    from openalign.models.utils import trainable_init
+    from openalign.train.builders import build_contrastive_loss
+    from openalign.train.image_ssl import build_image_ssl
+    from openalign.train.loop import build_stepper
+
+    model = AlignModel(model_config).train()
+    trainable_init(model.vision_model)
+    model.vision_model.to(memory_format=torch.channels_last)
+    loss = build_contrastive_loss(train_config.loss, model)
+    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
+    holder = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
+    optimizer = torch.optim.AdamW([parameter for parameter in holder.parameters() if parameter.requires_grad],
+                                  lr=1e-4)
+    return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True)
+
+
 def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 4) -> dict:
     """Seconds per training step of a fresh model, measured on real batches of the training loader:
 
     - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
     - `decode`: the reading and decoding part of that, which `data.cache_images` saves from the second epoch on;
-    - `model`: the trainer's own step (forward, loss with the self-supervised term when it is on, backward,
-      AdamW), channels-last, after two warm-up steps.
+    - `model`: the trainer's own step (`probe_stepper`: forward, loss with the self-supervised term when it is
+      on, backward, AdamW), channels-last, after two warm-up steps.
     Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
     import itertools
 
-    import torch
-    from torch import nn
-
     from openalign.data import sources
-    from openalign.models.align import AlignModel
-    from openalign.models.utils import trainable_init
-    from openalign.train.builders import build_contrastive_loss, build_loaders
-    from openalign.train.image_ssl import build_image_ssl
-    from openalign.train.loop import DualEncoderFeatures, Stepper
+    from openalign.train.builders import build_loaders
 
     loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
     iterator = iter(loader)
@@ -227,20 +244,7 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
         np.asarray(loader.dataset.decode(record.open_image_bytes()))
     decode_seconds = (time.monotonic() - started) * train_config.optim.batch_size / max(1, len(records))
 
-    model = AlignModel(model_config).train()
-    trainable_init(model.vision_model)
-    model.vision_model.to(memory_format=torch.channels_last)
-    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
-    holder = nn.ModuleList([model] if image_ssl is None else [model, image_ssl])
-    optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-4)
-    loss_module = build_contrastive_loss(train_config.loss, model_config.temperature_init_value)
-    stepper = Stepper(
-        features=DualEncoderFeatures(model),
-        loss_fn=lambda image, text: loss_module(image, text, model.temperature), optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False), parameters=list(holder.parameters()),
-        channels_last=True, image_ssl=image_ssl,
-    )
+    _, stepper = probe_stepper(model_config, train_config)
     durations = []
     for number, batch in enumerate([*real[:2], *real], start=1):
         started = time.monotonic()

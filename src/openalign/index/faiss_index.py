@@ -1,139 +1,77 @@
-"""FAISS indexes over embedding folders, saved with their metadata.
+"""FAISS indexes over embedding folders, saved with their metadata: build_index and Index.
 
-The rule (choose_index), for N vectors of dimension D, all L2-normalised and searched by inner product:
+Which kind an index is (flat, pq, ivfpq) is decided by openalign.index.plan.choose_index; the "ivfpq" build
+and its shards are in openalign.index.ivf.
 
-- exact ("flat", IndexFlatIP): N <= 100,000 and the N * D * 4 bytes fit the memory budget. Results are those
-  of brute force; a single query scans every vector (about 12 ms for 100k x 640 on one core here).
-- approximate ("pq"): otherwise. Every vector gets a 4-bit product-quantisation code of D/2 bytes (two
-  dimensions per sub-quantiser), scanned exhaustively with FAISS's SIMD "fast-scan" kernels; the best
-  k_factor * k candidates are re-scored against a second copy of the vectors (IndexRefine). That copy is
-  float16 (2D bytes a vector) when it fits the budget, else 8-bit scalar-quantised (D bytes), else absent.
-  No inverted lists: on unclustered data (random vectors, the hardest case) an IVF probe misses most true
-  neighbours unless it visits most lists, while the exhaustive fast-scan stays cheap and keeps recall@10
-  above 0.95 (measured in benchmarks/search.py).
-- approximate with inverted lists ("ivfpq"): only on request (kind="ivfpq"), for collections so large that
-  even the fast-scan pass is too slow; nlist = 4 * sqrt(N), nprobe defaults to nlist / 8 and is a search
-  argument. Real image embeddings are clustered, so it does much better on them than on random vectors.
-
-A built index folder holds index.faiss, metadata.parquet (row i describes vector i) and index.json.
+A built index folder holds index.faiss, metadata.arrow (row i describes vector i; Arrow IPC, memory-mapped
+on load) and index.json; an "ivfpq" folder also lists.ivfdata and vectors.npy. Folders written before
+metadata.arrow existed hold metadata.parquet, which is still read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import os
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from openalign.errors import OpenAlignError
-from openalign.inference.embed import iter_embedding_parts, read_summary
+from openalign.index.plan import (  # noqa: F401 (re-exported: the names users import from here)
+    DEFAULT_K_FACTOR,
+    EXACT_MAX_VECTORS,
+    INDEX_KINDS,
+    IndexBuildError,
+    IndexPlan,
+    _faiss,
+    choose_index,
+)
+from openalign.inference.embedding_folder import iter_embedding_parts, read_summary
 
-EXACT_MAX_VECTORS = 100_000
-DEFAULT_K_FACTOR = 32
-INDEX_KINDS = ("auto", "flat", "pq", "ivfpq")
+METADATA_FILE = "metadata.arrow"
+LEGACY_METADATA_FILE = "metadata.parquet"
 
 
-class IndexBuildError(OpenAlignError, ValueError):
-    """An index cannot be built or loaded: unknown kind, budget too small, or a malformed index folder."""
+@contextlib.contextmanager
+def quiet_native_stdout():
+    """Send what C++ code prints on file descriptor 1 to /dev/null meanwhile.
 
-
-def _faiss():
+    FAISS's on-disk inverted lists print progress lines ("resizing ...", "updating ondisk filename ...") with
+    printf, which would otherwise land inside `openalign search --json` output.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
     try:
-        import faiss
-    except ImportError as error:  # an optional dependency: name the extra that installs it
-        raise IndexBuildError("faiss is not installed: pip install 'openalign[index]'") from error
-    return faiss
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
-@dataclass
-class IndexPlan:
-    """What choose_index decided: the FAISS factory string, search defaults and the memory it needs."""
-
-    kind: str
-    factory: str
-    num_vectors: int
-    dim: int
-    estimated_bytes: int
-    k_factor: int = 1
-    nlist: int = 0
-    nprobe: int = 0
-    reason: str = ""
-
-
-def _pq_subquantizers(dim: int) -> int:
-    # Two dimensions per 4-bit sub-quantiser when D is even: at D = 640 that is 320 sub-quantisers, 160 bytes.
-    return dim // 2 if dim % 2 == 0 else dim
+def resolve_embed_kind(embed_dir: Path, embed_kind: str | None) -> tuple[dict, str, int]:
+    """(summary, embed_kind, dim) of a finished embedding folder, refusing an ambiguous or empty one."""
+    summary = read_summary(embed_dir)
+    if embed_kind is None:
+        if len(summary["kinds"]) != 1:
+            raise IndexBuildError(
+                f"{embed_dir} holds {' and '.join(summary['kinds'])} embeddings: choose one with --embed-kind "
+                "(embed_kind= in Python)"
+            )
+        embed_kind = summary["kinds"][0]
+    dim = summary["dims"].get(embed_kind)
+    if not summary["count"] or not dim:
+        raise IndexBuildError(f"{embed_dir} holds no {embed_kind} embeddings to index")
+    return summary, embed_kind, dim
 
 
-PQ_CENTROIDS = 16  # 4-bit fast-scan codes
-
-
-def choose_index(
-    num_vectors: int,
-    dim: int,
-    *,
-    kind: str = "auto",
-    memory_budget_bytes: int | None = None,
-    exact_max_vectors: int = EXACT_MAX_VECTORS,
-) -> IndexPlan:
-    """Apply the module's rule; memory_budget_bytes=None means no limit."""
-    if kind not in INDEX_KINDS:
-        raise IndexBuildError(f"index kind {kind!r} is not one of {', '.join(INDEX_KINDS)}")
-    budget = math.inf if memory_budget_bytes is None else memory_budget_bytes
-    flat_bytes = num_vectors * dim * 4
-    if kind == "flat" or (kind == "auto" and num_vectors <= exact_max_vectors and flat_bytes <= budget):
-        if flat_bytes > budget:
-            raise IndexBuildError(f"an exact index needs {flat_bytes} bytes, over the budget of {budget}")
-        reason = "requested" if kind == "flat" else f"N={num_vectors} <= {exact_max_vectors} and fits the budget"
-        return IndexPlan("flat", "Flat", num_vectors, dim, flat_bytes, reason=reason)
-
-    if num_vectors < PQ_CENTROIDS:
-        raise IndexBuildError(
-            f"an approximate ({kind}) index trains {PQ_CENTROIDS} centroids per sub-quantizer and needs at least "
-            f"{PQ_CENTROIDS} vectors; this collection has {num_vectors}: use kind='flat'"
-        )
-    subquantizers = _pq_subquantizers(dim)
-    code_bytes = num_vectors * subquantizers // 2
-    nlist = 0
-    prefix = ""
-    if kind == "ivfpq":
-        nlist = max(1, min(int(4 * math.sqrt(num_vectors)), num_vectors // 39 or 1))
-        prefix = f"IVF{nlist},"
-        code_bytes += nlist * dim * 4
-    # The most accurate re-ranking store that fits: float16 copy, 8-bit copy, or none.
-    fitting = [
-        (refine, code_bytes + num_vectors * bytes_per_vector)
-        for refine, bytes_per_vector in (("SQfp16", 2 * dim), ("SQ8", dim), (None, 0))
-        if code_bytes + num_vectors * bytes_per_vector <= budget
-    ]
-    if not fitting:
-        raise IndexBuildError(
-            f"even PQ codes alone need {code_bytes} bytes for {num_vectors} x {dim}, over the budget of {budget}"
-        )
-    refine, estimated = fitting[0]
-    factory = f"{prefix}PQ{subquantizers}x4fs" + (f",Refine({refine})" if refine else "")
-    reason = (
-        "requested" if kind != "auto" else f"N={num_vectors} > {exact_max_vectors} or exact over budget"
-    ) + f"; re-ranking store {refine or 'none (budget)'}"
-    return IndexPlan(
-        "ivfpq" if kind == "ivfpq" else "pq",
-        factory,
-        num_vectors,
-        dim,
-        estimated,
-        k_factor=DEFAULT_K_FACTOR if refine else 1,
-        nlist=nlist,
-        nprobe=max(1, nlist // 8) if nlist else 0,
-        reason=reason,
-    )
-
-
-def _training_sample(embed_dir, embed_kind, num_vectors, sample_size, seed=0) -> np.ndarray:
+def training_sample(embed_dir, embed_kind, num_vectors, sample_size, seed=0) -> np.ndarray:
     """A uniform random sample of rows across all parts, float32, gathered one part at a time."""
     chosen = np.sort(np.random.default_rng(seed).choice(num_vectors, size=sample_size, replace=False))
     rows, offset = [], 0
@@ -142,6 +80,36 @@ def _training_sample(embed_dir, embed_kind, num_vectors, sample_size, seed=0) ->
         rows.append(np.asarray(embeddings[wanted], dtype=np.float32))
         offset += len(embeddings)
     return np.concatenate(rows)
+
+
+def write_metadata(embed_dir: Path, embed_kind: str, path: Path) -> int:
+    """Concatenate the parts' metadata into one Arrow IPC file at path, a part at a time; returns the rows."""
+    temporary = path.with_name(path.name + ".tmp")
+    writer, rows = None, 0
+    for _, metadata in iter_embedding_parts(embed_dir, embed_kind):
+        if writer is None:
+            writer = pa.ipc.new_file(str(temporary), metadata.schema)
+        writer.write_table(metadata)
+        rows += metadata.num_rows
+    if writer is not None:
+        writer.close()
+        os.replace(temporary, path)
+    return rows
+
+
+def read_metadata(index_dir: Path) -> pa.Table:
+    """The metadata table of an index folder, memory-mapped when it is Arrow IPC (no copy in RAM)."""
+    if (index_dir / METADATA_FILE).is_file():
+        return pa.ipc.open_file(pa.memory_map(str(index_dir / METADATA_FILE))).read_all()
+    if (index_dir / LEGACY_METADATA_FILE).is_file():
+        return pq.read_table(index_dir / LEGACY_METADATA_FILE)
+    raise IndexBuildError(f"{index_dir / METADATA_FILE} is missing: is {index_dir} an index folder?")
+
+
+def write_index_json(out_dir: Path, plan: IndexPlan, embed_dir: Path, embed_kind: str, **extra) -> None:
+    """index.json: the plan and where the vectors came from (plus any stage information of a sharded build)."""
+    config = {"plan": asdict(plan), "embed_dir": str(embed_dir), "embed_kind": embed_kind, **extra}
+    (out_dir / "index.json").write_text(json.dumps(config, indent=1))
 
 
 def build_index(
@@ -156,18 +124,12 @@ def build_index(
     """Build an index over a finished embedding folder (see openalign.inference.embed) and save it in out_dir.
 
     embed_kind picks image or text embeddings when the folder holds both. Vectors are added one part at a
-    time, so peak memory is the index plus one part (and the training sample for approximate kinds).
+    time, so peak memory is the index plus one part (and the training sample for approximate kinds); an
+    "ivfpq" index does not even hold its own lists in memory (openalign.index.ivf).
     """
     faiss = _faiss()
     embed_dir, out_dir = Path(embed_dir), Path(out_dir)
-    summary = read_summary(embed_dir)
-    if embed_kind is None:
-        if len(summary["kinds"]) != 1:
-            raise IndexBuildError(f"{embed_dir} holds {summary['kinds']} embeddings: pass embed_kind=")
-        embed_kind = summary["kinds"][0]
-    dim = summary["dims"].get(embed_kind)
-    if not summary["count"] or not dim:
-        raise IndexBuildError(f"{embed_dir} holds no {embed_kind} embeddings to index")
+    summary, embed_kind, dim = resolve_embed_kind(embed_dir, embed_kind)
     plan = choose_index(
         summary["count"],
         dim,
@@ -175,33 +137,56 @@ def build_index(
         memory_budget_bytes=memory_budget_bytes,
         exact_max_vectors=exact_max_vectors,
     )
+    if plan.kind == "ivfpq":
+        from openalign.index.ivf import build_ivf_index
+
+        return build_ivf_index(embed_dir, out_dir, plan, embed_kind)
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        # 4-bit PQ has 16 centroids per sub-quantiser and IVF wants about 40 points per list.
-        sample_size = min(summary["count"], max(65_536, 40 * plan.nlist))
-        index.train(_training_sample(embed_dir, embed_kind, summary["count"], sample_size))
-    tables = []
-    for embeddings, metadata in iter_embedding_parts(embed_dir, embed_kind):
+        # 4-bit PQ has 16 centroids per sub-quantiser: 65,536 points train them well.
+        index.train(training_sample(embed_dir, embed_kind, summary["count"], min(summary["count"], 65_536)))
+    for embeddings, _ in iter_embedding_parts(embed_dir, embed_kind):
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-        tables.append(metadata)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(out_dir / "index.faiss"))
-    pq.write_table(pa.concat_tables(tables), out_dir / "metadata.parquet")
-    config = {"plan": asdict(plan), "embed_dir": str(embed_dir), "embed_kind": embed_kind}
-    (out_dir / "index.json").write_text(json.dumps(config, indent=1))
+    write_metadata(embed_dir, embed_kind, out_dir / METADATA_FILE)
+    write_index_json(out_dir, plan, embed_dir, embed_kind)
     return plan
 
 
-class Index:
-    """A saved index with its metadata, searchable by vectors, texts or images."""
+def _read_index_json(index_dir: Path) -> dict:
+    path = index_dir / "index.json"
+    try:
+        config = json.loads(path.read_text())
+        IndexPlan.from_json(config["plan"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise IndexBuildError(f"{path} is not an index description ({error})") from error
+    return config
 
-    def __init__(self, faiss_index, metadata: pa.Table, plan: IndexPlan, encode_texts=None, encode_images=None):
+
+class Index:
+    """A saved index with its metadata, searchable by vectors, texts or images.
+
+    rerank_store: the float16 (N, D) vectors an "ivfpq" index re-scores its candidates against (memory-mapped),
+    None for the other kinds, which re-rank inside FAISS.
+    """
+
+    def __init__(
+        self,
+        faiss_index,
+        metadata: pa.Table,
+        plan: IndexPlan,
+        encode_texts=None,
+        encode_images=None,
+        rerank_store: np.ndarray | None = None,
+    ):
         self.faiss_index = faiss_index
         self.metadata = metadata
         self.plan = plan
         self.encode_texts = encode_texts
         self.encode_images = encode_images
+        self.rerank_store = rerank_store
 
     @classmethod
     def load(
@@ -212,35 +197,64 @@ class Index:
         encode_images: Callable | None = None,
         memory_map: bool = False,
     ) -> Index:
-        """Load an index folder written by build_index; the encoders are used by search(texts=, images=)."""
+        """Load an index folder written by build_index; the encoders are used by search(texts=, images=).
+
+        memory_map: map the stored vectors and codes of "flat" and "pq" indexes from the file instead of
+        reading them into memory (pages are read on first touch and can be dropped by the OS). An "ivfpq"
+        index always maps its inverted lists and its float16 copy; metadata.arrow is always mapped.
+        """
         faiss = _faiss()
         index_dir = Path(index_dir)
-        for name in ("index.faiss", "metadata.parquet", "index.json"):
+        config = _read_index_json(index_dir) if (index_dir / "index.json").is_file() else {}
+        if config.get("stage", "merged") != "merged":
+            raise IndexBuildError(
+                f"{index_dir} is a sharded build at stage {config['stage']!r}: merge its shards first"
+            )
+        for name in ("index.faiss", "index.json"):
             if not (index_dir / name).exists():
                 raise IndexBuildError(f"{index_dir / name} is missing: is {index_dir} an index folder?")
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if memory_map else 0
-        faiss_index = faiss.read_index(str(index_dir / "index.faiss"), flags)
-        plan = IndexPlan(**json.loads((index_dir / "index.json").read_text())["plan"])
-        metadata = pq.read_table(index_dir / "metadata.parquet")
-        if metadata.num_rows != faiss_index.ntotal:
+        plan = IndexPlan.from_json(config["plan"])
+        rerank_store = None
+        if (index_dir / "lists.ivfdata").exists():
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # the lists file travels with the folder
+            rerank_store = np.load(index_dir / "vectors.npy", mmap_mode="r")
+        else:
+            flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if memory_map else 0
+        with quiet_native_stdout():
+            faiss_index = faiss.read_index(str(index_dir / "index.faiss"), flags)
+        metadata = read_metadata(index_dir)
+        stored = faiss_index.ntotal if rerank_store is None else min(faiss_index.ntotal, len(rerank_store))
+        if metadata.num_rows != stored:
             raise IndexBuildError(
                 f"{index_dir}: metadata has {metadata.num_rows} rows but the index {faiss_index.ntotal} vectors"
             )
-        return cls(faiss_index, metadata, plan, encode_texts, encode_images)
+        return cls(faiss_index, metadata, plan, encode_texts, encode_images, rerank_store)
 
     def __len__(self) -> int:
         return self.faiss_index.ntotal
 
+    @property
+    def dim(self) -> int:
+        """Dimension of the indexed vectors."""
+        return self.faiss_index.d
+
     def _search_parameters(self, nprobe, k_factor):
         faiss = _faiss()
-        if self.plan.kind == "flat":
-            return None
         base = None
-        if self.plan.kind == "ivfpq":
-            base = faiss.SearchParametersIVF(nprobe=nprobe or self.plan.nprobe)
+        if self.plan.nlist:
+            base = faiss.SearchParametersIVF(nprobe=min(nprobe or self.plan.nprobe, self.plan.nlist))
         if "Refine" in self.plan.factory:
             return faiss.IndexRefineSearchParameters(k_factor=k_factor or self.plan.k_factor, base_index_params=base)
         return base
+
+    def _search_ids(self, queries: np.ndarray, k: int, nprobe, k_factor) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top k; an "ivfpq" index re-scores k_factor * k candidates from its float16 copy."""
+        parameters = self._search_parameters(nprobe, k_factor)
+        if self.rerank_store is None:
+            return self.faiss_index.search(queries, k, params=parameters)
+        candidates = min(len(self), k * max(1, k_factor or self.plan.k_factor))
+        _, candidate_ids = self.faiss_index.search(queries, max(k, candidates), params=parameters)
+        return rerank(queries, candidate_ids, self.rerank_store, k)
 
     def search_vectors(self, queries, k: int = 10, *, nprobe: int | None = None, k_factor: int | None = None):
         """Top-k by inner product for (Q, D) queries (normalised here).
@@ -249,25 +263,36 @@ class Index:
         q's hits, best first, each with its "id" and "score". Ids of -1 (fewer than k vectors) are dropped
         from rows.
         """
-        _check_k(k)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if queries.shape[1] != self.faiss_index.d:
-            raise IndexBuildError(f"queries have dim {queries.shape[1]}, the index {self.faiss_index.d}")
+        if queries.shape[1] != self.dim:
+            raise IndexBuildError(f"queries have dim {queries.shape[1]}, the index {self.dim}")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise IndexBuildError(f"k must be a positive number of hits, not {k!r}")
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        parameters = self._search_parameters(nprobe, k_factor)
-        scores, ids = self.faiss_index.search(np.ascontiguousarray(queries), k, params=parameters)
+        scores, ids = self._search_ids(np.ascontiguousarray(queries), int(k), nprobe, k_factor)
         hit_rows = self.metadata.take(pa.array(np.where(ids >= 0, ids, 0).ravel())).to_pylist()
         rows = []
         for query_index in range(len(queries)):
             query_rows = []
-            for rank in range(k):
+            for rank in range(ids.shape[1]):
                 if ids[query_index, rank] < 0:
                     continue
-                row = dict(hit_rows[query_index * k + rank])
+                row = dict(hit_rows[query_index * ids.shape[1] + rank])
                 row.update(id=int(ids[query_index, rank]), score=float(scores[query_index, rank]))
                 query_rows.append(row)
             rows.append(query_rows)
         return scores, ids, rows
+
+    def stored_vectors(self, ids: Sequence[int]) -> np.ndarray | None:
+        """(n, D) float32 vectors the index holds for ids (exact for flat and float16 copies), or None when
+        the index keeps only codes it cannot decode."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.rerank_store is not None:
+            return np.asarray(self.rerank_store[ids], dtype=np.float32)
+        try:
+            return self.faiss_index.reconstruct_batch(ids)
+        except RuntimeError:
+            return None
 
     def search(
         self,
@@ -284,7 +309,6 @@ class Index:
 
         The encoders default to those given to Index.load; they map a list of queries to (Q, D) embeddings.
         """
-        _check_k(k)  # before the queries are encoded
         batches = []
         for queries, encoder, name in (
             (texts, encode_texts or self.encode_texts, "texts"),
@@ -302,6 +326,18 @@ class Index:
         return self.search_vectors(np.concatenate(batches), k, nprobe=nprobe, k_factor=k_factor)[2]
 
 
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise IndexBuildError(f"k = {k!r}: the number of hits per query must be a positive integer")
+def rerank(queries: np.ndarray, candidate_ids: np.ndarray, vectors: np.ndarray, k: int):
+    """Exact top-k of each query among its candidates, scored against vectors (e.g. a memory-mapped float16
+    copy). Returns (scores (Q, k) float32, ids (Q, k) int64), padded with -inf / -1 past the candidates."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for query_index, query in enumerate(queries):
+        candidates = np.unique(candidate_ids[query_index][candidate_ids[query_index] >= 0])  # sorted: in file order
+        if not len(candidates):
+            continue
+        candidate_scores = np.asarray(vectors[candidates], dtype=np.float32) @ query
+        # Best first; among equal scores the lower id, as exact search orders them.
+        order = np.lexsort((candidates, -candidate_scores))[:k]
+        scores[query_index, : len(order)] = candidate_scores[order]
+        ids[query_index, : len(order)] = candidates[order]
+    return scores, ids

@@ -31,7 +31,7 @@ from openalign.inference.embedding_folder import (
 from openalign.processing.tokenizer import is_unicode_text
 
 # The folder's readers and summary writer, under the names callers have imported from here.
-__all__ = ["EmbeddingFolderError", "MissingCaptionError", "distributed_rank_and_world_size", "embed_to_folder",
+__all__ = ["EmbeddingFolderError", "MissingCaptionError", "embed_to_folder",
            "iter_embedding_parts", "load_image", "read_embedding_folder", "read_summary", "write_summary"]
 
 
@@ -148,13 +148,6 @@ def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_load
         kind: np.concatenate(chunks[kind]) if chunks[kind] else np.zeros((0, 0), dtype=np.float16) for kind in kinds
     }
     return embeddings, rows, skipped, consumed
-
-
-def distributed_rank_and_world_size() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else from torchrun's RANK / WORLD_SIZE."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def embed_to_folder(

@@ -1,14 +1,22 @@
 """The embedding folder: its on-disk layout, the resumable rank-sharded writer of its parts, and its readers.
 
-Layout (kind is "image" or "text"; a folder may hold both):
+Layout: clip-retrieval's, so that its tools and autofaiss read the folder as they read their own (kind is
+"image" or "text"; a folder may hold both, each in its own subfolder, sharing one metadata file a part):
 
-    embed_config.json          part_size and kinds; a resumed run must use the same ones
-    part-00000.image.npy       (n, D) float16, L2-normalised, one row per item that loaded
-    part-00000.parquet         index (global item number), source, caption, width, height per row
-    part-00000.skipped.json    items of the part that could not be loaded, with the reason
-    part-00000.done            commit marker, written last
-    summary.json               count, dim, parts and every skipped item, written once all parts are done
-    model.json                 the checkpoint the embeddings were made with (written by whoever knows it)
+    img_emb/img_emb_00000.npy       (n, D) float16, L2-normalised, one row per item that loaded (kind image)
+    text_emb/text_emb_00000.npy     the same items' caption embeddings (kind text)
+    metadata/metadata_00000.parquet index (global item number), source, caption, width, height per row
+    embed_config.json               part_size, kinds and layout; a resumed run must use the same ones
+    part-00000.skipped.json         items of the part that could not be loaded, with the reason
+    part-00000.done                 commit marker, written last
+    summary.json                    count, dim, parts and every skipped item, written once all parts are done
+    model.json                      the checkpoint the embeddings were made with (written by whoever knows it)
+
+A part whose items all failed to load writes no .npy or .parquet (clip-retrieval's readers would take a
+(0, 0) array for a dimension), only its marker; part numbers have five digits, so that the lexicographic
+order in which clip-retrieval and autofaiss list files is the numeric order up to 100,000 parts. Folders
+written before this layout (part-00000.image.npy, part-00000.parquet beside the markers; no "layout" in
+embed_config.json) are still read, and a resumed run goes on in the layout its folder has.
 
 Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
 rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
 MODEL_FILE = "model.json"
+LAYOUT = "clip-retrieval"
+LEGACY_LAYOUT = None  # part-00000.image.npy and part-00000.parquet beside the markers
+_KIND_FOLDERS = {"image": "img_emb", "text": "text_emb"}
 METADATA_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
@@ -62,8 +73,24 @@ class EmbeddingFolderError(OpenAlignError, ValueError):
 
 
 def part_name(part_index: int) -> str:
-    """File stem of a part: part-00042."""
+    """File stem of a part's markers: part-00042."""
     return f"part-{part_index:05d}"
+
+
+def embeddings_path(out_dir: Path, part_index: int, kind: str, layout: str | None = LAYOUT) -> Path:
+    """A part's embeddings of one kind: img_emb/img_emb_00042.npy or text_emb/text_emb_00042.npy (legacy:
+    part-00042.image.npy)."""
+    if layout == LAYOUT:
+        folder = _KIND_FOLDERS[kind]
+        return Path(out_dir) / folder / f"{folder}_{part_index:05d}.npy"
+    return Path(out_dir) / f"{part_name(part_index)}.{kind}.npy"
+
+
+def metadata_path(out_dir: Path, part_index: int, layout: str | None = LAYOUT) -> Path:
+    """A part's metadata: metadata/metadata_00042.parquet (legacy: part-00042.parquet)."""
+    if layout == LAYOUT:
+        return Path(out_dir) / "metadata" / f"metadata_{part_index:05d}.parquet"
+    return Path(out_dir) / f"{part_name(part_index)}.parquet"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -79,26 +106,40 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_part(out_dir: Path, part_index: int, arrays: dict[str, np.ndarray], rows: list[dict],
-               skipped: list[dict]) -> None:
-    """Commit one part: an .npy per kind, the metadata rows, the skipped items, then the .done marker."""
+               skipped: list[dict], layout: str | None = LAYOUT) -> None:
+    """Commit one part: an .npy per kind and the metadata rows (unless every item failed), the skipped items,
+    then the .done marker."""
     stem = part_name(part_index)
-    for kind, array in arrays.items():
-        _write_npy(out_dir / f"{stem}.{kind}.npy", array)
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
-    atomic_write(out_dir / f"{stem}.parquet", lambda temporary: pq.write_table(table, temporary))
+    if rows or layout != LAYOUT:
+        for kind, array in arrays.items():
+            path = embeddings_path(out_dir, part_index, kind, layout)
+            path.parent.mkdir(exist_ok=True)
+            _write_npy(path, array)
+        table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        path = metadata_path(out_dir, part_index, layout)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, lambda temporary: pq.write_table(table, temporary))
     atomic_write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
-    names = [*(f"{stem}.{kind}.npy" for kind in arrays), f"{stem}.parquet", f"{stem}.skipped.json"]
+    files = _part_files(out_dir, part_index, list(arrays), len(rows), layout)
     done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()},
-            "sizes": {name: (out_dir / name).stat().st_size for name in names}}
+            "sizes": {path.relative_to(out_dir).as_posix(): path.stat().st_size for path in files}}
     atomic_write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
 
 
-def verify_part(out_dir: str | Path, part_index: int) -> dict:
-    """The .done marker of a finished part, after checking that every file it lists is there with the size it
-    was written with; EmbeddingFolderError naming the file otherwise (deleted, truncated or replaced later)."""
+def _part_files(out_dir: Path, part_index: int, kinds: list[str], count: int, layout: str | None) -> list[Path]:
+    """The files a committed part consists of, its marker aside."""
+    files = [out_dir / f"{part_name(part_index)}.skipped.json"]
+    if count or layout != LAYOUT:
+        files += [embeddings_path(out_dir, part_index, kind, layout) for kind in kinds]
+        files.append(metadata_path(out_dir, part_index, layout))
+    return files
+
+
+def verify_part(out_dir: str | Path, part_index: int, layout: str | None = LAYOUT) -> dict:
+    """The .done marker of a finished part, after checking that every file of the part is there with the size
+    it was written with; EmbeddingFolderError naming the file otherwise (removed, truncated or replaced since)."""
     out_dir = Path(out_dir)
-    stem = part_name(part_index)
-    marker = out_dir / f"{stem}.done"
+    marker = out_dir / f"{part_name(part_index)}.done"
     try:
         done = json.loads(marker.read_text())
     except FileNotFoundError:
@@ -106,9 +147,9 @@ def verify_part(out_dir: str | Path, part_index: int) -> dict:
     except (OSError, ValueError) as error:
         raise EmbeddingFolderError(f"{marker} is unreadable ({error})") from None
     # Markers written before sizes were recorded list none: then the files must at least exist.
-    expected = done.get("sizes") or {name: None for name in (
-        *(f"{stem}.{kind}.npy" for kind in done.get("dims", {})), f"{stem}.parquet", f"{stem}.skipped.json")}
-    for name, size in expected.items():
+    sizes = done.get("sizes") or {path.relative_to(out_dir).as_posix(): None for path in _part_files(
+        out_dir, part_index, list(done.get("dims", {})), done.get("count", 0), layout)}
+    for name, size in sizes.items():
         path = out_dir / name
         if not path.is_file():
             raise EmbeddingFolderError(f"{path} is missing (removed after the run?); rerun the same embed command "
@@ -119,12 +160,12 @@ def verify_part(out_dir: str | Path, part_index: int) -> dict:
     return done
 
 
-def _part_is_done(out_dir: Path, part_index: int) -> bool:
+def _part_is_done(out_dir: Path, part_index: int, layout: str | None) -> bool:
     """Whether a part is finished and intact; a damaged one is logged, and redone by the caller."""
     if not (out_dir / f"{part_name(part_index)}.done").exists():
         return False
     try:
-        verify_part(out_dir, part_index)
+        verify_part(out_dir, part_index, layout)
     except EmbeddingFolderError as error:
         logger.warning("redoing a damaged part: %s", error)
         (out_dir / f"{part_name(part_index)}.done").unlink(missing_ok=True)
@@ -133,16 +174,19 @@ def _part_is_done(out_dir: Path, part_index: int) -> bool:
     return True
 
 
-def _check_config(out_dir: Path, config: dict) -> None:
-    """Write embed_config.json, or check that a resumed run uses the same part size and kinds."""
+def _check_config(out_dir: Path, config: dict) -> str | None:
+    """Write embed_config.json, or check that a resumed run uses the same part size and kinds; returns the
+    folder's layout (a folder begun before the clip-retrieval layout goes on in its own)."""
     path = out_dir / "embed_config.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing != config:
+        layout = existing.get("layout", LEGACY_LAYOUT)
+        # A folder begun before the layout was recorded goes on in its own: compare the rest.
+        if {**existing, "layout": layout} != {**config, "layout": layout}:
             raise EmbeddingFolderError(
                 f"{path} was written with {existing}, this run asks for {config}: use a fresh folder"
             )
-        return
+        return layout
     # Ranks start together: each fills a private temporary file and publishes it with os.link, which is atomic
     # and refuses an existing name, so exactly one rank creates the file and no rank reads it half written.
     temporary = out_dir / f".embed_config.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -150,12 +194,13 @@ def _check_config(out_dir: Path, config: dict) -> None:
     try:
         os.link(temporary, path)
     except FileExistsError:
-        _check_config(out_dir, config)
+        return _check_config(out_dir, config)
     except OSError:  # a file system without hard links: publish by rename (atomic, last writer wins)
         os.replace(temporary, path)
-        _check_config(out_dir, config)
+        return _check_config(out_dir, config)
     finally:
         temporary.unlink(missing_ok=True)
+    return config.get("layout", LEGACY_LAYOUT)
 
 
 def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, kinds: tuple[str, ...],
@@ -174,7 +219,7 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
         raise EmbeddingFolderError(f"part_size {part_size} must be positive")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size})
+    layout = _check_config(out_dir, {"kinds": list(kinds), "part_size": part_size, "layout": LAYOUT})
 
     progress_bar = None
     if progress and rank == 0:
@@ -194,12 +239,12 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
             # Every rank walks the whole item stream so the global numbering agrees; items of other ranks'
             # parts and of finished parts are read past without decoding.
             part_items = itertools.islice(iterator, part_size)
-            if part_index % world_size != rank or _part_is_done(out_dir, part_index):
+            if part_index % world_size != rank or _part_is_done(out_dir, part_index, layout):
                 consumed = sum(1 for _ in part_items)
             else:
                 arrays, rows, skipped, consumed = fill_part(part_items, part_index * part_size, advance)
                 if consumed:
-                    write_part(out_dir, part_index, arrays, rows, skipped)
+                    write_part(out_dir, part_index, arrays, rows, skipped, layout)
             if consumed == 0:
                 break
             num_parts = part_index + 1
@@ -227,7 +272,7 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         marker = out_dir / f"{part_name(part_index)}.done"
         if not marker.exists():
             return None
-        done = verify_part(out_dir, part_index)
+        done = verify_part(out_dir, part_index, config.get("layout", LEGACY_LAYOUT))
         parts.append({"name": part_name(part_index), "count": done["count"], "skipped": done["skipped"]})
         count += done["count"]
         dims.update({kind: dim for kind, dim in done["dims"].items() if done["count"]})
@@ -243,6 +288,8 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         "parts": parts,
         "skipped": skipped,
     }
+    if config.get("layout", LEGACY_LAYOUT) != LEGACY_LAYOUT:
+        summary["layout"] = config["layout"]
     # Several ranks may finish together and all write the (identical) summary.
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), shared=True)
     return summary
@@ -294,7 +341,9 @@ def read_summary(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     path = out_dir / "summary.json"
     if not path.exists():
-        unfinished = sorted(p.name for p in out_dir.glob("part-*.parquet") if not p.with_suffix(".done").exists())
+        started = {int(p.stem.rsplit("_", 1)[1]) for p in out_dir.glob("metadata/metadata_*.parquet")}
+        started |= {int(p.stem.split("-")[1]) for p in out_dir.glob("part-*.parquet")}
+        unfinished = [part_name(i) for i in sorted(started) if not (out_dir / f"{part_name(i)}.done").exists()]
         raise EmbeddingFolderError(
             f"{path} does not exist: the embedding run has not finished"
             + (f" (parts without a .done marker: {', '.join(unfinished[:5])})" if unfinished else "")
@@ -307,12 +356,14 @@ def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
     out_dir = Path(out_dir)
     summary = read_summary(out_dir)
     kind = _resolve_kind(out_dir, summary, kind)
-    for part_index, part in enumerate(summary["parts"]):
-        verify_part(out_dir, part_index)
+    layout = summary.get("layout", LEGACY_LAYOUT)
+    for part in summary["parts"]:
         if part["count"] == 0:
             continue
-        embeddings = np.load(out_dir / f"{part['name']}.{kind}.npy", mmap_mode="r")
-        metadata = pq.read_table(out_dir / f"{part['name']}.parquet")
+        part_index = int(part["name"].split("-")[1])
+        verify_part(out_dir, part_index, layout)
+        embeddings = np.load(embeddings_path(out_dir, part_index, kind, layout), mmap_mode="r")
+        metadata = pq.read_table(metadata_path(out_dir, part_index, layout))
         if embeddings.shape[0] != metadata.num_rows or embeddings.shape[0] != part["count"]:
             raise EmbeddingFolderError(
                 f"{out_dir / part['name']}: {embeddings.shape[0]} embeddings, {metadata.num_rows} metadata rows, "

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from openalign.losses import align_loss
 from openalign.model_config import AlignConfig
 from openalign.models.bert import AlignTextModel
 from openalign.models.efficientnet import AlignVisionModel
 from openalign.models.outputs import AlignOutput
 from openalign.pretrained import PretrainedMixin
-
-
-def align_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Mean of the text->image and image->text cross-entropies, targets on the diagonal."""
-    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    text_loss = F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing)
-    image_loss = F.cross_entropy(logits_per_text.t(), targets, label_smoothing=label_smoothing)
-    return (text_loss + image_loss) / 2
 
 
 class AlignModel(PretrainedMixin, nn.Module):

@@ -1,23 +1,23 @@
 """Building what a TrainConfig describes: the model (from a preset, config.json or checkpoints, towers
-optionally started from their own checkpoints), and the resumable train / validation loaders."""
+optionally started from their own checkpoints), its contrastive loss, and the resumable train / validation
+loaders."""
 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
 from openalign.errors import CheckpointError, ConfigError
-from openalign.losses import build_loss
+from openalign.losses import ContrastiveLoss, loss_class
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
 from openalign.models.align import AlignModel
 from openalign.models.utils import trainable_init
 from openalign.pretrained import load_into, read_config, read_state_dict, resolve_folder, translate_state_dict
+from openalign.processing.image_processor import AlignImageProcessor
 from openalign.processing.tokenizer import AlignTokenizer
 from openalign.train.config import LossSection, TrainConfig
 
@@ -84,25 +84,24 @@ def build_model(config: TrainConfig, vocab_size: int | None = None) -> AlignMode
     return model
 
 
-def build_contrastive_loss(loss: LossSection, temperature: float) -> torch.nn.Module:
-    """The contrastive loss a config's loss section names. `temperature` is the model's starting one: clip's
-    loss owns its scale and starts it there; align's takes the model's temperature at every call."""
-    kwargs: dict = {"normalize": True}
-    if loss.name != "siglip":
-        kwargs.update(label_smoothing=loss.label_smoothing, gather_with_grad=loss.gather_with_grad,
-                      local_loss=loss.local_loss, hard_negative_beta=loss.hard_negative_beta)
-    if loss.name == "clip":
-        kwargs["logit_scale_init"] = -math.log(temperature)
-    return build_loss(loss.name, **kwargs)
+def build_contrastive_loss(loss: LossSection, model: AlignModel) -> ContrastiveLoss:
+    """The contrastive loss a config's loss section names, for `model`: built from the model's starting
+    temperature, and attached to it (a loss that owns its scale stops the model's temperature from training;
+    call this before building the optimiser and the DDP/FSDP wrapper)."""
+    contrastive_loss = loss_class(loss.name).from_config(loss, float(model.temperature.detach()))
+    contrastive_loss.attach(model)
+    return contrastive_loss
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_processor(resize: int, crop: int) -> AlignImageProcessor:
+    return AlignImageProcessor(size={"height": resize, "width": resize}, crop_size={"height": crop, "width": crop})
 
 
 def eval_transform(image: Image.Image, *, resize: int, crop: int) -> torch.Tensor:
-    """Validation pixels: square resize, centre crop, scale to [-1, 1] (align-base's processor)."""
-    image = image.resize((resize, resize), Image.BILINEAR)
-    offset = (resize - crop) // 2
-    image = image.crop((offset, offset, offset + crop, offset + crop))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W)
+    """Validation pixels (3, crop, crop): square resize, centre crop, scale to [-1, 1], through the evaluation
+    processor (`AlignImageProcessor`, align-base's settings at these sizes)."""
+    return _eval_processor(resize, crop).preprocess_image(image)
 
 
 def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: int, pin_memory: bool = False):

@@ -8,6 +8,9 @@ temporary name and renamed into place, so a folder with the final name is comple
 later; `files.json` catches that case (a missing, truncated or altered file: one flipped byte) and `--resume
 latest` falls back to the previous checkpoint. A full disk is a DiskFullError naming the file, and leaves the
 checkpoints before it intact.
+
+Under FSDP2 the model and the optimiser state are sharded over ranks: `gather_model_state` and
+`gather_optimizer_state` assemble the full ones (collectives: every rank calls them) for rank 0 to write.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from openalign.errors import CheckpointError, ConfigError
 from openalign.files import DiskFullError, reporting_full_disk
+from openalign.model_config import AlignConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,49 @@ RUN_OUTPUTS = ("model", "model-ema", "plots", "tensorboard")
 def checkpoint_name(step: int) -> str:
     """The folder name of the checkpoint taken after `step` optimiser steps."""
     return f"checkpoint-{step:08d}"
+
+
+def gather_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The model's state dict; under FSDP2 the full one, gathered from every rank's shards onto the CPU."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_optimizer_state(holder: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """The optimiser's state dict; under FSDP2 the full one (keyed through `holder`, the modules the optimiser
+    was built over with the sharded root in place of the model), gathered onto the CPU."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(holder, optimizer, options=options)
+
+
+def load_optimizer_state(holder: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Load what `gather_optimizer_state` returned; under FSDP2 each rank keeps its shards of it."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(holder, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+class StateDictWriter:
+    """What `save_checkpoint` needs of a model (save_pretrained), for a state dict gathered from shards."""
+
+    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor]):
+        self.config, self.state_dict = config, state_dict
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json and the weights into `folder`, in transformers' layout."""
+        from openalign.pretrained import write_checkpoint
+
+        write_checkpoint(folder, self.config, self.state_dict)
 
 
 def save_checkpoint(

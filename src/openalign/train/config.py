@@ -88,7 +88,7 @@ class OptimSection:
 class LossSection:
     """The contrastive loss; negatives come from the global batch under torch.distributed."""
 
-    name: str = "align"  # align | clip | siglip
+    name: str = "align"  # a key of openalign.losses.LOSSES (align, clip, siglip, and any registered there)
     label_smoothing: float = 0.1
     local_loss: bool = True
     gather_with_grad: bool = True
@@ -141,18 +141,25 @@ class DistributedSection:
     backend: str | None = None  # default: nccl on GPU, gloo on CPU
 
 
-CHOICES = {
-    "model.gradient_checkpointing": ("none", "text", "vision", "both"),
-    "data.flip": (True, False, "auto"),
-    "optim.name": ("lamb", "adamw"),
-    "optim.schedule": ("linear", "cosine", "constant"),
-    "loss.name": ("align", "clip", "siglip"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.dtype": ("fp32", "bf16", "fp16"),
-    "run.channels_last": (True, False, "auto"),
-    "run.nan_policy": ("halt", "skip"),
-    "distributed.strategy": ("ddp", "fsdp"),
-}
+def field_choices() -> dict[str, tuple]:
+    """The fields that take one of a few values, and those values; loss names come from the loss registry."""
+    # Imported here, not at the top: building the command line reads this module and should not load torch.
+    from openalign.losses import LOSSES
+
+    return {
+        "model.gradient_checkpointing": ("none", "text", "vision", "both"),
+        "data.flip": (True, False, "auto"),
+        "optim.name": ("lamb", "adamw"),
+        "optim.schedule": ("linear", "cosine", "constant"),
+        "loss.name": tuple(LOSSES),
+        "run.device": ("auto", "cpu", "cuda"),
+        "run.dtype": ("fp32", "bf16", "fp16"),
+        "run.channels_last": (True, False, "auto"),
+        "run.nan_policy": ("halt", "skip"),
+        "distributed.strategy": ("ddp", "fsdp"),
+    }
+
+
 POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size",
             "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every",
             "run.max_consecutive_skipped_steps")
@@ -181,7 +188,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first field whose value cannot work; return self."""
-        for key, choices in CHOICES.items():
+        from openalign.losses import LOSSES
+
+        for key, choices in field_choices().items():
             value = self.get(key)
             if not any(value is choice or (value == choice and type(value) is type(choice)) for choice in choices):
                 raise ConfigError(f"{key} = {value!r} is invalid; choose one of {list(choices)}")
@@ -205,9 +214,12 @@ class TrainConfig:
         if self.loss.image_ssl_weight > 0 and (self.optim.accumulation > 1 or self.model.freeze_vision):
             raise ConfigError("loss.image_ssl_weight > 0 needs optim.accumulation = 1 and a trainable image tower "
                               "(model.freeze_vision = false)")
-        if self.loss.hard_negative_beta < 0 or (self.loss.hard_negative_beta > 0 and self.loss.name == "siglip"):
-            raise ConfigError(f"loss.hard_negative_beta = {self.loss.hard_negative_beta} must not be negative, and "
-                              f"works with loss.name align or clip (the softmax losses), not siglip")
+        beta = self.loss.hard_negative_beta
+        if beta < 0 or (beta > 0 and not LOSSES[self.loss.name].hard_negatives):
+            takes = " or ".join(name for name, loss in LOSSES.items() if loss.hard_negatives)
+            others = " or ".join(name for name, loss in LOSSES.items() if not loss.hard_negatives)
+            raise ConfigError(f"loss.hard_negative_beta = {beta} must not be negative, and works with loss.name "
+                              f"{takes} (the softmax losses), not {others}")
         if self.run.max_skipped_steps is not None and self.run.max_skipped_steps < 1:
             raise ConfigError(f"run.max_skipped_steps = {self.run.max_skipped_steps} must be positive (or null)")
         if self.run.fit_steps_to_time and self.run.max_minutes is None:

@@ -4,13 +4,15 @@ A step: both towers -> features -> contrastive loss against the global batch -> 
 accumulation when the batch is split) -> a finiteness check -> clip -> optimiser step. The finiteness check runs
 before the optimiser touches the weights, so a NaN or inf loss or gradient never reaches them: the step is
 skipped (gradients dropped, BatchNorm statistics restored) or the run halts with the step and the loss value.
+
+`build_stepper` wires a Stepper for a model and its loss; the trainer, the demo's step-time probe and the
+training benchmark all take their step from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from torch import nn
 from openalign.distributed import average_gradients, gather_features, world_info
 from openalign.errors import OpenAlignError
 from openalign.eval.retrieval import retrieval_metrics
+from openalign.losses import ContrastiveLoss
 from openalign.train.gradcache import accumulated_step, split_batch
 
 logger = logging.getLogger(__name__)
@@ -138,7 +141,8 @@ class Stepper:
         average_gradients(self.outside_parameters)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        gradients = [parameter.grad for parameter in self.parameters if parameter.grad is not None]
+        with_gradients = [parameter for parameter in self.parameters if parameter.grad is not None]
+        gradients = [parameter.grad for parameter in with_gradients]
         grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
         # Under FSDP2 the norm is a DTensor (already reduced over shards): clip with it, check its plain value.
         plain_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -153,7 +157,8 @@ class Stepper:
         else:
             self._consecutive_skips = 0
             if self.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(gradients, self.grad_clip, grad_norm)
+                # It takes the parameters: given their gradients, it would scale the gradients' (absent) .grad.
+                torch.nn.utils.clip_grads_with_norm_(with_gradients, self.grad_clip, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.after_step is not None:
@@ -243,8 +248,48 @@ def validate(stepper: Stepper, model: nn.Module, loader, max_batches: int | None
     return result
 
 
-def temperature_of(loss_name: str, model: nn.Module, loss_module: nn.Module) -> float:
-    """The softmax temperature in use (for the logs): ALIGN's raw divisor, 1/exp(logit scale) otherwise."""
-    if loss_name == "align":
-        return float(model.temperature.detach())
-    return math.exp(-float(loss_module.logit_scale.detach()))
+def norm_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm layer's running statistics and batch count in `module`."""
+    return [buffer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked)
+            if buffer is not None]
+
+
+def build_stepper(
+    model: nn.Module,
+    loss: ContrastiveLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    features: nn.Module | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    image_ssl: nn.Module | None = None,
+    device: torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    accumulation: int = 1,
+    grad_clip: float | None = None,
+    nan_policy: str = "halt",
+    skip_limits: tuple[int | None, int | None] = (None, None),
+) -> Stepper:
+    """The Stepper that trains `model` with `loss` (attached to it, see `ContrastiveLoss.attach`) and optionally
+    the image term, as the trainer runs it: the loss called with the scalars it declares, the scalars that need
+    gradients differentiated through accumulation, the loss's and the image term's own parameters averaged over
+    ranks by hand, the loss's `after_step` after each update, and the gradient norm taken over every trainable
+    parameter of the three. `features`: the model's (wrapped, compiled) DualEncoderFeatures (default: a plain
+    one); `scheduler`: default a constant learning rate; `scaler`: default off; `device`: default the CPU;
+    `skip_limits`: (most skipped steps in a row, most in all) under nan_policy skip (TrainConfig.skip_limits)."""
+    device = torch.device("cpu") if device is None else device
+    modules = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
+    outside = loss.own_parameters() + ([] if image_ssl is None else list(image_ssl.parameters()))
+    return Stepper(
+        features=DualEncoderFeatures(model) if features is None else features, loss_fn=loss.bind(model),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if scheduler is None else scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=False) if scaler is None else scaler,
+        parameters=[parameter for parameter in modules.parameters() if parameter.requires_grad],
+        loss_parameters=loss.trained_scalars(model), outside_parameters=outside, device=device,
+        autocast_dtype=autocast_dtype, channels_last=channels_last, accumulation=accumulation, grad_clip=grad_clip,
+        nan_policy=nan_policy, after_step=loss.after_step, norm_buffers=norm_buffers(modules), image_ssl=image_ssl,
+        max_consecutive_skips=skip_limits[0], max_skips=skip_limits[1],
+    )

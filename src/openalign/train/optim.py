@@ -1,4 +1,4 @@
-"""Optimisers (LAMB, AdamW), weight-decay parameter groups, gradient clipping, and tower freezing (LiT).
+"""Optimisers (LAMB, AdamW), weight-decay parameter groups, and tower freezing (LiT).
 
 LAMB is written here rather than taken from a package: it is thirty lines, the maintained implementations
 differ in exactly the choices that matter (bias correction, whether excluded parameters are layer-adapted,
@@ -133,17 +133,6 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose 'lamb' or 'adamw'")
-
-
-def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor | None:
-    """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm before clipping.
-
-    ``None`` or 0 turns clipping off (returns None). Call it after gradients are reduced across ranks (after
-    backward under DDP), so every rank clips by the same global norm.
-    """
-    if not max_norm:
-        return None
-    return nn.utils.clip_grad_norm_(list(parameters), max_norm)
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:

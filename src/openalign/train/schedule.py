@@ -1,12 +1,16 @@
-"""Learning-rate schedules: linear warm-up, then cosine, linear or constant, as a resumable LambdaLR."""
+"""Learning-rate schedules: linear warm-up, then cosine, linear or constant, as a resumable LambdaLR whose total
+step count can be re-pointed, and `TimeFit`, which re-points it to end with a time budget."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import time
 
 import torch
 
+from openalign.distributed import max_over_ranks
 from openalign.errors import ConfigError
 
 KINDS = ("cosine", "linear", "constant")
@@ -70,3 +74,38 @@ def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: i
             raise ConfigError(f"need total_steps >= warmup_steps = {warmup_steps}, got {total_steps}")
         keywords = {**multiplier.keywords, "total_steps": total_steps}
         scheduler.lr_lambdas[index] = functools.partial(lr_lambda, **keywords)
+
+
+class TimeFit:
+    """`run.fit_steps_to_time`: the total step count that ends the schedule with the time budget.
+
+    Every step is timed (data loading included; validation and checkpointing not). After the warm-up, while
+    the decay is in its first quarter, every step re-plans: total = step + (margin x budget - elapsed) / (mean
+    of the last WINDOW step times), the slowest rank's mean under torch.distributed so that every rank plans
+    the same. Near the start of a cosine or linear decay the learning rate hardly depends on the total, so the
+    re-plans move it by little; a first epoch slowed by decoding (images cached after it) is outgrown by the
+    window before the plan settles."""
+
+    WINDOW = 30
+    MARGIN = 0.98  # of the budget: the last checkpoint and the model files are written after the last step
+
+    def __init__(self, budget_seconds: float, warmup_steps: int, clock=time.monotonic):
+        self.budget, self.warmup_steps, self.clock = budget_seconds, warmup_steps, clock
+        self.durations: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self.last = clock()
+
+    def resume_clock(self) -> None:
+        """Start the next step's timing now."""
+        self.last = self.clock()
+
+    def replan(self, step: int, total_steps: int, elapsed: float) -> int:
+        """The total step count after step `step` (1-based) with `elapsed` seconds gone."""
+        now = self.clock()
+        self.durations.append(now - self.last)
+        self.last = now
+        decaying = step - self.warmup_steps
+        if decaying < 0 or decaying > 0.25 * (total_steps - self.warmup_steps) or len(self.durations) < self.WINDOW:
+            return total_steps
+        seconds = max_over_ranks(sum(self.durations) / len(self.durations))
+        remaining = max(0.0, self.MARGIN * self.budget - elapsed)
+        return max(step + 1, self.warmup_steps, step + math.floor(remaining / seconds))

@@ -1,0 +1,72 @@
+"""`openalign serve INDEX_DIR [--model CKPT|HUB_ID] [--host 127.0.0.1] [--port 8000]`: search as a service.
+
+Loads the model once and the index (memory-mapped where its kind allows) and serves clip-retrieval's JSON API
+(`/indices-list`, `/knn-service`, `/metadata`), a search page at `/`, `/healthz` and `/metrics`:
+
+    openalign serve photos-index --port 8000
+    python -c "from clip_retrieval.clip_client import ClipClient; \\
+        print(ClipClient('http://127.0.0.1:8000/knn-service', 'photos-index').query(text='a red bicycle'))"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` command."""
+    parser = subparsers.add_parser(
+        "serve", help="serve an index over HTTP: clip-retrieval's API and a search page",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("index", help="index folder written by `openalign index`, or one holding image/ and text/")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; anything else is public)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+    parser.add_argument("--name", help="the collection's name in /indices-list (default: the folder's name)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="load no model: only embedding_input and id queries (no text or image)")
+    add_model_arguments(parser, required=False)
+    parser.set_defaults(func=run)
+
+
+def _model_of(index_dir: Path) -> str | None:
+    """The checkpoint named by the index folder's model.json (or that of its image/ or text/ index)."""
+    from openalign.inference.embedding_folder import read_model_reference
+
+    for folder in (index_dir, index_dir / "image", index_dir / "text"):
+        if (model := read_model_reference(folder)) is not None:
+            return model
+    return None
+
+
+@reports_errors("serve")
+def run(args: argparse.Namespace) -> int:
+    """Load the index and the encoders, then serve until interrupted."""
+    from openalign.pretrained import resolve_folder
+    from openalign.serve import create_app, run_server
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("openalign").setLevel(logging.INFO)
+    index_dir = Path(args.index)
+    if not index_dir.is_dir():
+        raise SystemExit(f"openalign serve: {index_dir} is not a folder (expected an index from `openalign index`)")
+    encoders = None
+    if not args.no_model:
+        args.model = args.model or _model_of(index_dir)
+        if args.model is None:
+            raise SystemExit(f"openalign serve: {index_dir} names no model (model.json); pass --model or --no-model")
+        args.model = str(resolve_folder(args.model))  # a folder as is, a hub id from the local cache or the hub
+        encoders = encoders_from_arguments(args)
+    app = create_app(index_dir, encoders, name=args.name)
+    try:
+        run_server(app, host=args.host, port=args.port, threads=args.threads,
+                   announce=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,273 @@
+"""`curate(CurateConfig)`: curation with a scorer the corpus trains itself, for corpora no pretrained model fits.
+
+Stages, each in its own folder under `out_dir`:
+
+    rules/        the paper's rules (openalign.data.filters), unless switched off
+    tokenizer/    a WordPiece vocabulary trained on what the rules keep (unless one is given)
+    train-1/      a short training run on the rules' pairs: the bootstrap scorer (run folder; model/ holds the
+                  weights and the processor, so the scorer loads like any checkpoint)
+    score-1/      the similarity filter of the rules' pairs with that scorer (openalign.curation.similarity_filter)
+    train-2/ score-2/ ...  with `rounds` > 1: the next scorer trained on what the last one kept, scoring the
+                  rules' pairs again (a better scorer can take back a pair an earlier one dropped)
+    final/        the last training run, on what the last round kept; final/model is the curated model
+    report.json, report.txt   every stage's figures and seconds
+    curate.json   the configuration; a rerun must ask for the same
+
+Each training run after the first starts from the previous run's weights (`start_from="bootstrap"`, with a
+fresh optimiser and schedule) or from scratch (`start_from="scratch"`). A stage writes `stage.json` last, and
+a rerun after a kill skips every stage that has one: a training run cut short resumes from its newest
+checkpoint, a scoring run from its finished parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openalign.curation.scores import CurationError
+from openalign.curation.similarity_filter import SimilarityConfig, run_similarity_filter
+from openalign.data.filters import FilterConfig
+from openalign.errors import ConfigError
+
+STAGE_FILE = "stage.json"
+START_FROM = ("bootstrap", "scratch")
+
+
+@dataclass
+class CurateConfig:
+    """What `curate` runs. Training: `train_config` (a YAML/TOML file) over `recipe`, then `train_overrides`
+    (dotted keys) for every run; the bootstrap runs take `bootstrap_steps` steps (and at most
+    `bootstrap_minutes`), the final run `steps` (at most `minutes`). `rules`: None skips them. `tokenizer`: a
+    folder, or None to train one of `vocab_size` on the rules' captions. `similarity`: how each round keeps
+    pairs (it needs keep_fraction, min_similarity or dedup_similarity). Scoring runs on `device`."""
+
+    source: str
+    out_dir: str
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    rules: FilterConfig | None = field(default_factory=FilterConfig)
+    train_config: str | None = None
+    recipe: str | None = None
+    train_overrides: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+    vocab_size: int = 1000
+    bootstrap_steps: int = 500
+    bootstrap_minutes: float | None = None
+    steps: int = 1000
+    minutes: float | None = None
+    rounds: int = 1
+    start_from: str = "bootstrap"
+    device: str = "auto"
+    progress: bool = False
+
+    def validate(self) -> CurateConfig:
+        """Raise ConfigError naming the first value that cannot work; return self."""
+        self.similarity.validate()
+        if (self.similarity.keep_fraction, self.similarity.min_similarity, self.similarity.dedup_similarity) == (
+                None, None, None):
+            raise ConfigError("curation needs a way to keep pairs: keep_fraction, min_similarity or "
+                              "dedup_similarity")
+        if self.rules is not None:
+            self.rules.validate()
+        if self.start_from not in START_FROM:
+            raise ConfigError(f"start_from {self.start_from!r} is not one of {list(START_FROM)}")
+        if self.rounds < 1 or self.bootstrap_steps < 1 or self.steps < 1:
+            raise ConfigError(f"rounds ({self.rounds}), bootstrap_steps ({self.bootstrap_steps}) and steps "
+                              f"({self.steps}) must be at least 1")
+        for name in ("bootstrap_minutes", "minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        return self
+
+    def to_dict(self) -> dict:
+        """The settings a resumed run must share (everything but `progress`), as plain JSON values."""
+        values = dataclasses.asdict(self)
+        values.pop("progress")
+        return json.loads(json.dumps(values))
+
+
+def curate(config: CurateConfig) -> dict:
+    """Run (or resume) the stages of the module docstring; returns the report also written as report.json."""
+    config.validate()
+    out = Path(config.out_dir)
+    _check_curate_folder(out, config)
+    stages: dict[str, dict] = {}
+    source = config.source
+    if config.rules is not None:
+        stages["rules"] = _stage(out / "rules", _rules_stage, config)
+        source = stages["rules"]["kept_source"]
+    tokenizer = config.tokenizer
+    if tokenizer is None:
+        stages["tokenizer"] = _stage(out / "tokenizer", _tokenizer_stage, config, source)
+        tokenizer = stages["tokenizer"]["tokenizer"]
+    training_source, previous_model = source, None
+    for round_number in range(1, config.rounds + 2):
+        final = round_number == config.rounds + 1
+        name = "final" if final else f"train-{round_number}"
+        stages[name] = _stage(out / name, _training_stage, config, training_source, tokenizer, previous_model, final)
+        previous_model = stages[name]["model"]
+        if final:
+            break
+        score_name = f"score-{round_number}"
+        stages[score_name] = _stage(out / score_name, _scoring_stage, config, source, previous_model,
+                                    stages[name]["max_length"])
+        training_source = stages[score_name]["kept_source"]
+    report = {"source": config.source, "out_dir": str(out), "model": stages["final"]["model"],
+              "start_from": config.start_from, "rounds": config.rounds, "stages": stages,
+              "seconds": round(sum(stage["seconds"] for stage in stages.values()), 3)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.txt").write_text(format_curate_report(report))
+    return report
+
+
+def _check_curate_folder(out: Path, config: CurateConfig) -> None:
+    """Write curate.json, or check that a rerun in the same folder asks for the same settings (until a stage
+    has finished, a rerun may change them: e.g. looser rules after the rules kept nothing)."""
+    path = out / "curate.json"
+    settings = config.to_dict()
+    if path.exists() and any(out.glob(f"*/{STAGE_FILE}")):
+        existing = json.loads(path.read_text())
+        changed = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
+        if changed:
+            raise ConfigError(f"{path} was written for other settings ({', '.join(changed)} differ): resume with "
+                              "the same settings, or use a fresh output folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, settings)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _stage(folder: Path, run, *arguments) -> dict:
+    """The stage's stage.json if it finished, else run(*arguments, folder) and write it (with its seconds)
+    last."""
+    marker = folder / STAGE_FILE
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = {**run(*arguments, folder), "seconds": 0.0}
+    result["seconds"] = round(time.monotonic() - started, 3)
+    _write_json(marker, result)
+    return result
+
+
+def _kept_source(outputs: dict, folder: Path) -> str:
+    """The kept pairs of a filter's outputs as a source: the manifest, or the folder of shards."""
+    return outputs["manifest"] if "manifest" in outputs else str(folder / "shards")
+
+
+def _rules_stage(config: CurateConfig, folder: Path) -> dict:
+    from openalign.data.filters import run_filter
+
+    report = run_filter(config.source, folder, config.rules, progress=config.progress)
+    if report["kept"] == 0:
+        raise CurationError(f"the rules kept none of the {report['total']} pairs of {config.source} (see "
+                            f"{folder / 'report.txt'}): loosen them (the paper's --min-side 200 drops every image of "
+                            "a small-image corpus) or pass --no-rules")
+    return {"total": report["total"], "kept": report["kept"], "dropped_by_rule": report["dropped_by_rule"],
+            "kept_source": _kept_source(report["outputs"], folder)}
+
+
+def _tokenizer_stage(config: CurateConfig, source: str, folder: Path) -> dict:
+    from openalign.data.sources import iter_records
+    from openalign.processing.tokenizer import train_wordpiece
+
+    captions = (record.caption for record in iter_records(source) if record.caption)
+    tokenizer = train_wordpiece(captions, config.vocab_size, folder / "wordpiece")
+    return {"tokenizer": str(folder / "wordpiece"), "vocab_size": tokenizer.vocab_size}
+
+
+def training_config(config: CurateConfig, source: str, tokenizer: str, run_dir: Path, previous_model: str | None,
+                    final: bool):
+    """The TrainConfig of one training stage: the user's settings, then the stage's data, tokenizer, folder,
+    steps and time limit, and its starting weights: the previous run's model (`start_from="bootstrap"`) or none."""
+    from openalign.train.config import load_config
+    from openalign.train.recipes import get_recipe
+
+    init_from = previous_model if config.start_from == "bootstrap" else None
+    minutes = config.minutes if final else config.bootstrap_minutes
+    overrides = {**config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
+                 "run.out_dir": str(run_dir), "optim.total_steps": config.steps if final else config.bootstrap_steps,
+                 "model.init_from": init_from}
+    if minutes is not None:
+        overrides["run.max_minutes"] = minutes
+    return load_config(config.train_config, overrides, base=get_recipe(config.recipe) if config.recipe else None)
+
+
+def _training_stage(config: CurateConfig, source: str, tokenizer: str, previous_model: str | None, final: bool,
+                    folder: Path) -> dict:
+    from openalign.train.checkpointing import list_checkpoints
+    from openalign.train.trainer import train
+
+    train_config = training_config(config, source, tokenizer, folder, previous_model, final)
+    result = train(train_config, resume="latest" if list_checkpoints(folder) else None)
+    model = folder / "model"
+    save_processor(model, tokenizer, train_config)
+    return {"model": str(model), "trained_on": source, "init_from": train_config.model.init_from,
+            "max_length": train_config.data.max_length, "steps": result.step,
+            "stop_reason": result.stop_reason, "final_loss": result.metrics.get("loss")}
+
+
+def save_processor(model_dir: Path, tokenizer: str, train_config) -> None:
+    """Save the processor a run trained with into its model folder (tokenizer files and image settings: the
+    evaluation transform of openalign.train.builders), so that the folder loads as a checkpoint."""
+    from openalign.model_config import AlignConfig
+    from openalign.processing.image_processor import AlignImageProcessor
+    from openalign.processing.processor import AlignProcessor
+    from openalign.processing.tokenizer import AlignTokenizer
+
+    data = train_config.data
+    image_size = data.image_size or AlignConfig.from_json_file(model_dir / "config.json").vision_config.image_size
+    resize = data.resize or round(image_size * 346 / 289)
+    image_processor = AlignImageProcessor(size={"height": resize, "width": resize},
+                                          crop_size={"height": image_size, "width": image_size})
+    processor = AlignProcessor(AlignTokenizer.from_pretrained(tokenizer, max_length=data.max_length), image_processor)
+    processor.save_pretrained(model_dir)
+
+
+def _scoring_stage(config: CurateConfig, source: str, model: str, max_length: int, folder: Path) -> dict:
+    from openalign.curation.similarity_filter import load_scoring_encoders
+
+    encoders = load_scoring_encoders(model, device=config.device, batch_size=config.similarity.batch_size)
+    # Captions are cut where training cut them: the run never trained the positions beyond.
+    encoders.processor.tokenizer.max_length = max_length
+    report = run_similarity_filter(source, folder, config=config.similarity, encoders=encoders,
+                                   progress=config.progress)
+    labels = report["labels"]
+    return {"model": model, "scored": report["scored"], "kept": report["kept"],
+            "dropped_by_score": report["dropped_by_score"], "dropped_as_duplicate": report["dropped_as_duplicate"],
+            "unscored": report["unscored"], "rule": report["selection"]["rule"],
+            "lowest_kept_score": report["selection"]["lowest_kept_score"],
+            "score_quantiles": report["score_quantiles"], "labels": labels,
+            "kept_source": _kept_source(report["outputs"], folder)}
+
+
+def format_curate_report(report: dict) -> str:
+    """One line per stage: what it kept or trained, the clean share where the source has labels, seconds."""
+    lines = [f"curation of {report['source']} ({report['rounds']} round(s), each run after the first from "
+             f"{report['start_from']}); model: {report['model']}"]
+    for name, stage in report["stages"].items():
+        if name == "rules":
+            text = f"kept {stage['kept']} of {stage['total']}"
+        elif name == "tokenizer":
+            text = f"vocabulary of {stage['vocab_size']}"
+        elif name.startswith("score-"):
+            text = f"kept {stage['kept']} of {stage['scored']} scored ({stage['rule']})"
+            share = (stage["labels"] or {}).get("clean_share", {})
+            if share.get("scored") is not None and share.get("kept") is not None:
+                text += f"; clean share {share['scored']:.3f} -> {share['kept']:.3f}"
+            noise = (stage["labels"] or {}).get("by_label", {}).get("any noise")
+            if noise and noise["precision"] is not None:
+                text += f"; noise dropped at precision {noise['precision']:.3f}, recall {noise['recall']:.3f}"
+        else:
+            text = f"{stage['steps']} steps ({stage['stop_reason']}) from {stage['init_from'] or 'scratch'}"
+        lines.append(f"{name:<10} {text}  [{stage['seconds']:.1f} s]")
+    return "\n".join(lines) + "\n"
