@@ -1,149 +1,48 @@
 """Where image-text pairs come from: manifests, WebDataset tar shards, image folders, and caption files
 (captions without images, for embedding texts).
 
-Every source is read as a stream of `Record`s. A record holds the undecoded image (a path or raw bytes) and
-its caption, so readers stay cheap and decoding errors surface where they can be counted: in the training
-dataset. Every read is bounded (openalign.untrusted): a shard member, caption or sidecar above its bound is not
-read, and its record carries the reason in `error`, so the consumer skips and counts it; an image file must be
-a regular file within the image bound.
+Every source is read as a stream of `Record`s (data/records.py). A record holds the undecoded image (a path or
+raw bytes) and its caption, so readers stay cheap and decoding errors surface where they can be counted: in the
+training dataset. Every read is bounded (openalign.untrusted): a shard member, caption or sidecar above its bound
+is not read, and its record carries the reason in `error`, so the consumer skips and counts it; an image file
+must be a regular file within the image bound. This module reads manifests, caption files and image folders and
+dispatches a source to its reader; shards are data/shards.py's, and their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
-import gzip
-import io
 import itertools
 import json
 import logging
 import os
-import re
-import shlex
-import subprocess
-import tarfile
-import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openalign.errors import InputLimitError, OpenAlignError
-from openalign.untrusted import (
-    MAX_IMAGE_BYTES,
-    MAX_LINE_BYTES,
-    MAX_TEXT_BYTES,
-    parse_json,
-    read_regular_file,
-    read_text_file,
+from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
+from openalign.data.shards import (
+    SHARD_SUFFIXES,
+    count_shard_samples,
+    expand_shards,
+    is_shard_source,
+    iter_shard,
+    write_shards,
 )
+from openalign.errors import InputLimitError
+from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
+
+__all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
+           "Record", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
+           "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard", "write_manifest",
+           "write_shards"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 CAPTION_FILE_SUFFIX = ".txt"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "url", "img")
 CAPTION_COLUMNS = ("caption", "text", "alt", "alt_text", "title")
-
-
-class DataError(OpenAlignError, ValueError):
-    """A data source cannot be read or does not have the expected layout; the message names it."""
-
-
-@dataclass
-class Record:
-    """One image-text pair as stored, before decoding.
-
-    `key` is stable across runs: the manifest's path as written, "<shard stem>/<sample key>" for shards, or
-    "FILE:LINE" for a line of a caption file (a record with a caption and no image).
-    `error` says why the sample cannot be used when the reader found out without decoding (a member above its
-    size bound, a sidecar nested too deep); consumers skip such a record and count it.
-    """
-
-    key: str
-    caption: str | None
-    image_path: Path | None = None
-    image_bytes: bytes | None = None
-    image_ext: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    def open_image_bytes(self) -> bytes:
-        """Return the encoded image, reading `image_path` when the record holds no bytes: a regular file of at
-        most MAX_IMAGE_BYTES, else InputLimitError naming it."""
-        if self.error is not None:
-            raise InputLimitError(self.error)
-        if self.image_bytes is not None:
-            return self.image_bytes
-        if self.image_path is None:
-            raise DataError(f"record {self.key!r} has no image (no path and no bytes)")
-        if "://" in str(self.image_path):
-            raise DataError(f"record {self.key!r}: remote image {self.image_path} is not downloaded here; "
-                            "fetch the images first (e.g. with img2dataset) and train from the shards")
-        return read_regular_file(self.image_path, MAX_IMAGE_BYTES, f"image of record {self.key!r}:")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Shard specs
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand the first brace group ("{000..009}" or "{a,b}") recursively; ranges keep their zero padding."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if range_match:
-        first, last = range_match.groups()
-        width = len(first) if first.startswith("0") else 0
-        step = 1 if int(last) >= int(first) else -1
-        options = [str(number).zfill(width) for number in range(int(first), int(last) + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise DataError(f"cannot expand brace group {{{body}}} in shard pattern {pattern!r}")
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [expanded for option in options for expanded in _expand_braces(head + option + tail)]
-
-
-def _is_shard_path(text: str) -> bool:
-    return text.startswith("pipe:") or text.endswith(SHARD_SUFFIXES)
-
-
-def expand_shards(spec: str | Path | list) -> list[str]:
-    """Turn a shard spec into a list of shard URLs.
-
-    Accepts brace patterns ("data/{00000..00009}.tar"), globs, a folder of tars, "pipe:cmd" URLs (kept as
-    written, braces expanded), or a list of any of these. Local names that match nothing raise DataError.
-    """
-    if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in expand_shards(item)]
-    text = str(spec)
-    if text.startswith("pipe:"):
-        return _expand_braces(text)
-    if os.path.isdir(text):
-        urls = sorted(str(path) for suffix in SHARD_SUFFIXES for path in Path(text).glob(f"*{suffix}"))
-        if not urls:
-            raise DataError(f"shard folder {text} holds no {'/'.join(SHARD_SUFFIXES)} files")
-        return urls
-    urls = []
-    for pattern in _expand_braces(text):
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise DataError(f"shard pattern {pattern!r} (from {text!r}) matches no files")
-            urls.extend(matches)
-        elif os.path.exists(pattern):
-            urls.append(pattern)
-        else:
-            raise DataError(f"shard {pattern!r} (from {text!r}) does not exist")
-    return urls
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -288,125 +187,6 @@ def iter_manifest(path: str | Path, *, image_column: str | None = None,
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Shards
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    """("dir/000123.jpg") -> ("dir/000123", "jpg"): the key ends at the first dot of the basename."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
-
-
-def _shard_stem(url: str) -> str:
-    name = url.split()[-1] if url.startswith("pipe:") else url
-    base = os.path.basename(name.rstrip("/"))
-    for suffix in SHARD_SUFFIXES:
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
-
-
-# Members a sample is made of, and the most bytes each may have; others are passed over unread.
-MEMBER_LIMITS = {**{extension: MAX_IMAGE_BYTES for extension in IMAGE_EXTENSIONS},
-                 "txt": MAX_TEXT_BYTES, "json": MAX_TEXT_BYTES}
-
-
-def _record_from_members(shard: str, key: str, members: dict[str, bytes], error: str | None = None) -> Record:
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-    where = f"shard {shard}, sample {key}"
-    extra: dict[str, Any] = {}
-    if "json" in members:
-        try:
-            extra = parse_json(members["json"].decode("utf-8"), f"{where}: .json sidecar")
-        except (UnicodeDecodeError, json.JSONDecodeError) as decode_error:
-            logger.warning("%s: unreadable .json sidecar (%s)", where, decode_error)
-        except InputLimitError as limit_error:
-            error = error or str(limit_error)
-        if not isinstance(extra, dict):
-            extra = {"json": extra}
-    caption = None
-    if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="replace").strip()
-    elif extra.get("caption") is not None or extra.get("text") is not None:
-        caption = str(extra.get("caption") if extra.get("caption") is not None else extra["text"])
-    return Record(key=f"{_shard_stem(shard)}/{key}", caption=caption,
-                  image_bytes=members.get(image_ext) if image_ext else None, image_ext=image_ext, extra=extra,
-                  error=error)
-
-
-def _open_tar_stream(raw: io.BufferedReader) -> tarfile.TarFile:
-    """A streaming TarFile over `raw`, gunzipped by gzip.GzipFile when the bytes are gzipped. tarfile's own
-    stream decompresses whole chunks whatever their expansion and copies its buffer at every block, so passing
-    over a 600 MB member of zeros took minutes; GzipFile decompresses only what is read."""
-    if raw.peek(2)[:2] == b"\x1f\x8b":
-        return tarfile.open(fileobj=gzip.GzipFile(fileobj=raw, mode="rb"), mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|*")
-
-
-def iter_shard(url: str) -> Iterator[Record]:
-    """Stream the samples of one WebDataset tar (local path or "pipe:command").
-
-    Members sharing a key (basename before its first dot) form one sample; WebDataset writes them adjacently.
-    The caption comes from `.txt`, else from the `.json` sidecar's "caption" or "text". A tar that cannot be
-    read raises DataError naming it, after the samples read so far have been yielded.
-    """
-    process = None
-    current_key, members, oversized = None, {}, None
-    try:
-        if url.startswith("pipe:"):
-            command = url[len("pipe:"):]
-            process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            raw = process.stdout
-        else:
-            raw = open(url, "rb")
-        with raw, _open_tar_stream(raw) as stream:
-            for member in stream:
-                if not member.isfile():
-                    continue
-                key, extension = _split_member_name(member.name)
-                if key != current_key:
-                    if current_key is not None:
-                        yield _record_from_members(url, current_key, members, oversized)
-                    current_key, members, oversized = key, {}, None
-                limit = MEMBER_LIMITS.get(extension)
-                if limit is None:
-                    continue  # not part of an image-text sample: never read
-                if member.size > limit:
-                    oversized = oversized or (f"shard {url}, sample {key}: member {member.name} has {member.size} "
-                                              f"bytes, above the limit of {limit} for .{extension}")
-                    continue  # left unread: the stream skips it block by block
-                handle = stream.extractfile(member)
-                members[extension] = handle.read() if handle is not None else b""  # member.size bytes at most
-            # tarfile ends quietly at a short or missing header; a complete tar ends with a full zero block.
-            if stream.fileobj.pos - stream.offset < tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("archive ends without its end-of-archive blocks")
-    except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
-        if process is None or process.poll() in (None, 0):
-            raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
-                from error
-    finally:
-        if process is not None:
-            process.stdout.close()
-            stderr = process.stderr.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace").strip()
-            process.stderr.close()
-            returncode = process.wait()
-    if process is not None and returncode != 0:
-        raise DataError(f"shard {url}: command exited with status {returncode}: {stderr}")
-    if current_key is not None:
-        yield _record_from_members(url, current_key, members, oversized)
-
-
-def count_shard_samples(url: str) -> int:
-    """Number of samples (distinct keys) in a local tar, read from its headers without reading images."""
-    try:
-        with tarfile.open(url, mode="r:*") as archive:
-            return len({_split_member_name(member.name)[0] for member in archive if member.isfile()})
-    except (OSError, tarfile.TarError, EOFError) as error:
-        raise DataError(f"shard {url} cannot be read: {error}") from error
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Caption files, image folders and dispatch
 
 
@@ -439,17 +219,6 @@ def iter_image_folder(folder: str | Path) -> Iterator[Record]:
         yield Record(key=image_path.relative_to(folder).as_posix(), caption=caption, image_path=image_path,
                      image_ext=image_path.suffix.lower().lstrip("."), error=error)
 
-
-def is_shard_source(source: str | Path | list) -> bool:
-    """Whether `source` names WebDataset shards (a tar, pattern, pipe:, or a folder of tars)."""
-    if isinstance(source, (list, tuple)):
-        return bool(source) and all(is_shard_source(item) for item in source)
-    text = str(source)
-    if _is_shard_path(text) or "{" in text:
-        return True
-    if os.path.isdir(text):
-        return any(any(Path(text).glob(f"*{suffix}")) for suffix in SHARD_SUFFIXES)
-    return glob.has_magic(text)
 
 
 def iter_records(source: str | Path | list) -> Iterator[Record]:
@@ -538,42 +307,3 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
                                  for key, value in row.items()})
     return path
 
-
-def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: identical inputs, identical tars
-    archive.addfile(info, io.BytesIO(data))
-
-
-def write_shards(records: Iterable[Record], out_dir: str | Path, *, samples_per_shard: int = 1000,
-                 prefix: str = "shard") -> list[Path]:
-    """Write records as WebDataset tars in the img2dataset layout: `<key>.<ext>`, `<key>.txt`, `<key>.json`.
-
-    Sample keys are running numbers; the `.json` sidecar keeps the record's original key and extra fields.
-    Returns the shard paths, named `<prefix>-00000.tar`, ...
-    """
-    if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    archive = None
-    try:
-        for index, record in enumerate(records):
-            if index % samples_per_shard == 0:
-                if archive is not None:
-                    archive.close()
-                shards.append(out_dir / f"{prefix}-{len(shards):05d}.tar")
-                archive = tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT)
-            key = f"{index:09d}"
-            extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
-                                             if record.image_path is not None else "jpg")
-            _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
-            if record.caption is not None:
-                _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
-            sidecar = {"key": record.key, "caption": record.caption, **record.extra}
-            _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))
-    finally:
-        if archive is not None:
-            archive.close()
-    return shards
