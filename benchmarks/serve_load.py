@@ -4,6 +4,7 @@ count, errors and p50 / p99 latency. Not a test (tests/test_serve.py sends 400 o
 
     python benchmarks/serve_load.py INDEX_DIR                       # 2,000 queries, 8 at a time
     python benchmarks/serve_load.py INDEX_DIR --queries 5000 --concurrency 16 --model CKPT
+    python benchmarks/serve_load.py INDEX_DIR --no-model             # generated vectors: embedding queries only
 """
 
 from __future__ import annotations
@@ -55,17 +56,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("index", help="an index folder (or one holding image/ and text/)")
     parser.add_argument("--model", help="checkpoint, when the index names none")
+    parser.add_argument("--no-model", action="store_true",
+                        help="serve without a model (an index of generated vectors): embedding queries only")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=600)
     arguments = parser.parse_args()
     indexes = load_indexes(arguments.index)
     modality, index = next(iter(indexes.items()))
-    extra = ["--model", arguments.model] if arguments.model else []
+    extra = ["--no-model"] if arguments.no_model else ["--model", arguments.model] if arguments.model else []
     with tempfile.TemporaryDirectory() as folder:
         process, url = start_server(arguments.index, extra, Path(folder) / "serve.log")
         try:
-            bodies = query_bodies(index, modality, arguments.queries, with_text=True)
+            bodies = query_bodies(index, modality, arguments.queries, with_text=not arguments.no_model)
             report = run_load(url, bodies, concurrency=arguments.concurrency, max_seconds=arguments.max_seconds)
         finally:
             process.terminate()

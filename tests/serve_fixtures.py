@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 from openalign.cli import main
+from tests.cli_fixtures import CAPTIONS, direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 
 NUM_ITEMS = 24
 

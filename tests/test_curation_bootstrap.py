@@ -25,6 +25,7 @@ from openalign.curation.similarity_filter import SimilarityConfig
 from openalign.data.filters import FilterConfig
 from openalign.data.sources import iter_records, write_manifest
 from openalign.errors import ConfigError
+from openalign.inference.embedding_folder import embeddings_path, metadata_path, part_name
 from tests.train_data import make_data
 
 MISMATCH_RATE = 0.4
@@ -109,11 +110,15 @@ def test_a_rerun_after_a_kill_redoes_no_finished_stage(curated, noisy_manifest, 
                 ("score-1/scores.parquet", "score-1/manifest.jsonl", "final/model/model.safetensors")}
     train_marker = os.stat(curated / "train-1" / "stage.json").st_mtime_ns
     # What a kill during the scoring of part 2 leaves: parts 0 and 1 done, nothing after them.
+    embeddings = score / "embeddings"
+    later_parts = [path for part in (2, 3) for path in (
+        embeddings_path(embeddings, part, "image"), embeddings_path(embeddings, part, "text"),
+        metadata_path(embeddings, part), *embeddings.glob(f"{part_name(part)}.*"))]
     for path in [score / "stage.json", score / "scores.parquet", score / "manifest.jsonl",
-                 score / "embeddings" / "summary.json", *score.glob("embeddings/part-0000[23]*")]:
-        path.unlink()
+                 embeddings / "summary.json", *later_parts]:
+        path.unlink(missing_ok=path in later_parts)
     shutil.rmtree(curated / "final")
-    part_zero = os.stat(score / "embeddings" / "part-00000.image.npy").st_mtime_ns
+    part_zero = os.stat(embeddings_path(embeddings, 0, "image")).st_mtime_ns
     runs = []
     original_train = trainer.train
     monkeypatch.setattr(trainer, "train", lambda config, resume=None: runs.append(config.run.out_dir)
@@ -127,7 +132,7 @@ def test_a_rerun_after_a_kill_redoes_no_finished_stage(curated, noisy_manifest, 
         torch.set_num_threads(threads)
     assert runs == [str(curated / "final")]  # train-1 was not trained again
     assert os.stat(curated / "train-1" / "stage.json").st_mtime_ns == train_marker
-    assert os.stat(score / "embeddings" / "part-00000.image.npy").st_mtime_ns == part_zero
+    assert os.stat(embeddings_path(embeddings, 0, "image")).st_mtime_ns == part_zero
     for name, content in expected.items():
         assert (curated / name).read_bytes() == content, name
 

@@ -24,6 +24,7 @@ from openalign.curation.similarity_filter import load_scoring_encoders
 from openalign.data.sources import iter_records, write_manifest
 from openalign.data.synth import SynthConfig, generate
 from openalign.inference.embed import read_embedding_folder
+from openalign.inference.embedding_folder import embeddings_path
 from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings
 
 PAIRS = 24
@@ -153,12 +154,12 @@ def test_an_interrupted_scoring_resumes_to_the_bytes_of_an_uninterrupted_one(che
         score_corpus(corpus["manifest"], tmp_path / "resumed", failing, part_size=5)
     done = tmp_path / "resumed" / "embeddings" / "part-00000.done"
     assert done.exists() and not (tmp_path / "resumed" / "embeddings" / "part-00001.done").exists()
-    first_part = os.stat(tmp_path / "resumed" / "embeddings" / "part-00000.image.npy").st_mtime_ns
+    first_part = os.stat(embeddings_path(tmp_path / "resumed" / "embeddings", 0, "image")).st_mtime_ns
     assert not (tmp_path / "resumed" / "scores.parquet").exists()
 
     summary = score_corpus(corpus["manifest"], tmp_path / "resumed", encoders, part_size=5)
     assert summary["scored"] == PAIRS and summary["skipped"] == 0
-    assert os.stat(tmp_path / "resumed" / "embeddings" / "part-00000.image.npy").st_mtime_ns == first_part
+    assert os.stat(embeddings_path(tmp_path / "resumed" / "embeddings", 0, "image")).st_mtime_ns == first_part
     straight, resumed = _folder_bytes(tmp_path / "straight"), _folder_bytes(tmp_path / "resumed")
     assert sorted(straight) == sorted(resumed) and "scores.parquet" in straight
     for name in straight:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from clip_retrieval_peer import clip_retrieval_module
 from openalign.errors import ImageLoadError
 from openalign.inference.embed import embed_to_folder
 from openalign.inference.embedding_folder import read_embedding_folder
+from tests.clip_retrieval_peer import clip_retrieval_module
 
 
 class _NumpyTolerantJson:

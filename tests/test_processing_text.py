@@ -85,6 +85,24 @@ def test_truncation_is_on_by_default_and_keeps_sep():
     assert untruncated["input_ids"].shape[1] == len(reference("word " * 200)["input_ids"])
 
 
+@pytest.mark.parametrize("max_length", [8, 64])
+def test_long_texts_tokenized_from_a_prefix_match_transformers(max_length):
+    """Truncated texts are tokenized from a prefix (bounded work); the kept tokens must be the whole text's."""
+    import random
+
+    tokenizer = AlignTokenizer.from_pretrained(BERT_FOLDER)
+    reference = BertTokenizerFast.from_pretrained(BERT_FOLDER)
+    pieces = ["word", " ", "   ", "\t", ".", "e\u0301", "\u0000", "東京", "don't", "x" * 120, "Crème", "-", "\n\n",
+              "😀", "supercalifragilistic", "\u200b"]
+    rng = random.Random(max_length)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.choice([50, 300, 1500]))) for _ in range(60)]
+    texts += [" " * 5000 + "word " * 100, "x" * 5000 + " word" * 100, "." * 3000]  # the prefix must grow
+    ours = tokenizer(texts, max_length=max_length, padding="do_not_pad", return_tensors=None)["input_ids"]
+    expected = reference(texts, max_length=max_length, truncation=True)["input_ids"]
+    assert ours == expected
+    assert sum(len(text) > 16 * max_length for text in texts) > 40  # most texts were cut to a prefix
+
+
 def test_decode_matches_transformers():
     tokenizer = AlignTokenizer.from_pretrained(BERT_FOLDER)
     reference = BertTokenizerFast.from_pretrained(BERT_FOLDER)

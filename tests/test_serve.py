@@ -18,13 +18,13 @@ from urllib.parse import parse_qs, quote, urlsplit
 import numpy as np
 import pytest
 
-from cli_fixtures import direct_image_embeddings, direct_text_embeddings
-from clip_retrieval_peer import clip_retrieval_module
 from openalign.inference.encoders import load_encoders
 from openalign.serve import ServeLimits, create_app
 from openalign.serve.load import run_load
 from openalign.serve.service import _duplicates
-from serve_fixtures import NUM_ITEMS, brute_force, make_collection, serving
+from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings
+from tests.clip_retrieval_peer import clip_retrieval_module
+from tests.serve_fixtures import NUM_ITEMS, brute_force, make_collection, serving
 
 LOAD_QUERIES = 400  # benchmarks/serve_load.py sends 2,000
 

@@ -113,19 +113,3 @@ def test_print_config_prints_what_a_run_would_use(capsys, tmp_path, monkeypatch)
     expected = load_config(overrides={"optim.lr": "5e-4", "data.train": "pairs.jsonl"}, base=get_recipe("cpu-small"))
     assert TrainConfig.from_dict(yaml.safe_load(printed)) == expected
     assert not (tmp_path / "runs").exists()  # printed, not run
-
-
-def test_resuming_without_a_config_reads_the_run_folders_own(tmp_path, monkeypatch):
-    from openalign.train.config import load_command_config
-
-    run_dir = tmp_path / "runs" / "mine"
-    run_dir.mkdir(parents=True)
-    load_config(overrides={"optim.lr": 7e-4, "run.out_dir": str(run_dir)}).save(run_dir / "config.yaml")
-    # A config.yaml in the current folder is not the run's.
-    monkeypatch.chdir(tmp_path)
-    load_config(overrides={"optim.lr": 1e-5}).save(tmp_path / "config.yaml")
-    latest = load_command_config(None, {"run.out_dir": str(run_dir)}, resume="latest")
-    assert latest.optim.lr == 7e-4
-    named = load_command_config(None, {}, resume=str(run_dir / "checkpoint-00000004"))
-    assert named.optim.lr == 7e-4 and named.run.out_dir == str(run_dir)
-    assert load_command_config(None, {}, resume=None).optim.lr == TrainConfig().optim.lr

@@ -15,3 +15,12 @@ class CheckpointError(OpenAlignError):
 
 class ImageLoadError(OpenAlignError, ValueError):
     """An image cannot be opened or decoded; the message names its source."""
+
+
+class InputLimitError(OpenAlignError, ValueError):
+    """Untrusted bytes break a bound: too large, nested too deep, not a regular file, or a name leading out of its
+    folder. The message names the file or member, and the bound."""
+
+
+class TextInputError(OpenAlignError, ValueError):
+    """A text to tokenize is not a string, or holds what cannot be encoded (a lone surrogate); names the item."""

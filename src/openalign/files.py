@@ -1,11 +1,55 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file."""
+"""Atomic file writes: a reader (or a resumed run) never sees half a file; a full disk is said in plain words."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from openalign.errors import OpenAlignError
+
+# What the libraries say when the disk fills: torch.save to a file object chains the OSError (its own message
+# is "unexpected pos" or "iostream error"), safetensors keeps only the operating system's text.
+_FULL_DISK_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+class DiskFullError(OpenAlignError, OSError):
+    """A write failed because the disk (or the user's quota) is full; the message names the file."""
+
+
+def _says_disk_full(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _FULL_DISK_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write that failed for want of space into DiskFullError naming `path` and the space left; any other
+    failure passes through. torch.save must be given an open file for its failure to carry the cause."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not _says_disk_full(error):
+            raise
+        folder = Path(path).parent
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes free on its file system"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(f"no space left on device while writing {path} ({free})") from error
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, shared: bool = False) -> None:
@@ -22,8 +66,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, shar
     else:
         temporary = path.with_name(f"{path.name}.tmp")
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with reporting_full_disk(path):
+            write(temporary)
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -11,11 +11,14 @@ import copy
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from openalign.errors import ConfigError
+from openalign.untrusted import read_json_object
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "tanh")
 POOLING_TYPES = ("mean", "max")
@@ -29,17 +32,36 @@ class _Config:
     def __post_init__(self):
         self.validate()
 
+    def check_fields(self) -> None:
+        """Every field against its declared type and upper bound (FIELD_LIMITS), before any rule or model uses
+        it: a config.json from anywhere may hold 2.5 layers, a list for a tower or a vocabulary of 10^12."""
+        name = type(self).__name__
+        for field_name, annotation in _annotations(type(self)).items():
+            value = getattr(self, field_name)
+            conformed = _conform(value, annotation)
+            _require(conformed is not _WRONG, name, field_name, value, f"must be {_describe_type(annotation)}")
+            limit = FIELD_LIMITS.get(field_name)
+            if limit is not None:
+                values = conformed if isinstance(conformed, list) else [conformed]
+                _require(all(v is None or v <= limit for v in values), name, field_name, value,
+                         f"must be at most {limit} (a bound on what a config file may ask to allocate)")
+            setattr(self, field_name, conformed)
+
     def validate(self) -> None:  # pragma: no cover - overridden
         pass
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         """Build from a transformers-style dict; unknown keys land in `extra` (never an error)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{cls.__name__} must be built from a JSON object, got {type(values).__name__}")
         values = dict(values)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {name: values.pop(name) for name in list(values) if name in known}
         values.pop("model_type", None)
         extra = values.pop("extra", None) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{cls.__name__}.extra must be an object, got {type(extra).__name__}")
         return cls(**kwargs, extra={**extra, **values})
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,15 +87,66 @@ class _Config:
     @classmethod
     def from_json_file(cls, path: str | Path):
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"no config file at {path}")
+        values = read_json_object(path)
         try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a JSON object, found {type(values).__name__}")
-        return cls.from_dict(values)
+            return cls.from_dict(values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+
+# Upper bounds on size fields, far above every published ALIGN / EfficientNet / BERT, so that a config file
+# cannot ask for terabytes before anything checks it. Lists are bounded entry by entry.
+FIELD_LIMITS = {
+    "vocab_size": 2**22, "hidden_size": 2**15, "num_hidden_layers": 512, "num_attention_heads": 2**10,
+    "intermediate_size": 2**17, "max_position_embeddings": 2**16, "type_vocab_size": 2**10,
+    "num_channels": 64, "image_size": 2**13, "width_coefficient": 16, "depth_coefficient": 16,
+    "depth_divisor": 2**10, "kernel_sizes": 31, "in_channels": 2**13, "out_channels": 2**13, "strides": 2,
+    "num_block_repeats": 64, "expand_ratios": 64, "depthwise_padding": 2**10, "hidden_dim": 2**16,
+    "projection_dim": 2**16,
+}
+_WRONG = object()
+
+
+def _annotations(cls) -> dict[str, Any]:
+    """Field name -> resolved type of a config dataclass (`extra` aside)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+def _conform(value: Any, annotation: Any) -> Any:
+    """`value` as `annotation` says (an integral float is an int; a tower may be a dict), or _WRONG."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if value is None:
+        return None if type(None) in options else _WRONG
+    for option in options:
+        if option is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                return int(value)
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return value
+        elif option is str and isinstance(value, str):
+            return value
+        elif typing.get_origin(option) is list and isinstance(value, (list, tuple)):
+            items = [_conform(item, typing.get_args(option)[0]) for item in value]
+            if all(item is not _WRONG for item in items):
+                return items
+        elif isinstance(option, type) and issubclass(option, _Config) and isinstance(value, (dict, option)):
+            return value
+    return _WRONG
+
+
+def _describe_type(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, _Config):
+        return f"an object of {annotation.__name__} fields"
+    text = str(annotation).replace("typing.", "").replace("openalign.model_config.", "")
+    return {"<class 'int'>": "an integer", "<class 'float'>": "a finite number", "<class 'str'>": "a string",
+            "int | None": "an integer or null", "list[int]": "a list of integers"}.get(text, text)
 
 
 def _require(condition: bool, config_name: str, field_name: str, value: Any, rule: str) -> None:
@@ -120,6 +193,7 @@ class AlignTextConfig(_Config):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
+        self.check_fields()
         _check_positive(
             self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
@@ -177,9 +251,8 @@ class AlignVisionConfig(_Config):
         if isinstance(self.image_size, (list, tuple)):
             sizes = set(self.image_size)
             _require(len(sizes) == 1, "AlignVisionConfig", "image_size", self.image_size, "must be square")
-            self.image_size = int(self.image_size[0])
-        for name in (*self.STAGE_FIELDS, "depthwise_padding"):
-            setattr(self, name, [int(v) for v in getattr(self, name)])
+            self.image_size = self.image_size[0]
+        self.check_fields()
         _check_positive(
             self, "num_channels", "image_size", "width_coefficient", "depth_coefficient", "depth_divisor",
             "squeeze_expansion_ratio", "hidden_dim", "batch_norm_eps",
@@ -247,6 +320,7 @@ class AlignConfig(_Config):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
+        self.check_fields()
         if isinstance(self.text_config, dict):
             self.text_config = AlignTextConfig.from_dict(self.text_config)
         if isinstance(self.vision_config, dict):

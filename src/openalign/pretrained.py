@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from openalign import hub
-from openalign.errors import CheckpointError, ConfigError
+from openalign.errors import CheckpointError, ConfigError, InputLimitError
 from openalign.files import atomic_write, atomic_write_bytes
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
+from openalign.untrusted import confined_path, parse_json, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "pytorch_model*.bin"]
+MAX_CONFIG_BYTES = 2**20  # config.json: a few KB in practice
+MAX_INDEX_BYTES = 64 * 2**20  # a shard index lists every tensor name
 
 # Keys some checkpoints hold that carry no weights of ours.
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -83,13 +86,22 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every shard an index names; shard names must stay inside the index's folder."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        weight_map = parse_json(read_text_file(index_path, MAX_INDEX_BYTES, "shard index"), str(index_path))
+        weight_map = weight_map["weight_map"]
+    except (InputLimitError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{index_path} is not a valid shard index: {error}") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index_path} is not a valid shard index: no weight_map object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
+        try:
+            shard_path = confined_path(index_path.parent, shard, f"shard index {index_path}")
+        except InputLimitError as error:
+            raise CheckpointError(str(error)) from None
         if not shard_path.exists():
             raise CheckpointError(f"{index_path} lists shard {shard}, which is missing")
         state_dict.update(read_weights_file(shard_path))
@@ -145,14 +157,20 @@ def read_config(folder: Path, config_class):
     if not config_path.exists():
         raise CheckpointError(f"no {CONFIG_NAME} in {folder}")
     try:
-        values = json.loads(config_path.read_text())
+        values = parse_json(read_text_file(config_path, MAX_CONFIG_BYTES, "model config"), str(config_path))
+    except InputLimitError as error:
+        raise CheckpointError(str(error)) from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, found a {type(values).__name__}")
     model_type = values.get("model_type")
     try:
         if config_class is not AlignConfig and model_type == "align":
             key = "text_config" if config_class is AlignTextConfig else "vision_config"
-            return config_class.from_dict(values.get(key) or {})
+            if not isinstance(values.get(key, {}), dict):
+                raise ConfigError(f"{key} = {values[key]!r} is invalid: must be an object of the tower's fields")
+            return config_class.from_dict(values.get(key, {}))
         if config_class is AlignConfig and model_type not in (None, "align"):
             raise CheckpointError(f"{config_path} has model_type {model_type!r}; AlignModel needs 'align'")
         if config_class is AlignVisionConfig and model_type not in (None, "align_vision_model"):
@@ -160,7 +178,7 @@ def read_config(folder: Path, config_class):
         return config_class.from_dict(values)
     except ConfigError as error:
         raise CheckpointError(f"{config_path}: {error}") from None
-    except TypeError as error:
+    except TypeError as error:  # an unexpected keyword: the field types themselves are checked by the config
         raise CheckpointError(f"{config_path} has a field of the wrong type: {error}") from None
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -38,20 +36,10 @@ def print_json(value) -> None:
 
 
 def reports_errors(command: str):
-    """Decorate a command's run function: an OpenAlignError (whose message names the file, key or value) is
-    printed as one line on stderr with exit status 1 instead of a traceback."""
+    """Kept for command modules that still decorate their run function with it: errors are now reported once,
+    by `openalign.cli.main` (one line on stderr, exit status 1), so this decorator changes nothing."""
 
     def decorate(run):
-        @functools.wraps(run)
-        def wrapper(args: argparse.Namespace) -> int:
-            from openalign.errors import OpenAlignError
-
-            try:
-                return run(args)
-            except OpenAlignError as error:
-                print(f"openalign {command}: {error}", file=sys.stderr)
-                return 1
-
-        return wrapper
+        return run
 
     return decorate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
 from openalign.cli._help import add_command
 
 
@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("compare")
 def run(args: argparse.Namespace) -> int:
     """Compute the matrix, draw it, print it."""
     from openalign.eval.heatmap import format_matrix, plot_similarity_heatmap, similarity_matrix

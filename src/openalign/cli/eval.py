@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
 from openalign.cli._help import add_command
 
 
@@ -79,17 +79,16 @@ def _report(metrics: dict, title: str, args: argparse.Namespace) -> int:
     return 0
 
 
-@reports_errors("eval retrieval")
 def run_retrieval(args: argparse.Namespace) -> int:
     """Retrieval metrics on a caption manifest."""
     from openalign.eval.runner import evaluate_retrieval_manifest
 
     metrics = evaluate_retrieval_manifest(encoders_from_arguments(args), args.manifest,
                                           image_column=args.image_column, caption_column=args.caption_column)
-    return _report(metrics, f"retrieval on {args.manifest} (recall as a fraction of the queries)", args)
+    return _report(metrics, f"retrieval on {args.manifest} (recall as a fraction of the queries; ties broken at "
+                            "random, expected value)", args)
 
 
-@reports_errors("eval zero-shot")
 def run_zero_shot(args: argparse.Namespace) -> int:
     """Zero-shot metrics on class folders; per-class accuracy goes to the JSON, the table shows the totals."""
     from openalign.eval.runner import evaluate_zero_shot_folder
@@ -106,7 +105,6 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     return result
 
 
-@reports_errors("eval knn")
 def run_knn(args: argparse.Namespace) -> int:
     """kNN metrics on train / test class folders."""
     from openalign.eval.runner import evaluate_knn_folders

@@ -33,12 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @reports_errors("search")
 def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
-    from openalign.index.faiss_index import search_index
+    from openalign.index.faiss_index import IndexBuildError, search_index
     from openalign.index.html import write_results_html
     from openalign.inference.embedding_folder import MODEL_FILE, read_model_reference
 
     if not args.texts and not args.images:
         raise SystemExit("openalign search: give a text query, --image, or both")
+    if not Path(args.index).is_dir():
+        raise IndexBuildError(f"no index folder at {args.index} (build one with `openalign index EMBED_DIR`)")
     if args.model is None:
         args.model = read_model_reference(args.index)
         if args.model is None:

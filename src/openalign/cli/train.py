@@ -1,6 +1,6 @@
 """`openalign train --config FILE [--recipe NAME] [--section.key VALUE ...] [--set section.key=VALUE ...]
-[--resume latest|CHECKPOINT] [--print-config]`. Under torchrun each process runs this and joins the process
-group itself."""
+[--resume latest|CHECKPOINT] [--trust-run-config] [--overwrite] [--force] [--print-config]`. Under torchrun
+each process runs this and joins the process group itself."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "tokenizer and image settings), which every other command takes as --model.",
         examples=EXAMPLES, formatter_class=_FieldHelpFormatter,
         usage="%(prog)s [--recipe NAME] [--config FILE] [--section.key VALUE ...]\n"
-              "                       [--set SECTION.KEY=VALUE] [--resume latest|CHECKPOINT] [--print-config]")
+              "                       [--set SECTION.KEY=VALUE] [--resume latest|CHECKPOINT] [--print-config]\n"
+              "                       [--trust-run-config] [--overwrite] [--force]")
     parser.add_argument("--config", metavar="FILE", help="a YAML or TOML file of config sections")
     parser.add_argument("--recipe", choices=sorted(RECIPES), metavar="NAME",
                         help="a named recipe to start from: cpu-small (the tiny model in minutes on a CPU), paper, "
@@ -56,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override one field (repeatable)")
     parser.add_argument("--resume", metavar="latest|CHECKPOINT",
                         help="continue the run in run.out_dir from its newest complete checkpoint, or a folder")
+    parser.add_argument("--trust-run-config", action="store_true",
+                        help="when resuming without --config, let the run folder's config.yaml run commands "
+                             "(pipe: data sources); refused otherwise, since a run folder may come from anyone")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.out_dir that holds another run's checkpoints, removing them")
+    parser.add_argument("--force", action="store_true",
+                        help="resume although the configuration differs from the checkpoint's in settings that "
+                             "change the updates (the differences are listed)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit without training")
     for section, names in _by_section(field_names()).items():
@@ -84,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     # times the step time (openalign.runtime). Then freed activations stay in the heap for the next step.
     set_omp_wait_policy()
     configure_allocator()
-    from openalign.train.config import load_command_config, parse_override
+    from openalign.train.config import parse_override, resolve_run_config
     from openalign.train.recipes import get_recipe
 
     overrides: dict[str, str] = {}
@@ -97,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
         key, value = parse_override(text)
         overrides[key] = value
     base = get_recipe(args.recipe) if args.recipe else None
-    config = load_command_config(args.config, overrides, base, resume=args.resume)
+    config = resolve_run_config(args.config, args.resume, overrides, base, trust_run_config=args.trust_run_config)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
@@ -105,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     from openalign.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if _is_main_process():
         print(describe_run(result, config))
     return 0

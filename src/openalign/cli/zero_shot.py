@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
 from openalign.cli._help import add_command
 
 
@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("zero-shot")
 def run(args: argparse.Namespace) -> int:
     """Classify and print a table (or JSON)."""
     from openalign.inference.classify import format_predictions, read_labels, zero_shot_classify

@@ -35,9 +35,10 @@ from openalign.data.sources import (
     iter_shard,
 )
 from openalign.distributed import rank_and_world_size
-from openalign.errors import ConfigError
+from openalign.errors import ConfigError, InputLimitError
 from openalign.processing import images
 from openalign.processing.images import train_transform
+from openalign.processing.tokenizer import is_unicode_text
 
 # train_transform (processing.images'), the dataset's default transform, is imported from here too.
 __all__ = ["Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader", "train_transform"]
@@ -135,8 +136,11 @@ class ImageTextDataset(IterableDataset):
     from torch's, Python's or numpy's global RNG, which are seeded for the call and restored after it (about
     0.1 ms a sample). `decode` (bytes -> RGB image) should be deterministic. The transform should not flip;
     `flip` does (True, False, or "auto": not when the caption says left or right). Unusable samples are
-    skipped, logged with their key and counted by reason; `max_consecutive_skips` in a row mean a broken source
-    and raise DataError.
+    skipped, logged with their key and counted by reason (missing_caption, invalid_caption, over_limit: a member
+    or file above its size bound, unreadable_image, corrupt_image, transform_failed; unreadable_shard for the
+    rest of a shard that breaks off); `max_consecutive_skips` in a row mean a broken source and raise DataError.
+    A shard that cannot be counted at the start counts 0 samples; only a set of which no shard is readable is
+    refused.
 
     `group_by` (manifests only) names a manifest column: each pass is then shuffled in runs of `group_size`
     consecutive rows sharing that column's value, so a batch holds a few values with many rows each (hard
@@ -190,6 +194,7 @@ class ImageTextDataset(IterableDataset):
             if all(label is None for label in self._group_labels):
                 raise ConfigError(f"group_by={group_by!r}: no row of {source} has that column")
         self._num_samples: int | None = None
+        self.uncountable_shards: list[str] = []
         # Set by the loader before each epoch; pickled into the workers with the dataset.
         self.epoch = 0
         self.resume_positions: list[tuple[int, int, int, int]] | None = None
@@ -224,8 +229,23 @@ class ImageTextDataset(IterableDataset):
                 if piped:
                     raise ConfigError(f"cannot count the samples of piped shards such as {piped[0]!r}; "
                                       "give epoch_size")
-                self._num_samples = sum(count_shard_samples(url) for url in self.shards)
+                self._num_samples = self._count_shard_samples()
         return self._num_samples
+
+    def _count_shard_samples(self) -> int:
+        """Samples in the local shards, read from their headers; an unreadable shard counts 0 (logged and kept in
+        `uncountable_shards`; reading it later skips and counts what it cannot yield), and only a set of which
+        no shard can be read is refused."""
+        total, self.uncountable_shards = 0, []
+        for url in self.shards:
+            try:
+                total += count_shard_samples(url)
+            except DataError as error:
+                self.uncountable_shards.append(url)
+                logger.warning("counting 0 samples for unreadable shard %s: %s", url, error)
+        if len(self.uncountable_shards) == len(self.shards):
+            raise DataError(f"none of the {len(self.shards)} shards can be read (first: {self.shards[0]})")
+        return total
 
     def samples_per_stream(self, num_streams: int) -> int | None:
         """Samples each stream yields per epoch; None for an endless resampled stream without `epoch_size`."""
@@ -297,13 +317,19 @@ class ImageTextDataset(IterableDataset):
         """Pixels of one record, or None (logged and counted by reason) when it cannot be used."""
         reason, error = None, None
         cached = self.image_cache.get(record.key) if self.image_cache is not None else None
-        if record.caption is None or not record.caption.strip():
+        if record.error is not None:
+            reason, error = "over_limit", record.error
+        elif record.caption is None or not record.caption.strip():
             reason = "missing_caption"
+        elif not is_unicode_text(record.caption):
+            reason, error = "invalid_caption", "a lone surrogate or other text that is not Unicode"
         elif cached is not None:
             image = Image.fromarray(cached)
         else:
             try:
                 data = record.open_image_bytes()
+            except InputLimitError as caught:
+                reason, error = "over_limit", caught
             except (OSError, DataError) as caught:
                 reason, error = "unreadable_image", caught
             if reason is None:

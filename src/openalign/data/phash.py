@@ -17,13 +17,13 @@ import io
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from openalign.data.counting import stable_hash
 from openalign.data.sources import DataError, Record, iter_records
+from openalign.untrusted import MAX_IMAGE_BYTES, read_regular_file
 
 PROBE_DTYPE = np.dtype([("width", "<i4"), ("height", "<i4"), ("image_hash", "<u8"), ("phash", "<u8"),
                         ("readable", "?")])
@@ -85,12 +85,12 @@ def probe_image(item: tuple[str | None, bytes | None, bool]) -> tuple[tuple, str
         if data is None:
             if path is None or "://" in path:
                 return (0, 0, 0, 0, False), f"no local image ({path})"
-            data = Path(path).read_bytes()
+            data = read_regular_file(path, MAX_IMAGE_BYTES, "image")
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size  # parsed from the header; no pixel is decoded
             perceptual = phash(image) if want_phash else 0
         return (width, height, stable_hash(data), perceptual, True), ""
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # ValueError: a bound too
         return (0, 0, 0, 0, False), f"{type(error).__name__}: {error}"
 
 

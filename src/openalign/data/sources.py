@@ -1,130 +1,48 @@
 """Where image-text pairs come from: manifests, WebDataset tar shards, image folders, and caption files
 (captions without images, for embedding texts).
 
-Every source is read as a stream of `Record`s. A record holds the undecoded image (a path or raw bytes) and
-its caption, so readers stay cheap and decoding errors surface where they can be counted: in the training
-dataset.
+Every source is read as a stream of `Record`s (data/records.py). A record holds the undecoded image (a path or
+raw bytes) and its caption, so readers stay cheap and decoding errors surface where they can be counted: in the
+training dataset. Every read is bounded (openalign.untrusted): a shard member, caption or sidecar above its bound
+is not read, and its record carries the reason in `error`, so the consumer skips and counts it; an image file
+must be a regular file within the image bound. This module reads manifests, caption files and image folders and
+dispatches a source to its reader; shards are data/shards.py's, and their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
-import io
+import itertools
 import json
 import logging
 import os
-import re
-import shlex
-import subprocess
-import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openalign.errors import OpenAlignError
+from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
+from openalign.data.shards import (
+    SHARD_SUFFIXES,
+    count_shard_samples,
+    expand_shards,
+    is_shard_source,
+    iter_shard,
+    write_shards,
+)
+from openalign.errors import InputLimitError
+from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
+
+__all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
+           "Record", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
+           "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard", "write_manifest",
+           "write_shards"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 CAPTION_FILE_SUFFIX = ".txt"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "url", "img")
 CAPTION_COLUMNS = ("caption", "text", "alt", "alt_text", "title")
-
-
-class DataError(OpenAlignError, ValueError):
-    """A data source cannot be read or does not have the expected layout; the message names it."""
-
-
-@dataclass
-class Record:
-    """One image-text pair as stored, before decoding.
-
-    `key` is stable across runs: the manifest's path as written, "<shard stem>/<sample key>" for shards, or
-    "FILE:LINE" for a line of a caption file (a record with a caption and no image).
-    """
-
-    key: str
-    caption: str | None
-    image_path: Path | None = None
-    image_bytes: bytes | None = None
-    image_ext: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def open_image_bytes(self) -> bytes:
-        """Return the encoded image, reading `image_path` when the record holds no bytes."""
-        if self.image_bytes is not None:
-            return self.image_bytes
-        if self.image_path is None:
-            raise DataError(f"record {self.key!r} has no image (no path and no bytes)")
-        if "://" in str(self.image_path):
-            raise DataError(f"record {self.key!r}: remote image {self.image_path} is not downloaded here; "
-                            "fetch the images first (e.g. with img2dataset) and train from the shards")
-        return Path(self.image_path).read_bytes()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Shard specs
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand the first brace group ("{000..009}" or "{a,b}") recursively; ranges keep their zero padding."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if range_match:
-        first, last = range_match.groups()
-        width = len(first) if first.startswith("0") else 0
-        step = 1 if int(last) >= int(first) else -1
-        options = [str(number).zfill(width) for number in range(int(first), int(last) + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise DataError(f"cannot expand brace group {{{body}}} in shard pattern {pattern!r}")
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [expanded for option in options for expanded in _expand_braces(head + option + tail)]
-
-
-def _is_shard_path(text: str) -> bool:
-    return text.startswith("pipe:") or text.endswith(SHARD_SUFFIXES)
-
-
-def expand_shards(spec: str | Path | list) -> list[str]:
-    """Turn a shard spec into a list of shard URLs.
-
-    Accepts brace patterns ("data/{00000..00009}.tar"), globs, a folder of tars, "pipe:cmd" URLs (kept as
-    written, braces expanded), or a list of any of these. Local names that match nothing raise DataError.
-    """
-    if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in expand_shards(item)]
-    text = str(spec)
-    if text.startswith("pipe:"):
-        return _expand_braces(text)
-    if os.path.isdir(text):
-        urls = sorted(str(path) for suffix in SHARD_SUFFIXES for path in Path(text).glob(f"*{suffix}"))
-        if not urls:
-            raise DataError(f"shard folder {text} holds no {'/'.join(SHARD_SUFFIXES)} files")
-        return urls
-    urls = []
-    for pattern in _expand_braces(text):
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise DataError(f"shard pattern {pattern!r} (from {text!r}) matches no files")
-            urls.extend(matches)
-        elif os.path.exists(pattern):
-            urls.append(pattern)
-        else:
-            raise DataError(f"shard {pattern!r} (from {text!r}) does not exist")
-    return urls
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,43 +63,98 @@ def _pick_column(columns: list[str], requested: str | None, candidates: tuple[st
                     f"or pass {role}_column=")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each non-empty line of a JSON-lines manifest, read as a stream."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line of a UTF-8 text file, read as a stream; a line above
+    MAX_LINE_BYTES or not UTF-8 is a DataError naming the file and line."""
+    with open(path, "rb") as handle:
+        for number in itertools.count(1):
+            line = handle.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{what} {path}, line {number}: longer than the limit of {MAX_LINE_BYTES} bytes")
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"manifest {path}, line {number}: invalid JSON ({error})") from error
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{what} {path}, line {number}: not UTF-8 (byte {error.start}: {error.reason}); "
+                                "re-save it as UTF-8") from None
+            if text.strip():
+                yield number, text
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-empty line of a JSON-lines manifest; a line that is not JSON or not an
+    object is a DataError naming the file and line."""
+    for number, text in _text_lines(path, "manifest"):
+        where = f"manifest {path}, line {number}"
+        try:
+            row = parse_json(text, where)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error})") from None
+        except InputLimitError as error:
+            raise DataError(str(error)) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object of columns, found a {type(row).__name__}")
+        yield number, row
+
+
+def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    """Column names and rows of a CSV / TSV manifest; a line that is not UTF-8 or a malformed row is a DataError
+    naming the file and line."""
+    handle = open(path, "rb")  # closed by rows() below; lines decoded one by one, so an error knows its line
+
+    def lines() -> Iterator[str]:
+        for number, line in enumerate(handle, 1):
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"manifest {path}, line {number}: not UTF-8 (byte {error.start} of the line: "
+                                f"{error.reason}); re-save it as UTF-8") from None
+
+    reader = csv.DictReader(lines(), delimiter=delimiter)
+    try:
+        columns = list(reader.fieldnames or [])
+    except csv.Error as error:
+        handle.close()
+        raise DataError(f"manifest {path}, line {reader.line_num}: {error}") from None
+    except DataError:
+        handle.close()
+        raise
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with handle:
+            try:
+                yield from reader
+            except csv.Error as error:
+                raise DataError(f"manifest {path}, line {reader.line_num}: {error}") from None
+
+    return columns, rows()
 
 
 def _read_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Column names and an iterator of row dicts for a manifest file."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        handle = open(path, newline="", encoding="utf-8")  # closed by rows() below
-        reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-        columns = list(reader.fieldnames or [])
-
-        def rows() -> Iterator[dict[str, Any]]:
-            with handle:
-                yield from reader
-
-        return columns, rows()
+        return _csv_rows(path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".jsonl":
         # Two streaming passes (column names, then rows) so a manifest larger than memory still reads.
         columns = list(dict.fromkeys(key for _, row in _jsonl_rows(path) for key in row))
         return columns, (row for _, row in _jsonl_rows(path))
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as parquet
 
-        parquet_file = parquet.ParquetFile(path)
+        try:
+            parquet_file = parquet.ParquetFile(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"manifest {path} is not a readable Parquet file: {error}") from None
 
         def parquet_rows() -> Iterator[dict[str, Any]]:
-            for batch in parquet_file.iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
+            try:
+                for batch in parquet_file.iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+            except (pyarrow.ArrowException, OSError) as error:
+                raise DataError(f"manifest {path} is corrupt: {error}") from None
 
         return list(parquet_file.schema_arrow.names), parquet_rows()
     raise DataError(f"manifest {path}: unknown format {suffix!r}; expected one of {list(MANIFEST_SUFFIXES)}")
@@ -214,100 +187,6 @@ def iter_manifest(path: str | Path, *, image_column: str | None = None,
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Shards
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    """("dir/000123.jpg") -> ("dir/000123", "jpg"): the key ends at the first dot of the basename."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
-
-
-def _shard_stem(url: str) -> str:
-    name = url.split()[-1] if url.startswith("pipe:") else url
-    base = os.path.basename(name.rstrip("/"))
-    for suffix in SHARD_SUFFIXES:
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
-
-
-def _record_from_members(shard: str, key: str, members: dict[str, bytes]) -> Record:
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-    extra: dict[str, Any] = {}
-    if "json" in members:
-        try:
-            extra = json.loads(members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            logger.warning("shard %s, sample %s: unreadable .json sidecar (%s)", shard, key, error)
-        if not isinstance(extra, dict):
-            extra = {"json": extra}
-    caption = None
-    if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="replace").strip()
-    elif extra.get("caption") is not None or extra.get("text") is not None:
-        caption = str(extra.get("caption") if extra.get("caption") is not None else extra["text"])
-    return Record(key=f"{_shard_stem(shard)}/{key}", caption=caption,
-                  image_bytes=members.get(image_ext) if image_ext else None, image_ext=image_ext, extra=extra)
-
-
-def iter_shard(url: str) -> Iterator[Record]:
-    """Stream the samples of one WebDataset tar (local path or "pipe:command").
-
-    Members sharing a key (basename before its first dot) form one sample; WebDataset writes them adjacently.
-    The caption comes from `.txt`, else from the `.json` sidecar's "caption" or "text". A tar that cannot be
-    read raises DataError naming it, after the samples read so far have been yielded.
-    """
-    process = None
-    current_key, members = None, {}
-    try:
-        if url.startswith("pipe:"):
-            command = url[len("pipe:"):]
-            process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            stream = tarfile.open(fileobj=process.stdout, mode="r|*")
-        else:
-            stream = tarfile.open(url, mode="r|*")
-        with stream:
-            for member in stream:
-                if not member.isfile():
-                    continue
-                key, extension = _split_member_name(member.name)
-                if key != current_key:
-                    if current_key is not None:
-                        yield _record_from_members(url, current_key, members)
-                    current_key, members = key, {}
-                handle = stream.extractfile(member)
-                members[extension] = handle.read() if handle is not None else b""
-            # tarfile ends quietly at a short or missing header; a complete tar ends with a full zero block.
-            if stream.fileobj.pos - stream.offset < tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("archive ends without its end-of-archive blocks")
-    except (OSError, tarfile.TarError, EOFError) as error:
-        if process is None or process.poll() in (None, 0):
-            raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
-                from error
-    finally:
-        if process is not None:
-            process.stdout.close()
-            stderr = process.stderr.read().decode("utf-8", errors="replace").strip()
-            process.stderr.close()
-            returncode = process.wait()
-    if process is not None and returncode != 0:
-        raise DataError(f"shard {url}: command exited with status {returncode}: {stderr}")
-    if current_key is not None:
-        yield _record_from_members(url, current_key, members)
-
-
-def count_shard_samples(url: str) -> int:
-    """Number of samples (distinct keys) in a local tar, read from its headers without reading images."""
-    try:
-        with tarfile.open(url, mode="r:*") as archive:
-            return len({_split_member_name(member.name)[0] for member in archive if member.isfile()})
-    except (OSError, tarfile.TarError, EOFError) as error:
-        raise DataError(f"shard {url} cannot be read: {error}") from error
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Caption files, image folders and dispatch
 
 
@@ -321,10 +200,8 @@ def iter_caption_file(path: str | Path) -> Iterator[Record]:
     (the file as written, lines counted from 1), and no image."""
     if not Path(path).is_file():
         raise DataError(f"caption file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield Record(key=f"{path}:{line_number}", caption=line.strip())
+    for line_number, line in _text_lines(Path(path), "caption file"):
+        yield Record(key=f"{path}:{line_number}", caption=line.strip())
 
 
 def iter_image_folder(folder: str | Path) -> Iterator[Record]:
@@ -333,21 +210,15 @@ def iter_image_folder(folder: str | Path) -> Iterator[Record]:
     images = sorted(path for path in folder.rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     for image_path in images:
         sidecar = image_path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        caption, error = None, None
+        if sidecar.is_file():
+            try:
+                caption = read_text_file(sidecar, MAX_TEXT_BYTES, "caption file").strip()
+            except InputLimitError as limit_error:
+                error = str(limit_error)
         yield Record(key=image_path.relative_to(folder).as_posix(), caption=caption, image_path=image_path,
-                     image_ext=image_path.suffix.lower().lstrip("."))
+                     image_ext=image_path.suffix.lower().lstrip("."), error=error)
 
-
-def is_shard_source(source: str | Path | list) -> bool:
-    """Whether `source` names WebDataset shards (a tar, pattern, pipe:, or a folder of tars)."""
-    if isinstance(source, (list, tuple)):
-        return bool(source) and all(is_shard_source(item) for item in source)
-    text = str(source)
-    if _is_shard_path(text) or "{" in text:
-        return True
-    if os.path.isdir(text):
-        return any(any(Path(text).glob(f"*{suffix}")) for suffix in SHARD_SUFFIXES)
-    return glob.has_magic(text)
 
 
 def iter_records(source: str | Path | list) -> Iterator[Record]:
@@ -458,42 +329,3 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
                                  for key, value in row.items()})
     return path
 
-
-def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: identical inputs, identical tars
-    archive.addfile(info, io.BytesIO(data))
-
-
-def write_shards(records: Iterable[Record], out_dir: str | Path, *, samples_per_shard: int = 1000,
-                 prefix: str = "shard") -> list[Path]:
-    """Write records as WebDataset tars in the img2dataset layout: `<key>.<ext>`, `<key>.txt`, `<key>.json`.
-
-    Sample keys are running numbers; the `.json` sidecar keeps the record's original key and extra fields.
-    Returns the shard paths, named `<prefix>-00000.tar`, ...
-    """
-    if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    archive = None
-    try:
-        for index, record in enumerate(records):
-            if index % samples_per_shard == 0:
-                if archive is not None:
-                    archive.close()
-                shards.append(out_dir / f"{prefix}-{len(shards):05d}.tar")
-                archive = tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT)
-            key = f"{index:09d}"
-            extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
-                                             if record.image_path is not None else "jpg")
-            _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
-            if record.caption is not None:
-                _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
-            sidecar = {"key": record.key, "caption": record.caption, **record.extra}
-            _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))
-    finally:
-        if archive is not None:
-            archive.close()
-    return shards

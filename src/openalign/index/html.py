@@ -31,16 +31,20 @@ figure img { max-width: %(size)dpx; max-height: %(size)dpx; display: block; }
 
 
 def thumbnail_data_uri(source, size: int = 160) -> str | None:
-    """A data: URI holding a JPEG thumbnail of the image at source, or None when it cannot be read."""
-    from PIL import Image, ImageOps
+    """A data: URI holding a JPEG thumbnail of the image at source, or None when it cannot be read.
+
+    The image goes through processing.images.load_image, the one guarded door: a decompression bomb, a FIFO or
+    a device is refused there, and shows as a grey box like a missing or undecodable file.
+    """
+    from openalign.errors import ImageLoadError
+    from openalign.processing.images import load_image
 
     try:
-        with Image.open(source) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except (OSError, ValueError, SyntaxError):  # a missing or undecodable file shows as a grey box instead
+        image = load_image(source)
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+    except (ImageLoadError, OSError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 

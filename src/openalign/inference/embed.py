@@ -28,6 +28,7 @@ from openalign.inference.embedding_folder import (
     write_parts,
     write_summary,
 )
+from openalign.processing.tokenizer import is_unicode_text
 
 # The folder's readers and summary writer, under the names callers have imported from here.
 __all__ = ["EmbeddingFolderError", "MissingCaptionError", "embed_to_folder",
@@ -82,12 +83,15 @@ def load_image(source, image=None):
 def _load(kinds, item, index, image_loader):
     """Metadata row plus the payload for each kind; ImageLoadError / missing captions propagate to the caller."""
     described = _describe(item, kinds)
+    if getattr(item, "error", None):  # a data-source Record its reader found unusable (a member over its bound)
+        raise ImageLoadError(item.error)
     row = {"index": index, "source": described["source"], "caption": described["caption"]}
     row["width"] = row["height"] = None
     payloads = {}
     if "text" in kinds:
-        if not isinstance(described["caption"], str):
-            raise MissingCaptionError(f"item {index} ({described['source']}) has no caption text to embed")
+        if not is_unicode_text(described["caption"]):
+            raise MissingCaptionError(f"item {index} ({described['source']}) has no caption text to embed "
+                                      "(missing, or not valid Unicode)")
         payloads["text"] = described["caption"]
     if "image" in kinds:
         image = image_loader(described["source"], described["image"])

@@ -21,15 +21,17 @@ embed_config.json) are still read, and a resumed run goes on in the layout its f
 Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
 rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
 is independent of the number of ranks. Every file goes to a temporary name and is renamed into place; the
-.done marker is renamed last, so a part without it is redone from scratch after a crash and a part with it
-is skipped. What fills a part (embedding items, or scoring them) is the caller's: write_parts only walks the
-stream, skips finished and other ranks' parts, and commits the parts it is handed.
+.done marker is renamed last (with the size of each of the part's files), so a part without it is redone from
+scratch after a crash, a part with it is skipped, and one whose files were removed or changed since is redone
+(and named by the readers). What fills a part (embedding items, or scoring them) is the caller's: write_parts
+only walks the stream, skips finished and other ranks' parts, and commits the parts it is handed.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +44,8 @@ import torch
 
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
 MODEL_FILE = "model.json"
@@ -116,8 +120,58 @@ def write_part(out_dir: Path, part_index: int, arrays: dict[str, np.ndarray], ro
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda temporary: pq.write_table(table, temporary))
     atomic_write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
-    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()}}
+    files = _part_files(out_dir, part_index, list(arrays), len(rows), layout)
+    done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()},
+            "sizes": {path.relative_to(out_dir).as_posix(): path.stat().st_size for path in files}}
     atomic_write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
+
+
+def _part_files(out_dir: Path, part_index: int, kinds: list[str], count: int, layout: str | None) -> list[Path]:
+    """The files a committed part consists of, its marker aside."""
+    files = [out_dir / f"{part_name(part_index)}.skipped.json"]
+    if count or layout != LAYOUT:
+        files += [embeddings_path(out_dir, part_index, kind, layout) for kind in kinds]
+        files.append(metadata_path(out_dir, part_index, layout))
+    return files
+
+
+def verify_part(out_dir: str | Path, part_index: int, layout: str | None = LAYOUT) -> dict:
+    """The .done marker of a finished part, after checking that every file of the part is there with the size
+    it was written with; EmbeddingFolderError naming the file otherwise (removed, truncated or replaced since)."""
+    out_dir = Path(out_dir)
+    marker = out_dir / f"{part_name(part_index)}.done"
+    try:
+        done = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise EmbeddingFolderError(f"{marker} is missing: the part was never finished") from None
+    except (OSError, ValueError) as error:
+        raise EmbeddingFolderError(f"{marker} is unreadable ({error})") from None
+    # Markers written before sizes were recorded list none: then the files must at least exist.
+    sizes = done.get("sizes") or {path.relative_to(out_dir).as_posix(): None for path in _part_files(
+        out_dir, part_index, list(done.get("dims", {})), done.get("count", 0), layout)}
+    for name, size in sizes.items():
+        path = out_dir / name
+        if not path.is_file():
+            raise EmbeddingFolderError(f"{path} is missing (removed after the run?); rerun the same embed command "
+                                       "to redo its part")
+        if size is not None and path.stat().st_size != size:
+            raise EmbeddingFolderError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or "
+                                       "replaced); rerun the same embed command to redo its part")
+    return done
+
+
+def _part_is_done(out_dir: Path, part_index: int, layout: str | None) -> bool:
+    """Whether a part is finished and intact; a damaged one is logged, and redone by the caller."""
+    if not (out_dir / f"{part_name(part_index)}.done").exists():
+        return False
+    try:
+        verify_part(out_dir, part_index, layout)
+    except EmbeddingFolderError as error:
+        logger.warning("redoing a damaged part: %s", error)
+        (out_dir / f"{part_name(part_index)}.done").unlink(missing_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _check_config(out_dir: Path, config: dict) -> str | None:
@@ -192,7 +246,7 @@ def write_parts(items: Iterable, out_dir: str | Path, fill_part: PartFiller, *, 
             # Every rank walks the whole item stream so the global numbering agrees; items of other ranks'
             # parts and of finished parts are read past without decoding.
             part_items = itertools.islice(iterator, part_size)
-            if part_index % world_size != rank or (out_dir / f"{part_name(part_index)}.done").exists():
+            if part_index % world_size != rank or _part_is_done(out_dir, part_index, layout):
                 consumed = sum(1 for _ in part_items)
             else:
                 arrays, rows, skipped, consumed = fill_part(part_items, part_index * part_size, advance)
@@ -225,7 +279,7 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
         marker = out_dir / f"{part_name(part_index)}.done"
         if not marker.exists():
             return None
-        done = json.loads(marker.read_text())
+        done = verify_part(out_dir, part_index, config.get("layout", LEGACY_LAYOUT))
         parts.append({"name": part_name(part_index), "count": done["count"], "skipped": done["skipped"]})
         count += done["count"]
         dims.update({kind: dim for kind, dim in done["dims"].items() if done["count"]})
@@ -318,6 +372,7 @@ def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
         if part["count"] == 0:
             continue
         part_index = int(part["name"].split("-")[1])
+        verify_part(out_dir, part_index, layout)
         embeddings = np.load(embeddings_path(out_dir, part_index, kind, layout), mmap_mode="r")
         metadata = pq.read_table(metadata_path(out_dir, part_index, layout))
         if embeddings.shape[0] != metadata.num_rows or embeddings.shape[0] != part["count"]:

@@ -36,9 +36,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as error:
         raise EncoderLoadError(f"device {device!r} is not a torch device ({error})") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise EncoderLoadError(f"device {device!r}: no CUDA device is visible (this PyTorch build: "
+                                   f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU only'}); "
+                                   "use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise EncoderLoadError(f"device {device!r}: only {count} CUDA device(s) are visible")
+    return resolved
 
 
 @dataclass

@@ -76,7 +76,9 @@ def load_image(
         return _image_from_array(source, label)
     elif isinstance(source, (str, os.PathLike)):
         if not pathlib.Path(source).is_file():
-            raise ImageLoadError(f"{label}: no such image file")
+            # A FIFO or device is never opened: the first would wait for a writer, the second never ends.
+            what = "not a regular file" if os.path.exists(source) else "no such image file"
+            raise ImageLoadError(f"{label}: {what}")
         image = _open_and_decode(source, label, max_pixels)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:

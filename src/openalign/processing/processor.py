@@ -23,6 +23,7 @@ from openalign.errors import ConfigError
 from openalign.hub import resolve_folder
 from openalign.processing.image_processor import AlignImageProcessor
 from openalign.processing.tokenizer import AlignTokenizer
+from openalign.untrusted import read_json_object
 
 PROCESSOR_FILES = [
     "processor_config.json",
@@ -151,20 +152,10 @@ def read_image_settings(folder: str | pathlib.Path) -> dict | None:
     folder = pathlib.Path(folder)
     nested = folder / "processor_config.json"
     if nested.is_file():
-        content = _read_json(nested)
+        content = read_json_object(nested)
         if isinstance(content.get("image_processor"), dict):
             return content["image_processor"]
     flat = folder / "preprocessor_config.json"
     if flat.is_file():
-        return _read_json(flat)
+        return read_json_object(flat)
     return None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read JSON ({error})") from error
-    if not isinstance(content, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return content

@@ -8,6 +8,7 @@ transformers, truncation to `max_length` is on by default, so one long caption c
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,7 +17,10 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
-from openalign.errors import ConfigError
+from openalign.errors import ConfigError, TextInputError
+from openalign.untrusted import read_json_object
+
+logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]",
@@ -26,6 +30,9 @@ SPECIAL_TOKENS = {
     "mask_token": "[MASK]",
 }
 PADDING_CHOICES = ("max_length", "longest", "do_not_pad")
+# A truncated text is first tokenized from a prefix of this many characters per kept token (doubled until the
+# prefix provably holds the kept tokens): plenty for prose, whose tokens average under 5 characters.
+PREFIX_CHARACTERS_PER_TOKEN = 16
 # `decode` clean-up, the spaces BERT's tokenizer puts before punctuation and inside contractions.
 _CLEANUP_REPLACEMENTS = (
     (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
@@ -56,10 +63,10 @@ class AlignTokenizer:
         is shorter (a model trained on shorter texts, whose later positions never trained, saves it so)."""
         folder = pathlib.Path(folder)
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         special_tokens_path = folder / "special_tokens_map.json"
         if special_tokens_path.is_file():
-            for key, value in _read_json(special_tokens_path).items():
+            for key, value in read_json_object(special_tokens_path).items():
                 config.setdefault(key, value["content"] if isinstance(value, dict) else value)
         if (folder / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -99,13 +106,14 @@ class AlignTokenizer:
         texts = validate_texts(text)
         max_length = self.max_length if max_length is None else int(max_length)
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 to hold [CLS] and [SEP], got {max_length}")
+            raise ConfigError(f"max_length must be at least 2 to hold [CLS] and [SEP], got {max_length}")
         padding = _padding_strategy(padding)
         # Truncating here rather than through `enable_truncation` keeps the shared Rust tokenizer stateless,
         # so threads can call it concurrently. Keeping the first tokens and the final [SEP] is what
         # tokenizers' own truncation does with the [CLS] $A [SEP] template.
         rows = []
-        for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=True):
+        encodings = self._encode_prefixes(texts, max_length) if truncation else self._encode(texts)
+        for encoding in encodings:
             ids, type_ids = list(encoding.ids), list(encoding.type_ids)
             if truncation and len(ids) > max_length:
                 ids = ids[: max_length - 1] + ids[-1:]
@@ -122,14 +130,37 @@ class AlignTokenizer:
         if return_tensors == "pt":
             lengths = {len(ids) for ids in batch["input_ids"]}
             if len(lengths) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"texts have different token counts {sorted(lengths)}; "
                     "use padding='longest' or 'max_length'"
                 )
             return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
         if return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+            raise ConfigError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         return batch
+
+    def _encode(self, texts: list[str]) -> list:
+        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+
+    def _encode_prefixes(self, texts: list[str], max_length: int) -> list:
+        """Encodings whose first `max_length - 1` tokens equal those of the whole texts, from prefixes of the texts
+        where that is enough: the work is bounded by `max_length`, not by the length of a 10 MB caption.
+
+        A prefix cut at any character tokenizes like the whole text except for its last word (pre-tokenization
+        splits at whitespace and punctuation, and normalisation is per character), so its encoding is exact once
+        the complete words before that last one fill `max_length - 2` tokens; otherwise the prefix doubles.
+        """
+        budget = max(PREFIX_CHARACTERS_PER_TOKEN * max_length, 256)
+        encodings = self._encode([text[:budget] for text in texts])
+        pending = [index for index, text in enumerate(texts)
+                   if len(text) > budget and not _prefix_is_enough(encodings[index], max_length)]
+        while pending:
+            budget *= 2
+            for index, encoding in zip(pending, self._encode([texts[index][:budget] for index in pending])):
+                encodings[index] = encoding
+            pending = [index for index in pending
+                       if len(texts[index]) > budget and not _prefix_is_enough(encodings[index], max_length)]
+        return encodings
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text with [CLS] and [SEP], unpadded and truncated to `max_length`."""
@@ -183,17 +214,41 @@ class AlignTokenizer:
         return token_id
 
 
+def _prefix_is_enough(encoding, max_length: int) -> bool:
+    """Whether the complete words of a prefix's encoding (all but its last, perhaps cut, word) give the
+    `max_length - 2` tokens between [CLS] and [SEP] that truncation keeps."""
+    words = [word for word in encoding.word_ids if word is not None]
+    if not words:
+        return False
+    return sum(word < words[-1] for word in words) >= max_length - 2
+
+
+def is_unicode_text(text: Any) -> bool:
+    """Whether text is a string of valid Unicode (a JSON escape can produce a lone surrogate, which is not, and
+    which no tokenizer takes)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_texts(text: Any) -> list[str]:
-    """One string or a non-empty list/tuple of strings, as a list; anything else is a ValueError naming it."""
+    """One string or a non-empty list/tuple of strings, as a list; anything else, or a string that is not valid
+    Unicode (a lone surrogate, as a JSON escape can make), is a TextInputError (a ValueError) naming the item."""
     if isinstance(text, str):
-        return [text]
-    if not isinstance(text, (list, tuple)):
-        raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        text = [text]
+    elif not isinstance(text, (list, tuple)):
+        raise TextInputError(f"text must be a string or a list of strings, got {type(text).__name__}")
     if not text:
-        raise ValueError("the text batch is empty")
+        raise TextInputError("the text batch is empty")
     for index, item in enumerate(text):
         if not isinstance(item, str):
-            raise ValueError(f"text item {index} is {type(item).__name__} ({item!r:.50}), not a string")
+            raise TextInputError(f"text item {index} is {type(item).__name__} ({item!r:.50}), not a string")
+        if not is_unicode_text(item):
+            raise TextInputError(f"text item {index} ({item[:40]!r}...) holds a lone surrogate, which is not text")
     return list(text)
 
 
@@ -233,7 +288,7 @@ def train_wordpiece(
     When `out_dir` is given, the result is saved there in a layout both openalign and transformers load.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        raise ConfigError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     config = {
         **SPECIAL_TOKENS, "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True
     }
@@ -253,6 +308,13 @@ def train_wordpiece(
         tokenizer.train([str(path) for path in files], trainer)
     else:
         tokenizer.train_from_iterator(files_or_texts, trainer)
+    learned = tokenizer.get_vocab_size() - len(SPECIAL_TOKENS)
+    source = ", ".join(str(path) for path in files) if files is not None else "the captions given"
+    if learned <= 0:
+        raise TextInputError(f"no token learned from {source}: it holds no caption text")
+    if learned + len(SPECIAL_TOKENS) < vocab_size:
+        logger.warning("learned %d tokens from %s, fewer than the %d asked for: a small or repetitive corpus",
+                       learned + len(SPECIAL_TOKENS), source, vocab_size)
     _add_post_processor(tokenizer, config)
     result = AlignTokenizer(tokenizer, config)
     if out_dir is not None:
@@ -318,15 +380,9 @@ def _padding_strategy(padding: bool | str) -> str:
     if padding is False:
         return "do_not_pad"
     if padding not in PADDING_CHOICES:
-        raise ValueError(f"padding must be one of {PADDING_CHOICES} or a bool, got {padding!r}")
+        raise ConfigError(f"padding must be one of {PADDING_CHOICES} or a bool, got {padding!r}")
     return padding
 
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read JSON ({error})") from error
 
 
 def _write_json(path: pathlib.Path, content: dict) -> None:

@@ -2,10 +2,12 @@
 
 A checkpoint holds the model in transformers' layout (`config.json` + `model.safetensors`, so
 `AlignModel.from_pretrained` reads it), `trainer_state.pt` (optimiser, scheduler, scaler, EMA, RNG states, data
-position, step; tensors and plain containers only, loaded with `weights_only=True`) and `files.json`, the byte
-size of every file, written last. The folder is assembled under a hidden temporary name and renamed into
-place, so a folder with the final name is complete unless something damaged it later; `files.json` catches
-that case (a truncated or missing file) and the loader falls back to the previous checkpoint.
+position, step, the run's configuration; tensors and plain containers only, loaded with `weights_only=True`)
+and `files.json`, the byte size and SHA-256 of every file, written last. The folder is assembled under a hidden
+temporary name and renamed into place, so a folder with the final name is complete unless something damaged it
+later; `files.json` catches that case (a missing, truncated or altered file: one flipped byte) and `--resume
+latest` falls back to the previous checkpoint. A full disk is a DiskFullError naming the file, and leaves the
+checkpoints before it intact.
 
 Under FSDP2 the model and the optimiser state are sharded over ranks: `gather_model_state` and
 `gather_optimizer_state` assemble the full ones (collectives: every rank calls them) for rank 0 to write.
@@ -13,6 +15,7 @@ Under FSDP2 the model and the optimiser state are sharded over ranks: `gather_mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from openalign.errors import CheckpointError
+from openalign.errors import CheckpointError, ConfigError
+from openalign.files import DiskFullError, reporting_full_disk
 from openalign.model_config import AlignConfig
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 TRAINER_STATE_NAME = "trainer_state.pt"
 FILES_NAME = "files.json"
+# What a run writes into its folder besides checkpoints, removed with them when a fresh run overwrites it.
+RUN_OUTPUTS = ("model", "model-ema", "plots", "tensorboard")
 
 
 def checkpoint_name(step: int) -> str:
@@ -106,9 +112,13 @@ def save_checkpoint(
     temporary.mkdir(parents=True)
     try:
         model.save_pretrained(temporary)
-        torch.save(trainer_state, temporary / TRAINER_STATE_NAME)
-        sizes = {path.name: path.stat().st_size for path in sorted(temporary.iterdir()) if path.is_file()}
-        (temporary / FILES_NAME).write_text(json.dumps({"step": step, "sizes": sizes}, indent=1) + "\n")
+        with reporting_full_disk(temporary / TRAINER_STATE_NAME), open(temporary / TRAINER_STATE_NAME, "wb") as handle:
+            torch.save(trainer_state, handle)  # to a file object, so that a full disk's OSError reaches us
+        files = sorted(path for path in temporary.iterdir() if path.is_file())
+        listing = {"step": step, "sizes": {path.name: path.stat().st_size for path in files},
+                   "sha256": {path.name: file_digest(path) for path in files}}
+        with reporting_full_disk(temporary / FILES_NAME):
+            (temporary / FILES_NAME).write_text(json.dumps(listing, indent=1) + "\n")
         for path in temporary.iterdir():
             _fsync(path)
         if final.exists():  # the same step saved again (a resumed run that stops where it resumed)
@@ -119,12 +129,25 @@ def save_checkpoint(
         else:
             temporary.rename(final)
         _fsync(run_dir)
+    except DiskFullError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise DiskFullError(f"{error}; {final.name} was not written, the checkpoints before it are intact") \
+            from error.__cause__
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -162,8 +185,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
     if not listing.is_file():
         raise CheckpointError(f"checkpoint {folder} is incomplete: no {FILES_NAME} (it was never finished)")
     try:
-        sizes = json.loads(listing.read_text())["sizes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        written = json.loads(listing.read_text())
+        sizes, digests = written["sizes"], written.get("sha256", {})  # checkpoints before checksums have none
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {folder}: {FILES_NAME} is unreadable ({error})") from None
     for required in (TRAINER_STATE_NAME, "config.json"):
         if required not in sizes:
@@ -177,6 +201,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
                 f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
                 f"{size} were written (truncated or replaced)"
             )
+        if name in digests and file_digest(path) != digests[name]:
+            raise CheckpointError(f"checkpoint {folder}: {name} does not match the SHA-256 written with it "
+                                  "(its bytes changed since: a bad disk or copy)")
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, spec: str) -> Path:
@@ -216,6 +243,25 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     checkpoints = list_checkpoints(run_dir)
     for _, folder in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def prepare_fresh_run(run_dir: str | os.PathLike, overwrite: bool = False, remove: bool = True) -> None:
+    """Before a run starts from scratch in `run_dir`: refuse when the folder holds another run's checkpoints
+    (keep-last pruning would delete each new checkpoint at once, and `--resume latest` would continue the old
+    run), or with `overwrite` remove them and that run's other outputs (only where `remove`: on one rank)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints or (overwrite and not remove):
+        return
+    if not overwrite:
+        names = ", ".join(folder.name for _, folder in checkpoints[-3:])
+        raise ConfigError(f"{run_dir} holds another run's checkpoints ({names}): resume it with --resume latest, "
+                          "choose another run.out_dir, or pass --overwrite to replace that run")
+    logger.warning("--overwrite: removing the %d checkpoints and outputs of the run in %s", len(checkpoints),
+                   run_dir)
+    for _, folder in checkpoints:
+        shutil.rmtree(folder)
+    for name in RUN_OUTPUTS:
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:

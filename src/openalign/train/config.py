@@ -136,6 +136,13 @@ class RunSection:
     val_every: int = documented(0, "steps between validations (0: only at the end); needs data.val")
     log_every: int = documented(10, "steps between metrics.jsonl lines")
     nan_policy: str = documented("halt", "on a NaN or infinite loss: stop, or skip the step")
+    # A run that skips this many steps in a row, or in all, has diverged: it stops with an error instead of
+    # reporting success.
+    max_consecutive_skipped_steps: int = documented(10, "with nan_policy skip: stop with an error after this many "
+                                                        "skipped steps in a row")
+    max_skipped_steps: int | None = documented(None, "with nan_policy skip: stop with an error after this many "
+                                                     "skipped steps in all (default: a tenth of optim.total_steps, "
+                                                     "at least 10)")
     max_minutes: float | None = documented(None, "a time budget: stop (with a checkpoint) once this much wall time "
                                                  "has passed")
     fit_steps_to_time: bool = documented(True, "with run.max_minutes: re-plan optim.total_steps from the measured "
@@ -180,7 +187,18 @@ def field_choices() -> dict[str, tuple]:
 
 
 POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size",
-            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every")
+            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every",
+            "run.max_consecutive_skipped_steps")
+# Fields that change how a run is watched, saved, timed or placed, but not the updates it computes: a resumed run
+# may change them freely. Any other difference from the checkpoint's configuration needs --force.
+TRAJECTORY_NEUTRAL = {
+    "run.out_dir", "run.device", "run.compile", "run.checkpoint_every", "run.keep_last", "run.val_every",
+    "run.log_every", "run.nan_policy", "run.max_consecutive_skipped_steps", "run.max_skipped_steps",
+    "run.max_minutes", "run.progress", "run.tensorboard", "run.plots", "data.val", "data.val_max_samples",
+    "data.num_workers", "data.cache_images", "distributed.backend",
+}
+# A string value starting so is a command that a shard reader runs (WebDataset's "pipe:" URLs).
+COMMAND_PREFIX = "pipe:"
 
 
 @dataclass
@@ -228,6 +246,8 @@ class TrainConfig:
             others = " or ".join(name for name, loss in LOSSES.items() if not loss.hard_negatives)
             raise ConfigError(f"loss.hard_negative_beta = {beta} must not be negative, and works with loss.name "
                               f"{takes} (the softmax losses), not {others}")
+        if self.run.max_skipped_steps is not None and self.run.max_skipped_steps < 1:
+            raise ConfigError(f"run.max_skipped_steps = {self.run.max_skipped_steps} must be positive (or null)")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self
@@ -271,6 +291,13 @@ class TrainConfig:
         """The resolved configuration as YAML, sections and fields in their declared order."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def skip_limits(self) -> tuple[int, int]:
+        """(most skipped steps in a row, most in all) before a run with nan_policy skip counts as diverged."""
+        total = self.run.max_skipped_steps
+        if total is None:
+            total = max(10, self.optim.total_steps // 10)
+        return self.run.max_consecutive_skipped_steps, total
+
     def save(self, path: str | Path) -> Path:
         """Write the resolved configuration as YAML."""
         path = Path(path)
@@ -279,24 +306,74 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                base: dict[str, Any] | None = None) -> TrainConfig:
+                base: dict[str, Any] | None = None, *, trusted: bool = True) -> TrainConfig:
     """Defaults, then `base` (a recipe dict), then the YAML/TOML file at `path`, then `overrides`
-    ("section.key=value" strings or a {dotted key: value} dict); validated."""
+    ("section.key=value" strings or a {dotted key: value} dict); validated.
+
+    `trusted=False` is for a file nobody vouched for (a run folder's config.yaml): a value in it that names a
+    command (a `pipe:` source) is a ConfigError, unless an override replaces it.
+    """
     config = TrainConfig.from_dict(base or {}, source="recipe")
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides or []]
     if path is not None:
         file_config = read_config_file(path)
         for section, entries in file_config.items():
             if not isinstance(entries, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping, got {entries!r}")
             for name, value in entries.items():
-                _set_checked(config, f"{section}.{name}", value, str(path))
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = [parse_override(text) for text in overrides or []]
+                key = f"{section}.{name}"
+                if not trusted and key not in dict(items) and commands_in(value):
+                    raise ConfigError(
+                        f"{path}: {key} = {value!r} runs a command ({COMMAND_PREFIX}), and a run folder's "
+                        "configuration is not trusted to run commands: give the source again on the command "
+                        f"line (--{key} ...), or pass --trust-run-config if you trust this folder")
+                _set_checked(config, key, value, str(path))
     for key, value in items:
         _set_checked(config, key, value, "override")
     return config.validate()
+
+
+def commands_in(value: Any) -> list[str]:
+    """The strings in a config value (a string or a list of them) that name a command to run."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in values if isinstance(item, str) and item.strip().startswith(COMMAND_PREFIX)]
+
+
+def resolve_run_config(config_path: str | Path | None, resume: str | None, overrides: dict[str, Any],
+                       base: dict[str, Any] | None = None, *, trust_run_config: bool = False) -> TrainConfig:
+    """The configuration `openalign train` runs with: defaults < recipe (`base`) < a config file < overrides.
+
+    The file is `config_path` when the user names one (trusted: the user chose it). When resuming without one,
+    it is the run folder's own config.yaml (the folder of the checkpoint, or for "latest" run.out_dir as the
+    command line, recipe or default gives it, never the current folder), which is not trusted to run commands
+    unless `trust_run_config`: a run folder may come from anyone.
+    """
+    if config_path is not None or not resume:
+        return load_config(config_path, overrides, base)
+    run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
+    run_config = run_dir / "config.yaml"
+    return load_config(run_config if run_config.is_file() else None, overrides, base, trusted=trust_run_config)
+
+
+def trajectory_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """"section.key: saved -> current" for each field of two `to_dict()` results that differs and changes the
+    updates a resumed run computes (every field but TRAJECTORY_NEUTRAL); fields only one side knows are left
+    out (a checkpoint from another version)."""
+    differences = []
+    for section, entries in current.items():
+        for name, value in entries.items():
+            key = f"{section}.{name}"
+            before = saved.get(section, {}).get(name, value) if isinstance(saved.get(section), dict) else value
+            if key not in TRAJECTORY_NEUTRAL and _comparable(before) != _comparable(value):
+                differences.append(f"{key}: {before!r} -> {value!r}")
+    return differences
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -323,19 +400,6 @@ def parse_override(text: str) -> tuple[str, str]:
     if not separator or "." not in key:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     return key.strip(), value
-
-
-def load_command_config(path: str | Path | None, overrides: dict[str, Any], base: dict[str, Any] | None = None,
-                        resume: str | None = None) -> TrainConfig:
-    """The configuration an `openalign train` command line asks for: `load_config(path, overrides, base)`,
-    except that a resumed run given no config file reads its run folder's own config.yaml (written when the
-    run started): the folder of a checkpoint named by `resume`, or for "latest" run.out_dir as the command
-    line, recipe or defaults give it (never the current folder)."""
-    if path is None and resume:
-        run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
-        if (run_dir / "config.yaml").is_file():
-            path = run_dir / "config.yaml"
-    return load_config(path, overrides, base=base)
 
 
 def field_names() -> list[str]:

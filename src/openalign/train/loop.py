@@ -92,9 +92,15 @@ class Stepper:
     after_step: Callable[[], None] | None = None  # e.g. the CLIP scale clamp, the EMA update
     norm_buffers: list[torch.Tensor] = field(default_factory=list)  # BatchNorm statistics to restore on skip
     image_ssl: nn.Module | None = None  # an ImageSelfSupervision: a label-free second term (train/image_ssl.py)
+    # With nan_policy skip: this many skipped steps in a row, or this many since the run began (skipped_steps,
+    # restored on resume), mean the run diverged, and stop it with NonFiniteLossError. None: no limit.
+    max_consecutive_skips: int | None = None
+    max_skips: int | None = None
+    skipped_steps: int = 0
 
     def __post_init__(self):
         self._saved_buffers = [buffer.clone() for buffer in self.norm_buffers] if self.nan_policy == "skip" else []
+        self._consecutive_skips = 0
 
     def autocast(self):
         """Mixed precision for the towers' forward (the loss runs in float32)."""
@@ -149,6 +155,7 @@ class Stepper:
         if skipped:
             self._non_finite(step_number, float(loss), float(plain_norm))
         else:
+            self._consecutive_skips = 0
             if self.grad_clip:
                 # It takes the parameters: given their gradients, it would scale the gradients' (absent) .grad.
                 torch.nn.utils.clip_grads_with_norm_(with_gradients, self.grad_clip, grad_norm)
@@ -186,6 +193,15 @@ class Stepper:
         if self.nan_policy == "halt":
             raise NonFiniteLossError(message + "; resume from the last checkpoint, perhaps with a lower "
                                      "optim.lr or run.nan_policy=skip")
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        for count, limit, what in ((self._consecutive_skips, self.max_consecutive_skips, "in a row"),
+                                   (self.skipped_steps, self.max_skips, "since the run began")):
+            if limit is not None and count > limit:
+                raise NonFiniteLossError(
+                    f"{message}; {count} steps skipped {what}, over the limit of {limit} "
+                    "(run.max_consecutive_skipped_steps / run.max_skipped_steps): the run has diverged. Resume "
+                    "from a checkpoint before it with a lower optim.lr, or raise the limit")
         logger.warning("%s; skipping it (run.nan_policy=skip)", message)
         if self._saved_buffers:
             torch._foreach_copy_(self.norm_buffers, self._saved_buffers)  # the bad batch's statistics too
@@ -254,13 +270,15 @@ def build_stepper(
     accumulation: int = 1,
     grad_clip: float | None = None,
     nan_policy: str = "halt",
+    skip_limits: tuple[int | None, int | None] = (None, None),
 ) -> Stepper:
     """The Stepper that trains `model` with `loss` (attached to it, see `ContrastiveLoss.attach`) and optionally
     the image term, as the trainer runs it: the loss called with the scalars it declares, the scalars that need
     gradients differentiated through accumulation, the loss's and the image term's own parameters averaged over
     ranks by hand, the loss's `after_step` after each update, and the gradient norm taken over every trainable
     parameter of the three. `features`: the model's (wrapped, compiled) DualEncoderFeatures (default: a plain
-    one); `scheduler`: default a constant learning rate; `scaler`: default off; `device`: default the CPU."""
+    one); `scheduler`: default a constant learning rate; `scaler`: default off; `device`: default the CPU;
+    `skip_limits`: (most skipped steps in a row, most in all) under nan_policy skip (TrainConfig.skip_limits)."""
     device = torch.device("cpu") if device is None else device
     modules = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
     outside = loss.own_parameters() + ([] if image_ssl is None else list(image_ssl.parameters()))
@@ -273,4 +291,5 @@ def build_stepper(
         loss_parameters=loss.trained_scalars(model), outside_parameters=outside, device=device,
         autocast_dtype=autocast_dtype, channels_last=channels_last, accumulation=accumulation, grad_clip=grad_clip,
         nan_policy=nan_policy, after_step=loss.after_step, norm_buffers=norm_buffers(modules), image_ssl=image_ssl,
+        max_consecutive_skips=skip_limits[0], max_skips=skip_limits[1],
     )

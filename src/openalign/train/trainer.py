@@ -48,7 +48,7 @@ from openalign.train.checkpointing import (
     gather_optimizer_state,
     load_optimizer_state,
 )
-from openalign.train.config import TrainConfig
+from openalign.train.config import TrainConfig, trajectory_differences
 from openalign.train.ema import ModelEma
 from openalign.train.image_ssl import ImageSelfSupervision, build_image_ssl
 from openalign.train.loop import DualEncoderFeatures, Stepper, StepResult, build_stepper, validate
@@ -77,8 +77,13 @@ class TrainResult:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+def train(config: TrainConfig, resume: str | None = None, *, overwrite: bool = False,
+          force: bool = False) -> TrainResult:
     """Train as `config` says, resuming from a checkpoint ("latest" or a folder) when `resume` is given.
+
+    A fresh run refuses a run.out_dir holding another run's checkpoints unless `overwrite` (which removes
+    them); a resume refuses a checkpoint written with a configuration that differs in anything changing the
+    updates (train.config.trajectory_differences, listed in the error) unless `force`.
 
     Works in one process and under torchrun (one process per device; DDP, or FSDP2 with
     distributed.strategy=fsdp). Writes config.yaml, metrics.jsonl, checkpoint-*/ folders, model/ (the final
@@ -89,7 +94,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     config.validate()
     info = init_distributed(config.distributed.backend)
     try:
-        result = _train(config, resume, info)
+        result = _train(config, resume, info, overwrite=overwrite, force=force)
         # Leave the group together: rank 0 is still writing the model and plots when the others finish, and a
         # rank that tears its gloo connections down while a peer still holds them open can abort the process.
         barrier()
@@ -167,12 +172,14 @@ class _RunState:
         self.window.steps += 1
 
 
-def _train(config: TrainConfig, resume: str | None, info: WorldInfo) -> TrainResult:
+def _train(config: TrainConfig, resume: str | None, info: WorldInfo, *, overwrite: bool, force: bool) -> TrainResult:
     _check_data(config)
-    run = _start(config, info)
+    run = _start(config, info, fresh=not resume, overwrite=overwrite)
     tokenizer = AlignTokenizer.from_pretrained(config.data.tokenizer, max_length=config.data.max_length)
     model = build_model(config, tokenizer.vocab_size)
-    checkpoint_folder, trainer_state = _read_checkpoint(run, model, resume)
+    checkpoint_folder, trainer_state = _read_checkpoint(run, model, resume, force)
+    if run.main:  # only once the run is accepted: a refused resume leaves the folder's config as it was
+        config.save(run.run_dir / "config.yaml")
     parts = _build(run, model, tokenizer)
     torch.manual_seed(config.run.seed + 1_000_003 * info.rank)  # dropout differs across ranks
     state = _RunState(total_steps=config.optim.total_steps, last_checkpoint=checkpoint_folder)
@@ -194,9 +201,10 @@ def _check_data(config: TrainConfig) -> None:
         )
 
 
-def _start(config: TrainConfig, info: WorldInfo) -> _Run:
-    """Check what the config asks of the device, create the run folder (rank 0) and seed every generator, so
-    that every rank starts from the same initial weights."""
+def _start(config: TrainConfig, info: WorldInfo, fresh: bool, overwrite: bool) -> _Run:
+    """Check what the config asks of the device and, for a fresh run, that the folder holds no other run
+    (checkpointing.prepare_fresh_run); create the run folder (rank 0) and seed every generator, so that every
+    rank starts from the same initial weights."""
     run = config.run
     device = info.device if run.device == "auto" else torch.device(run.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,19 +215,22 @@ def _start(config: TrainConfig, info: WorldInfo) -> _Run:
     if fsdp and run.ema_decay is not None:
         raise ConfigError("run.ema_decay is not supported with distributed.strategy = 'fsdp'")
     started = _Run(config, Path(run.out_dir), info, device, fsdp)
+    if fresh:
+        checkpointing.prepare_fresh_run(started.run_dir, overwrite, remove=started.main)
     if started.main:
         started.run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_temporaries(started.run_dir)
-        config.save(started.run_dir / "config.yaml")
     random.seed(run.seed)
     np.random.seed(run.seed)
     torch.manual_seed(run.seed)
     return started
 
 
-def _read_checkpoint(run: _Run, model: AlignModel, resume: str | None) -> tuple[Path | None, dict | None]:
+def _read_checkpoint(run: _Run, model: AlignModel, resume: str | None,
+                     force: bool) -> tuple[Path | None, dict | None]:
     """On resume: the checkpoint folder (rank 0's choice, on every rank) and its trainer state, with its weights
-    loaded into `model`; (None, None) otherwise."""
+    loaded into `model`, after checking that the run's configuration changes nothing that changes the updates
+    (unless `force`); (None, None) otherwise."""
     if not resume:
         return None, None
     folder = Path(broadcast_object(
@@ -227,6 +238,12 @@ def _read_checkpoint(run: _Run, model: AlignModel, resume: str | None) -> tuple[
     load_into(model, read_state_dict(folder), source=str(folder))
     trainer_state = checkpointing.load_trainer_state(folder)
     logger.info("resuming from %s (step %d)", folder, trainer_state["step"])
+    differences = trajectory_differences(trainer_state.get("config") or {}, run.config.to_dict())
+    if differences and not force:
+        raise ConfigError(f"{folder} was written with another configuration: {'; '.join(differences)}. Resume "
+                          "with the run's own settings, or pass --force to continue with these")
+    for difference in differences:
+        logger.warning("resuming with a changed setting (--force): %s", difference)
     return folder, trainer_state
 
 
@@ -286,6 +303,7 @@ def _build(run: _Run, model: AlignModel, tokenizer: AlignTokenizer) -> _Parts:
         model, loss, optimizer, features=features, scheduler=scheduler, scaler=scaler, image_ssl=image_ssl,
         device=device, autocast_dtype=AUTOCAST_DTYPES[config.run.dtype], channels_last=channels_last,
         accumulation=optim.accumulation, grad_clip=optim.grad_clip, nan_policy=config.run.nan_policy,
+        skip_limits=config.skip_limits(),
     )
     processor = run_processor(config, tokenizer, model.config.vision_config.image_size)
     return _Parts(model, features, loss, image_ssl, optimizer, scheduler, scaler, ema, stepper, train_loader,
@@ -295,6 +313,7 @@ def _build(run: _Run, model: AlignModel, tokenizer: AlignTokenizer) -> _Parts:
 def _restore(run: _Run, parts: _Parts, state: _RunState, trainer_state: dict, folder: Path) -> None:
     """Put the counters and every part back where the checkpoint left them, this rank's RNG states last."""
     state.step, state.skipped_steps = trainer_state["step"], trainer_state["skipped_steps"]
+    parts.stepper.skipped_steps = state.skipped_steps  # the skip limit counts from the run's start
     if run.config.run.time_fitted:  # go on with the plan as re-planned, not the config's first guess
         state.total_steps = trainer_state.get("total_steps", state.total_steps)
         set_total_steps(parts.scheduler, state.total_steps)
@@ -328,7 +347,7 @@ def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
         "loss": parts.loss.state_dict(),
         "image_ssl": parts.image_ssl.state_dict() if parts.image_ssl is not None else None,
         "ema": parts.ema.state_dict() if parts.ema is not None else None, "data": parts.train_loader.state_dict(),
-        "rng": all_gather_objects(checkpointing.rng_state()),
+        "rng": all_gather_objects(checkpointing.rng_state()), "config": run.config.to_dict(),
     }
     weights = StateDictWriter(parts.model.config, gather_model_state(parts.model, parts.fsdp), parts.processor)
     folder = run.run_dir / checkpointing.checkpoint_name(state.step)
