@@ -49,3 +49,17 @@ def test_examples_name_options_the_command_has(words):
     assert own, words
     for tokens in own:
         build_parser().parse_args(tokens[1:])
+
+
+def test_version_names_openalign_python_and_torch(capsys):
+    import platform
+    from importlib import metadata
+
+    import openalign
+    from openalign.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"openalign {openalign.__version__} (Python "
+                                               f"{platform.python_version()}, torch {metadata.version('torch')})")

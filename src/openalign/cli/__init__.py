@@ -19,7 +19,14 @@ DEBUG_ENVIRONMENT = "OPENALIGN_DEBUG"
 
 def build_parser() -> argparse.ArgumentParser:
     """The `openalign` parser with every sub-command; each (sub-)command knows its own name for messages."""
-    parser = argparse.ArgumentParser(prog="openalign", description="ALIGN image-text models: train, embed, search.")
+    from openalign.cli._help import HelpFormatter, version_line
+
+    parser = argparse.ArgumentParser(
+        prog="openalign", description="ALIGN image-text models: train, embed, search.", formatter_class=HelpFormatter,
+        epilog="examples:\n  openalign demo\n"
+               "  openalign zero-shot -m kakaobrain/align-base photo.jpg --labels cat dog\n"
+               "  openalign COMMAND --help   # every option's default, and examples")
+    parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if module_info.name.startswith("_"):

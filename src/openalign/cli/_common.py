@@ -9,7 +9,8 @@ import json
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--model, --device, --dtype, --batch-size, --no-optimize."""
     parser.add_argument("--model", "-m", required=required,
-                        help="checkpoint folder holding config.json, the weights and the tokenizer files")
+                        help="a model folder (a run's model/ or checkpoint-N/, anything save_pretrained wrote: "
+                             "config.json, weights, tokenizer files) or a hub id such as kakaobrain/align-base")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="inference precision")
     parser.add_argument("--batch-size", type=int, default=None, help="items per forward (default: tuned per tower)")

@@ -49,3 +49,18 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str,
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def version_line() -> str:
+    """What `openalign --version` prints: openalign's version, and Python's and torch's (read from the installed
+    package's metadata: importing torch would cost a second)."""
+    import platform
+    from importlib import metadata
+
+    from openalign import __version__
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"openalign {__version__} (Python {platform.python_version()}, torch {torch_version})"
