@@ -256,8 +256,8 @@ def _one_line_error(capsys, arguments) -> str:
 def test_bad_input_ends_in_one_line(checkpoint, corpus, tmp_path, capsys):
     base = ["filter", str(corpus["manifest"]), "--out", str(tmp_path / "out"), "--similarity", "--quiet"]
     no_tokenizer, no_settings = tmp_path / "no_tokenizer", tmp_path / "no_settings"
-    for folder, missing in ((no_tokenizer, ("tokenizer.json", "vocab.txt")), (no_settings,
-                                                                               ("preprocessor_config.json",))):
+    image_settings = ("preprocessor_config.json", "processor_config.json")
+    for folder, missing in ((no_tokenizer, ("tokenizer.json", "vocab.txt")), (no_settings, image_settings)):
         shutil.copytree(checkpoint, folder)
         for name in missing:
             (folder / name).unlink(missing_ok=True)

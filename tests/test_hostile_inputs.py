@@ -172,7 +172,7 @@ def test_retrieval_refuses_nan_and_gives_a_collapsed_model_chance(capsys):
     with pytest.raises(RetrievalInputError, match="image_embeds .* row 0"):
         retrieval_metrics(np.full((4, 3), np.nan), np.ones((4, 3)), np.arange(4))
     collapsed = retrieval_metrics(np.ones((10, 3)), np.ones((10, 3)), np.arange(10))
-    assert collapsed["image_to_text_r1"] == pytest.approx(10.0) and collapsed["text_to_image_r5"] == pytest.approx(50)
+    assert collapsed["image_to_text_r1"] == pytest.approx(0.1) and collapsed["text_to_image_r5"] == pytest.approx(0.5)
 
 
 # -- item 3: every read of untrusted bytes is bounded ---------------------------------------------------------

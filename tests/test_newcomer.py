@@ -26,7 +26,7 @@ from openalign.model_config import AlignConfig
 from tests.cli_fixtures import make_hub_cache
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SMALLER = {"train": {"--n 2000": "--n 300", "--run.max_minutes 5": "--run.max_minutes 0.1"}}
+SMALLER = {"train": {"--n 2000": "--n 300", "--run.max_minutes 5": "--run.max_minutes 0.05"}}
 NOT_RUN = ("openalign serve", "pip install")
 
 
@@ -54,7 +54,8 @@ def run(arguments: list[str], cwd: Path, environment: dict) -> subprocess.Comple
     completed = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
     shown = " ".join(arguments[1:])
     assert completed.returncode == 0, f"{shown}\n{completed.stdout}\n{completed.stderr}"
-    assert "Traceback" not in completed.stderr and "warning" not in completed.stderr.lower(), (shown, completed.stderr)
+    complaints = ("traceback", "warning", "missing", "fewer than")  # nothing wrong, nothing guessed
+    assert not any(word in completed.stderr.lower() for word in complaints), (shown, completed.stderr)
     return completed
 
 

@@ -119,7 +119,7 @@ def test_corrupt_weights_file_is_refused_clearly(saved, damage):
 
 
 def test_missing_folder_and_missing_weights(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+    with pytest.raises(CheckpointError, match="no model folder"):
         AlignModel.from_pretrained(tmp_path / "nowhere" / "deeper" / "x")
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     with pytest.raises(CheckpointError, match="no weights"):

@@ -80,5 +80,5 @@ def run_synth(args: argparse.Namespace) -> int:
     print(f"held-out pairs: {', '.join(f'{c} {s}' for c, s in summary['heldout_pairs'])}")
     print(f"suggested filter: {json.dumps(summary['suggested_filter'])}")
     manifest = Path(args.out) / summary["manifests"]["train"]
-    print(f"next: openalign tokenizer train {manifest} --vocab-size 1000 --out tokenizer")
+    print(f"next: openalign tokenizer train {manifest} --vocab-size 400 --out tokenizer")
     return 0

@@ -11,7 +11,7 @@ from openalign.cli._help import HelpFormatter, add_command
 
 EXAMPLES = (
     "openalign data synth --out data --n 2000 && "
-    "openalign tokenizer train data/train/manifest.jsonl --vocab-size 1000 --out tokenizer",
+    "openalign tokenizer train data/train/manifest.jsonl --vocab-size 400 --out tokenizer",
     "openalign train --recipe cpu-small --data.train data/train/manifest.jsonl --data.val "
     "data/heldout/manifest.jsonl --data.tokenizer tokenizer --run.out_dir runs/first --run.max_minutes 5",
     "openalign train --config run.yaml --optim.lr 5e-4 --print-config",

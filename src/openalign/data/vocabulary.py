@@ -7,11 +7,11 @@ file one caption a line: whatever training reads, the tokenizer learns from.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 
 from openalign.data.sources import DataError, iter_records
+from openalign.errors import TextInputError
 from openalign.processing.tokenizer import AlignTokenizer, train_wordpiece
 
 
@@ -29,11 +29,13 @@ def train_tokenizer(sources: str | os.PathLike | Sequence, vocab_size: int, out_
                     *, min_frequency: int = 2, lowercase: bool = True, show_progress: bool = False) -> AlignTokenizer:
     """Train a BERT WordPiece vocabulary on the captions of `sources` (see `train_wordpiece`), saved to out_dir
     when given. Raises DataError naming the sources when they hold no caption at all."""
-    captions = source_captions(sources)
-    first = next(captions, None)
-    if first is None:
-        raise DataError(f"{', '.join(map(str, sources if isinstance(sources, (list, tuple)) else [sources]))}: "
-                        "no captions to learn a vocabulary from (a manifest needs a caption column such as "
-                        "'caption' or 'text'; an image folder, <image>.txt files beside the images)")
-    return train_wordpiece(itertools.chain([first], captions), vocab_size, out_dir, min_frequency=min_frequency,
-                           lowercase=lowercase, show_progress=show_progress)
+    try:
+        return train_wordpiece(source_captions(sources), vocab_size, out_dir, min_frequency=min_frequency,
+                               lowercase=lowercase, show_progress=show_progress)
+    except TextInputError as error:
+        if "no token learned" not in str(error):
+            raise
+        # Nothing learnt: the sources hold no caption, and here they can be named.
+        names = ", ".join(map(str, sources if isinstance(sources, (list, tuple)) else [sources]))
+        raise DataError(f"{names}: no captions to learn a vocabulary from (a manifest needs a caption column "
+                        "such as 'caption' or 'text'; an image folder, <image>.txt files beside the images)") from None

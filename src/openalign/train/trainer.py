@@ -196,7 +196,7 @@ def _check_data(config: TrainConfig) -> None:
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty: a run needs image-text pairs "
             "(a manifest, image folder or shards) and a WordPiece tokenizer folder. For a first run: "
             "`openalign data synth --out data --n 2000`, `openalign tokenizer train data/train/manifest.jsonl "
-            "--vocab-size 1000 --out tokenizer`, then `--data.train data/train/manifest.jsonl --data.tokenizer "
+            "--vocab-size 400 --out tokenizer`, then `--data.train data/train/manifest.jsonl --data.tokenizer "
             "tokenizer`"
         )
 
