@@ -3,6 +3,7 @@ budget stops a run with a checkpoint, plots come out of `openalign plot`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -105,6 +106,9 @@ def test_model_and_checkpoints_hold_the_processor_the_run_validated_with(learned
     text = describe_run(learned_run, config)
     assert f"R@10 {learned_run.metrics['val_image_to_text_r10']:.3f}" in text
     assert str(learned_run.run_dir / "model") in text and "openalign zero-shot -m" in text
+    cut = dataclasses.replace(learned_run, step=1, stop_reason="time_budget")  # a budget shorter than the warm-up
+    config.run.max_minutes = 0.1
+    assert f"within the warm-up of optim.warmup_steps = {config.optim.warmup_steps}:" in describe_run(cut, config)
 
 
 def test_a_run_without_pairs_or_tokenizer_says_how_to_get_them(data, tmp_path):

@@ -17,6 +17,10 @@ def describe_run(result: Any, config: TrainConfig) -> str:
     planned = metrics.get("total_steps", config.optim.total_steps)
     if result.stop_reason == "time_budget":
         ending = f"stopped by the time budget ({settings.max_minutes:g} min) at step {result.step} of {planned}"
+        warmup = config.optim.warmup_steps
+        if result.step < warmup:  # the schedule never left its warm-up: the plan could not fit the time
+            ending += (f" (within the warm-up of optim.warmup_steps = {warmup}: give run.max_minutes more time or "
+                       "the warm-up fewer steps)")
     else:
         ending = f"finished {result.step} steps"
         if settings.time_fitted:
