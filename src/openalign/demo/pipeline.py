@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from openalign.data.synth import SynthConfig
 from openalign.errors import ConfigError
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
@@ -222,7 +220,8 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     """Seconds per training step of a fresh model, measured on real batches of the training loader:
 
     - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
-    - `decode`: the reading and decoding part of that, which `data.cache_images` saves from the second epoch on;
+    - `decode`: the reading, decoding and resizing part of that, which `data.cache_images` saves from the second
+      epoch on;
     - `model`: the trainer's own step (`probe_stepper`: forward, loss with the self-supervised term when it is
       on, backward, AdamW), channels-last, after two warm-up steps.
     Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
@@ -239,9 +238,10 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     load_seconds = (time.monotonic() - started) / batches
 
     records = list(itertools.islice(sources.iter_records(train_config.data.train), train_config.optim.batch_size))
+    dataset = loader.dataset
     started = time.monotonic()
     for record in records:
-        np.asarray(loader.dataset.decode(record.open_image_bytes()))
+        dataset.cache_entry(dataset.decode(record.open_image_bytes()))
     decode_seconds = (time.monotonic() - started) * train_config.optim.batch_size / max(1, len(records))
 
     _, stepper = probe_stepper(model_config, train_config)
