@@ -1,8 +1,10 @@
 """Training-step throughput and peak memory: openalign's trainer step against transformers' AlignModel doing
-the same step (same config, weights, batch, dtype, optimiser), with and without gradient checkpointing.
-Not a test: the numbers depend on the machine and its load.
+the same step (same config, weights, batch, dtype, optimiser), with and without gradient checkpointing; or,
+with --demo, the demo's training against an earlier openalign (a git revision). Not a test: the numbers depend
+on the machine and its load.
 
     python benchmarks/train.py [--preset efficientnet-b0+bert-mini] [--image-size 128] [--batch-size 16]
+    python benchmarks/train.py --demo [--baseline REV] [--steps 100] [--repeats 2] [--n 4000]
 
 Each measurement runs in a fresh subprocess, so peak memory is that one configuration's: on CUDA
 torch.cuda.max_memory_allocated over the first step, on CPU the growth of the peak resident set (ru_maxrss)
@@ -28,6 +30,8 @@ import time
 # glibc keeps large activations in its heap instead of a fresh mmap per tensor (see ALIGN-REFERENCE.md);
 # applied to both sides alike.
 ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
+# main before the training-step work of docs/training.md ("The training step on a CPU"): what --demo compares with.
+DEMO_BASELINE = "3d73c4c44428fc64d320e4e8786a97e9eff015dc"
 
 
 def _resident_bytes() -> int:
@@ -129,14 +133,35 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5; with --demo 100)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--demo", action="store_true",
+                        help="time the demo's training (its model, batch, data and image term) against --baseline")
+    parser.add_argument("--baseline", default=DEMO_BASELINE,
+                        help="with --demo: the git revision, or a folder holding an openalign package, to compare "
+                             f"with (default {DEMO_BASELINE[:7]}, the code before the training-step work)")
+    parser.add_argument("--n", type=int, default=4000, help="with --demo: generated training pairs")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="with --demo: runs of each side, alternating (the best counts)")
+    parser.add_argument("--threads", type=int, default=2, help="with --demo: torch threads (the demo's 2)")
+    parser.add_argument("--no-image-ssl", dest="image_ssl", action="store_false",
+                        help="with --demo: without the label-free image term (the demo's runs under 700 steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--implementation", default="openalign", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.steps = args.steps or (100 if args.demo else 5)
+    if args.demo:
+        from _demo_training import demo_main, demo_worker
+
+        if args.worker:
+            print(json.dumps(demo_worker(args)))
+        else:
+            demo_main(args, __file__)
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return

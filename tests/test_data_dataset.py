@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
+from openalign.data.dataset import ImageTextDataset, TrainTransform, make_loader, train_transform
 from openalign.data.sources import Record, write_manifest, write_shards
 from openalign.errors import ConfigError
 
@@ -179,19 +179,24 @@ def test_a_transform_drawing_from_numpy_is_seeded_per_sample(tmp_path):
     assert np.array_equal(np.random.get_state()[1], state)  # restored after every sample
 
 
-def test_image_cache_gives_the_same_samples_without_reading_again(tmp_path):
+@pytest.mark.parametrize("staged", [False, True])
+def test_image_cache_gives_the_same_samples_without_reading_again(tmp_path, staged):
+    """Cached decoded images (any transform), or cached resized ones (a TrainTransform, whose random part alone
+    runs again): the same pixels as the uncached train_transform, epoch after epoch."""
     records = [Record(key=str(index), caption=f"sample {index}", image_ext="png",
                       image_bytes=b"not an image" if index == 3 else image_bytes(index)) for index in range(8)]
     manifest = write_manifest(records, tmp_path / "train.jsonl")
 
-    def loader(cache: bool):
-        dataset = ImageTextDataset(manifest, transform=SMALL, seed=5, cache_images=cache)
+    def loader(cache: bool, transform=SMALL):
+        dataset = ImageTextDataset(manifest, transform=transform, seed=5, cache_images=cache)
         return make_loader(dataset, batch_size=3)
 
-    plain, cached = loader(False), loader(True)
+    plain, cached = loader(False), loader(True, TrainTransform(resize=12, crop=9) if staged else SMALL)
     expected = [list(plain) for _ in range(2)]  # two epochs, each in its own order, crops and flips
     first_epoch = list(cached)
     assert len(cached.dataset.image_cache) == 7  # every readable image, decoded once
+    cached_shapes = {array.shape for array in cached.dataset.image_cache.values()}
+    assert cached_shapes == ({(12, 12, 3)} if staged else {(8, 10, 3)})  # resized, or as decoded
     for image in (tmp_path / "train_images").iterdir():
         if image.stem != "000000003":  # the corrupt one stays, to be skipped again
             image.unlink()  # the second epoch must come from memory

@@ -216,14 +216,41 @@ def test_configure_allocator_stops_refaulting_activations():
 
 def test_fused_silu_only_where_onednn_has_the_precision(model, monkeypatch):
     # oneDNN's reduced-precision convolutions need AVX-512 or AVX-NE-CONVERT and raise on an AVX2-only CPU.
+    from openalign import runtime
     from openalign.inference import optimize as optimize_module
+
+    monkeypatch.setitem(runtime._state, "warned", set())  # the warning below comes once per process
 
     def fused(optimized):
         return {module.fuse for module in optimized.vision.modules() if hasattr(module, "fuse")}
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert not optimize_module._fused_swish_available(torch.bfloat16)
-    assert fused(optimize_for_inference(model, dtype=torch.bfloat16)) == {False}
+    with pytest.warns(UserWarning, match="no native bfloat16 kernels"):
+        assert fused(optimize_for_inference(model, dtype=torch.bfloat16)) == {False}
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert fused(optimize_for_inference(model, dtype=torch.bfloat16)) == {True}
     assert optimize_module._fused_swish_available(torch.float32)
+
+
+def test_bfloat16_without_native_kernels_warns_once_and_keeps_the_image_tower_contiguous(model, monkeypatch):
+    """On an AVX2-only CPU bfloat16 is emulated (10-25x slower than float32, and channels-last the slowest):
+    the user is told why, once, and the layout is the less slow one; float32 and native bfloat16 stay
+    channels-last and silent."""
+    import warnings
+
+    from openalign import runtime
+
+    monkeypatch.setitem(runtime._state, "warned", set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="optimize_for_inference: this CPU has no native bfloat16 kernels"):
+        emulated = optimize_for_inference(model, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        again = optimize_for_inference(model, dtype=torch.bfloat16)
+        plain = optimize_for_inference(model)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+        native = optimize_for_inference(model, dtype=torch.bfloat16)
+    assert not emulated.vision.channels_last and not again.vision.channels_last
+    assert plain.vision.channels_last and native.vision.channels_last
+    assert optimize_for_inference(model, dtype=torch.bfloat16, channels_last=True).vision.channels_last

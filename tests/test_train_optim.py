@@ -55,6 +55,27 @@ def test_lamb_two_steps_match_by_hand(max_trust_ratio):
     assert (weight.detach() - adam_like).abs().max() > 1e-3
 
 
+def test_adamw_fused_takes_gradients_of_any_layout_and_matches_the_for_loop():
+    """The fused kernel (used where every parameter is a plain CPU or CUDA tensor) against torch's for-loop
+    AdamW, on a channels-last weight whose gradient comes contiguous (the CPU kernel would mix up elements)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 4, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn(6, 4, 3, 3, generator=generator) for _ in range(3)]
+    weights = []
+    for make in (lambda ps: build_optimizer("adamw", ps, lr=0.01, weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(param_groups(ps, 0.1), lr=0.01, eps=1e-6, foreach=False)):
+        holder = nn.Conv2d(4, 6, 3, bias=False)
+        holder.weight = nn.Parameter(start.clone())
+        optimizer = make(holder)
+        for grad in grads:
+            holder.weight.grad = grad.clone()
+            optimizer.step()
+        weights.append(holder.weight.detach())
+    assert build_optimizer("adamw", nn.Linear(2, 2), lr=0.01).defaults["fused"]
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
+    assert (weights[0] - start).abs().mean() > 0.01  # it moved
+
+
 def test_lamb_zero_weight_takes_the_adam_step():
     weight = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
     grad = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)

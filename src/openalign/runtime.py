@@ -18,6 +18,11 @@ calls it on import or while training. The equivalent environment must be set bef
 The cost is memory: freed blocks stay mapped, so the resident set stays at its high-water mark (measured flat
 over a stream of 1,000 align-base images). glibc 2.36 accepts both thresholds through `mallopt` at run time.
 
+Reduced precision on a CPU. oneDNN runs bfloat16 (and float16) convolutions and matmuls natively only with
+AVX-512 BF16 / FP16, AMX or AVX-NE-CONVERT; on an AVX2-only CPU it emulates them, and they run 10-25x slower
+than float32 (docs/inference.md, "bfloat16 on a CPU"). `native_reduced_precision` says which case this is,
+and `warn_slow_precision` warns a user who asked for such a dtype there, once per dtype.
+
 The OpenMP wait policy. OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime, so
 `set_omp_wait_policy()` must run before `import torch`; it picks ACTIVE (spinning threads) on a quiet machine and
 PASSIVE on a busy one (see `omp_wait_policy`).
@@ -30,6 +35,7 @@ import ctypes.util
 import os
 import platform
 import time
+import warnings
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -40,7 +46,7 @@ M_MMAP_THRESHOLD = -3
 MALLOPT_MMAP_CAP = 32 * 1024 * 1024
 ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
-_state: dict = {"configured": None}
+_state: dict = {"configured": None, "warned": set()}
 
 
 def _libc():
@@ -87,6 +93,34 @@ def configure_allocator(mmap_threshold: int = 1_000_000_000, trim_threshold: int
         }
     _state["configured"] = result
     return result
+
+
+def native_reduced_precision(dtype) -> bool:
+    """Whether this CPU runs `dtype` (a torch dtype) convolutions and matmuls in native kernels: float32
+    always; bfloat16 and float16 only where oneDNN reports it (AVX-512 BF16 / FP16, AMX, AVX-NE-CONVERT)."""
+    import torch
+
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if dtype == torch.bfloat16:
+        return bool(mkldnn is not None and mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(mkldnn is not None and mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def warn_slow_precision(dtype, device_type: str, setting: str) -> bool:
+    """Warn (once per dtype and process) that `setting`, which asked for `dtype` on `device_type`, runs on
+    emulated kernels here; returns whether it does. Only CPUs are concerned."""
+    if device_type != "cpu" or native_reduced_precision(dtype):
+        return False
+    if dtype not in _state["warned"]:
+        _state["warned"].add(dtype)
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(f"{setting}: this CPU has no native {name} kernels (oneDNN needs AVX-512 {name[:4].upper()}"
+                      f" or AMX; this one has AVX2 at most), so {name} convolutions and matmuls are emulated and run "
+                      "10-25x slower than float32 (docs/inference.md, 'bfloat16 on a CPU'); use float32 here",
+                      stacklevel=3)
+    return True
 
 
 def busy_cores(interval: float = 0.5) -> float:

@@ -37,11 +37,12 @@ from openalign.data.sources import (
 from openalign.distributed import rank_and_world_size
 from openalign.errors import ConfigError, InputLimitError
 from openalign.processing import images
-from openalign.processing.images import train_transform
+from openalign.processing.images import TrainTransform, train_transform
 from openalign.processing.tokenizer import is_unicode_text
 
-# train_transform (processing.images'), the dataset's default transform, is imported from here too.
-__all__ = ["Collate", "ImageTextDataset", "ResumableLoader", "hash_seed", "make_loader", "train_transform"]
+# train_transform and TrainTransform (processing.images'; the dataset's default) are imported from here too.
+__all__ = ["Collate", "ImageTextDataset", "ResumableLoader", "TrainTransform", "hash_seed", "make_loader",
+           "train_transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 # Draws per segment of a resampled manifest: bounds what a resume replays.
 RESAMPLED_BLOCK = 10_000
+# The paper's 346 px resize and 289 px random crop.
+DEFAULT_TRANSFORM = TrainTransform()
 
 
 def takes_generator(transform: Callable) -> bool:
@@ -149,13 +152,14 @@ class ImageTextDataset(IterableDataset):
     `group_fraction` < 1 keeps only about that share of the rows in runs and scatters the rest, so batches
     mix hard negatives with ordinary ones. Epochs before `group_from_epoch` are shuffled plainly.
 
-    `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's
-    key) after its first use, so later epochs skip reading and decoding; the transform still runs per sample,
-    so augmentation and the pixels of every epoch are unchanged. For data that fits in memory: each process
-    (and each loader worker) holds its own copy of what it has read.
+    `cache_images` keeps every decoded image in memory (as a read-only uint8 array, keyed by the sample's key) after
+    its first use, so later epochs skip reading and decoding; with a `TrainTransform` (the trainer's) it keeps the
+    resized image instead, so they skip resizing too. The random part of the transform still runs per sample, so
+    augmentation and the pixels of every epoch are unchanged. For data that fits in memory: each process (and each
+    loader worker) holds its own copy of what it has read.
     """
 
-    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = train_transform,
+    def __init__(self, source: Any, *, transform: Callable[[Image.Image], torch.Tensor] = DEFAULT_TRANSFORM,
                  decode: Callable[[bytes], Image.Image] = images.load_image,
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
@@ -316,16 +320,14 @@ class ImageTextDataset(IterableDataset):
     def _load(self, record: Record, sample_seed: int, skipped: Counter) -> torch.Tensor | None:
         """Pixels of one record, or None (logged and counted by reason) when it cannot be used."""
         reason, error = None, None
-        cached = self.image_cache.get(record.key) if self.image_cache is not None else None
+        image = self.image_cache.get(record.key) if self.image_cache is not None else None
         if record.error is not None:
             reason, error = "over_limit", record.error
         elif record.caption is None or not record.caption.strip():
             reason = "missing_caption"
         elif not is_unicode_text(record.caption):
             reason, error = "invalid_caption", "a lone surrogate or other text that is not Unicode"
-        elif cached is not None:
-            image = Image.fromarray(cached)
-        else:
+        elif image is None:
             try:
                 data = record.open_image_bytes()
             except InputLimitError as caught:
@@ -337,20 +339,18 @@ class ImageTextDataset(IterableDataset):
                     image = self.decode(data)
                 except Exception as caught:  # decoders raise many types on bad bytes; all mean a corrupt sample
                     reason, error = "corrupt_image", caught
-            if reason is None and self.image_cache is not None:
-                array = np.asarray(image)
-                array.flags.writeable = False  # a transform gets a fresh image over it and cannot change it
-                self.image_cache[record.key] = array
         if reason is None:
             try:
+                if self.image_cache is not None and not isinstance(image, np.ndarray):
+                    image = self._cache(record.key, image)
                 flip_allowed = self.flip is True or (self.flip == "auto" and not SIDE_WORDS.search(record.caption))
                 if self._transform_takes_generator:
                     generator = torch.Generator().manual_seed(sample_seed)
-                    pixels = self.transform(image, generator=generator)
+                    pixels = self._transform(image, generator=generator)
                     flip = flip_allowed and torch.rand((), generator=generator) < 0.5
                 else:  # a transform drawing from the global RNGs: seed them for this sample, then restore
                     with _seeded_rng(sample_seed):
-                        pixels = self.transform(image)
+                        pixels = self._transform(image)
                         flip = flip_allowed and torch.rand(()) < 0.5
                 return pixels.flip(-1) if flip else pixels  # (C, H, W): mirror W
             except Exception as caught:  # e.g. an image too small for a custom transform
@@ -358,6 +358,26 @@ class ImageTextDataset(IterableDataset):
         skipped[reason] += 1
         logger.warning("skipping sample %s: %s%s", record.key, reason, f" ({error})" if error else "")
         return None
+
+    def cache_entry(self, image: Image.Image) -> np.ndarray:
+        """What `cache_images` keeps of a decoded image: what every epoch would compute again from it, its
+        resized pixels when the transform is a `TrainTransform` (whose `prepare` is deterministic), else the
+        decoded pixels. Read-only, so a transform cannot change what later epochs read."""
+        array = self.transform.prepare(image) if isinstance(self.transform, TrainTransform) else np.asarray(image)
+        array.flags.writeable = False
+        return array
+
+    def _cache(self, key: str, image: Image.Image) -> np.ndarray:
+        self.image_cache[key] = array = self.cache_entry(image)
+        return array
+
+    def _transform(self, image: Image.Image | np.ndarray, **generator) -> torch.Tensor:
+        """The transform of a decoded image, or of a cached array (see `_cache`)."""
+        if not isinstance(image, np.ndarray):
+            return self.transform(image, **generator)
+        if isinstance(self.transform, TrainTransform):
+            return self.transform.augment(image, **generator)
+        return self.transform(Image.fromarray(image), **generator)
 
     def iter_samples(self, stream: int, num_streams: int, *, epoch: int | None = None,
                      start: tuple[int, int, int, int] | None = None) -> Iterator[dict[str, Any]]:

@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from openalign.data.synth import SynthConfig
 from openalign.errors import ConfigError
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
@@ -196,8 +194,8 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
 
 def probe_stepper(model_config: AlignConfig, train_config):
     """(a fresh model in training mode, the Stepper that trains it as `train_config` says): its loss and image
-    term, built and wired as the trainer builds them (`build_stepper`), AdamW over every trainable parameter,
-    channels-last, on the CPU."""
+    term, built and wired as the trainer builds them (`build_stepper`), the trainer's optimiser and gradient
+    clipping, channels-last, on the CPU."""
     import torch
     from torch import nn
 
@@ -206,6 +204,7 @@ def probe_stepper(model_config: AlignConfig, train_config):
     from openalign.train.builders import build_contrastive_loss
     from openalign.train.image_ssl import build_image_ssl
     from openalign.train.loop import build_stepper
+    from openalign.train.optim import build_optimizer
 
     model = AlignModel(model_config).train()
     trainable_init(model.vision_model)
@@ -213,16 +212,18 @@ def probe_stepper(model_config: AlignConfig, train_config):
     loss = build_contrastive_loss(train_config.loss, model)
     image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
     holder = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
-    optimizer = torch.optim.AdamW([parameter for parameter in holder.parameters() if parameter.requires_grad],
-                                  lr=1e-4)
-    return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True)
+    optim = train_config.optim
+    optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
+    return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True,
+                                grad_clip=optim.grad_clip)
 
 
 def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 4) -> dict:
     """Seconds per training step of a fresh model, measured on real batches of the training loader:
 
     - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
-    - `decode`: the reading and decoding part of that, which `data.cache_images` saves from the second epoch on;
+    - `decode`: the reading, decoding and resizing part of that, which `data.cache_images` saves from the second
+      epoch on;
     - `model`: the trainer's own step (`probe_stepper`: forward, loss with the self-supervised term when it is
       on, backward, AdamW), channels-last, after two warm-up steps.
     Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
@@ -239,9 +240,10 @@ def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, bat
     load_seconds = (time.monotonic() - started) / batches
 
     records = list(itertools.islice(sources.iter_records(train_config.data.train), train_config.optim.batch_size))
+    dataset = loader.dataset
     started = time.monotonic()
     for record in records:
-        np.asarray(loader.dataset.decode(record.open_image_bytes()))
+        dataset.cache_entry(dataset.decode(record.open_image_bytes()))
     decode_seconds = (time.monotonic() - started) * train_config.optim.batch_size / max(1, len(records))
 
     _, stepper = probe_stepper(model_config, train_config)

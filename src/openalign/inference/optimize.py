@@ -22,7 +22,7 @@ from torch import nn
 
 from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
 from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
-from openalign.runtime import configure_allocator
+from openalign.runtime import configure_allocator, native_reduced_precision, warn_slow_precision
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALLOCATOR_OPT_OUT = "OPENALIGN_ALLOCATOR"  # "0": optimize_for_inference leaves glibc's allocator alone
@@ -45,14 +45,11 @@ def fold_conv_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
 
 def _fused_swish_available(dtype: torch.dtype) -> bool:
     """Whether oneDNN's fused convolution + SiLU runs in `dtype` on this CPU: its reduced-precision kernels need
-    AVX-512 (BF16/FP16) or AVX-NE-CONVERT, and raise on an AVX2-only CPU rather than falling back."""
+    native support (see `openalign.runtime.native_reduced_precision`), and raise on an AVX2-only CPU rather
+    than falling back."""
     if not (hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
+    return native_reduced_precision(dtype)
 
 
 def conv_silu(conv: nn.Conv2d, activation: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
@@ -280,7 +277,7 @@ def optimize_for_inference(
     model,
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
-    channels_last: bool = True,
+    channels_last: bool | None = None,
     fold_batchnorm: bool = True,
     device: torch.device | str | None = None,
     fuse_activation: bool | None = None,
@@ -292,9 +289,11 @@ def optimize_for_inference(
     float32). compile: `torch.compile` each tower; the first call for each new input shape pays the
     compilation (minutes on CPU for align-base, see docs/inference.md), so use it for long streams with a fixed
     batch shape. channels_last / fold_batchnorm switch the image-tower rewrites off one by one (for tests and
-    benchmarks). fuse_activation: conv + SiLU as one oneDNN call; default on for reduced precision on CPU with
-    folded BatchNorm and channels-last, where it measured faster. The text tower always gets fused QKV, SDPA
-    and the [CLS]-only last layer.
+    benchmarks); channels_last None (default): on, except for bfloat16 / float16 on a CPU without native kernels for
+    them, where that dtype is slow whatever the layout (a warning says so, see
+    `openalign.runtime.warn_slow_precision`) and the contiguous layout was 1.3x less slow (docs/inference.md).
+    fuse_activation: conv + SiLU as one oneDNN call; default on for reduced precision on CPU with folded BatchNorm and
+    channels-last, where it measured faster. The text tower always gets fused QKV, SDPA and the [CLS]-only last layer.
 
     allocator: on a CPU, asking for an inference-optimised model also asks for the process-wide glibc settings
     that keep freed activations in the heap (`openalign.runtime.configure_allocator`): without
@@ -309,6 +308,9 @@ def optimize_for_inference(
         allocator = device.type == "cpu" and os.environ.get(ALLOCATOR_OPT_OUT, "1") != "0"
     if allocator:
         configure_allocator()
+    emulated = dtype != torch.float32 and warn_slow_precision(dtype, device.type, "optimize_for_inference")
+    if channels_last is None:
+        channels_last = not emulated
     source = copy.deepcopy(model).eval().to(device)
     vision = InferenceVision(source.vision_model, fold_batchnorm, channels_last)
     text = InferenceText(source.text_model, source.text_projection)

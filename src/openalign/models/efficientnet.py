@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from openalign.model_config import AlignVisionConfig, round_filters
+from openalign.models.depthwise import depthwise_conv2d
 from openalign.models.outputs import AlignVisionOutput
 from openalign.models.utils import CheckpointingTower, activation, no_batchnorm_update, normal_init
 from openalign.pretrained import PretrainedMixin
@@ -129,9 +130,10 @@ class Depthwise(nn.Module):
         self.depthwise_act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding is not None:
-            x = F.pad(x, self.padding)
-        return self.depthwise_act(self.depthwise_norm(self.depthwise_conv(x)))
+        conv = self.depthwise_conv
+        padding = self.padding or (conv.padding[0],) * 4
+        x = depthwise_conv2d(x, conv.weight, conv.stride[0], padding)  # the convolution, with a faster backward
+        return self.depthwise_act(self.depthwise_norm(x))
 
 
 class SqueezeExcite(nn.Module):

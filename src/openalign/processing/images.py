@@ -29,13 +29,14 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from openalign.errors import ImageLoadError
+from openalign.errors import ConfigError, ImageLoadError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 9459)
 
@@ -261,20 +262,47 @@ def train_transform(
     The flip is off by default because the training dataset (`data.dataset.ImageTextDataset`, whose default
     transform this is) flips after reading the caption, which may veto it ("on the left"). Returns float32
     (3, crop, crop) with the eval rescale (x * rescale_factor - 1 by default). Deterministic for a seeded
-    `generator`; the image must already be RGB (see `load_image`).
+    `generator`; the image must already be RGB (see `load_image`). `TrainTransform` is the same in two stages.
     """
-    resized = image.resize((resize, resize), resample=resample)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    if crop > resize:
-        raise ValueError(f"crop {crop} is larger than resize {resize}")
-    top = int(torch.randint(0, resize - crop + 1, (1,), generator=generator))
-    left = int(torch.randint(0, resize - crop + 1, (1,), generator=generator))
-    pixels = pixels[:, top : top + crop, left : left + crop]
-    do_flip = bool(torch.rand((), generator=generator) < 0.5) if flip else False
-    if do_flip:
-        pixels = pixels.flip(-1)
-    values = pixels.to(torch.float64) * rescale_factor
-    values = values.to(torch.float32)
-    if rescale_offset:
-        values = values - 1
-    return values.contiguous()
+    return TrainTransform(resize, crop, flip, resample, rescale_factor, rescale_offset)(image, generator=generator)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """`train_transform` with its settings bound, in two stages: `prepare`, the square resize, which is the
+    same every epoch, so a dataset that keeps images in memory keeps its uint8 result (`data.cache_images`)
+    and skips both decoding and resizing after the first epoch; and `augment`, the random crop (and flip)
+    scaled to float. `transform(image, generator=g)` is `augment(prepare(image), g)`: the same pixels as
+    `train_transform` for the same draws."""
+
+    resize: int = 346
+    crop: int = 289
+    flip: bool = False
+    resample: int = Image.Resampling.BILINEAR
+    rescale_factor: float = 1 / 127.5
+    rescale_offset: bool = True
+
+    def __post_init__(self):
+        if self.crop > self.resize:
+            raise ConfigError(f"the training crop {self.crop} is larger than its resize {self.resize} (data.image_size "
+                              "and data.resize)")
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.augment(self.prepare(image), generator=generator)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The RGB image resized to (resize, resize, 3) uint8."""
+        return np.asarray(image.resize((self.resize, self.resize), resample=self.resample), dtype=np.uint8)
+
+    def augment(self, prepared: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A `prepare`d image -> float32 (3, crop, crop): a random window (and a random mirror with `flip`),
+        x * rescale_factor (in float64, then rounded) - 1."""
+        size, crop = self.resize, self.crop
+        top = int(torch.randint(0, size - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(0, size - crop + 1, (1,), generator=generator))
+        window = prepared[top : top + crop, left : left + crop]  # (crop, crop, 3), a view
+        if self.flip and bool(torch.rand((), generator=generator) < 0.5):
+            window = window[:, ::-1]
+        pixels = torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))  # (3, crop, crop) uint8
+        values = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        return values - 1 if self.rescale_offset else values

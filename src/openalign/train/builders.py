@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from openalign.data.dataset import ImageTextDataset, make_loader, train_transform
+from openalign.data.dataset import ImageTextDataset, TrainTransform, make_loader
 from openalign.errors import CheckpointError, ConfigError
 from openalign.losses import ContrastiveLoss, loss_class
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig, get_preset
@@ -124,7 +124,7 @@ def build_loaders(config: TrainConfig, tokenizer: AlignTokenizer, image_size: in
     if not data.train:
         raise ConfigError("data.train is empty: give a manifest, image folder or shard spec")
     train_set = ImageTextDataset(
-        data.train, transform=functools.partial(train_transform, resize=resize, crop=image_size),
+        data.train, transform=TrainTransform(resize=resize, crop=image_size),
         tokenize=tokenize, seed=config.run.seed, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
         flip=data.flip, epoch_size=data.epoch_size, cache_images=data.cache_images,
         group_by=data.group_by, group_size=data.group_size,

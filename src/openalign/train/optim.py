@@ -54,47 +54,76 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One LAMB update of every parameter with a gradient; returns the closure's loss, if one is given."""
+        """One LAMB update of every parameter with a gradient; returns the closure's loss, if one is given.
+
+        Each formula runs once over all of a group's tensors (torch._foreach_*), not once per tensor: a
+        model's hundreds of small tensors otherwise cost one dispatch each per formula."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            adapt = group["layer_adaptation"]
-            adapt = group["weight_decay"] > 0 if adapt is None else adapt
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                if parameter.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-                state = self.state[parameter]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(parameter)
-                    state["exp_avg_sq"] = torch.zeros_like(parameter)
-                state["step"] += 1
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(parameter.grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(parameter.grad, parameter.grad, value=1 - beta2)
-                if group["bias_correction"]:
-                    step = state["step"]
-                    exp_avg_hat, exp_avg_sq_hat = exp_avg / (1 - beta1**step), exp_avg_sq / (1 - beta2**step)
-                else:
-                    exp_avg_hat, exp_avg_sq_hat = exp_avg, exp_avg_sq
-                update = exp_avg_hat / (exp_avg_sq_hat.sqrt() + group["eps"])
-                if group["weight_decay"] > 0:
-                    update.add_(parameter, alpha=group["weight_decay"])
-                trust_ratio = 1.0
-                if adapt:
-                    parameter_norm, update_norm = parameter.norm(), update.norm()
-                    ratio = parameter_norm / update_norm
-                    if group["max_trust_ratio"] is not None:
-                        ratio = ratio.clamp(max=group["max_trust_ratio"])
-                    # A zero norm (a freshly zeroed weight, a zero update) falls back to the plain Adam step.
-                    trust_ratio = torch.where((parameter_norm > 0) & (update_norm > 0), ratio, 1.0)
-                parameter.add_(-group["lr"] * trust_ratio * update)
+            parameters = [parameter for parameter in group["params"] if parameter.grad is not None]
+            if parameters:
+                self._update(group, parameters)
         return loss
+
+    def _update(self, group: dict, parameters: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        adapt = group["layer_adaptation"]
+        adapt = group["weight_decay"] > 0 if adapt is None else adapt
+        grads = [parameter.grad for parameter in parameters]
+        if any(grad.is_sparse for grad in grads):
+            raise RuntimeError("Lamb does not support sparse gradients")
+        states = [self.state[parameter] for parameter in parameters]
+        for parameter, state in zip(parameters, states):
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(parameter)
+                state["exp_avg_sq"] = torch.zeros_like(parameter)
+            state["step"] += 1
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if group["bias_correction"]:  # per tensor: one that had no gradient in a step has taken fewer
+            exp_avgs = torch._foreach_div(exp_avgs, [1 - beta1 ** state["step"] for state in states])
+            exp_avg_sqs = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** state["step"] for state in states])
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denominators)  # m_hat / (sqrt(v_hat) + eps)
+        if group["weight_decay"] > 0:
+            torch._foreach_add_(updates, parameters, alpha=group["weight_decay"])
+        if adapt:
+            parameter_norms = torch.stack(torch._foreach_norm(parameters))
+            update_norms = torch.stack(torch._foreach_norm(updates))
+            ratios = parameter_norms / update_norms
+            if group["max_trust_ratio"] is not None:
+                ratios = ratios.clamp(max=group["max_trust_ratio"])
+            # A zero norm (a freshly zeroed weight, a zero update) falls back to the plain Adam step.
+            ratios = torch.where((parameter_norms > 0) & (update_norms > 0), ratios, 1.0)
+            torch._foreach_mul_(updates, list(ratios.unbind()))
+        torch._foreach_add_(parameters, updates, alpha=-group["lr"])
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose fused kernel (`fused=True`: an update in one pass over each tensor, a fifth of the
+    for-loop's time for efficientnet-b0 + bert-mini on a CPU, docs/training.md) is given gradients laid out
+    as their parameters are. The CPU kernel walks the memory of a parameter and of its gradient in step, so
+    a gradient of other strides (a contiguous gradient of a channels-last weight, set by hand) would update
+    the wrong elements without an error; such a gradient is copied into its parameter's layout first."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW update (see torch.optim.AdamW.step)."""
+        if self.defaults.get("fused"):
+            for group in self.param_groups:
+                for parameter in group["params"]:
+                    grad = parameter.grad
+                    if grad is not None and grad.stride() != parameter.stride():
+                        parameter.grad = torch.empty_like(parameter).copy_(grad)
+        return super().step(closure)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -131,7 +160,10 @@ def build_optimizer(
         groups[0]["layer_adaptation"], groups[1]["layer_adaptation"] = True, False
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # The fused kernel takes plain tensors on a CPU or a CUDA device, not FSDP's shards.
+        fused = all(type(parameter) in (torch.Tensor, nn.Parameter) and parameter.device.type in ("cpu", "cuda")
+                    for group in groups for parameter in group["params"])
+        return AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     raise ConfigError(f"unknown optimizer {name!r}; choose 'lamb' or 'adamw'")
 
 

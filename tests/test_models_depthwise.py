@@ -1,0 +1,58 @@
+"""The depthwise convolution's own weight gradient against autograd through F.pad + F.conv2d (float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openalign.models.depthwise import depthwise_conv2d
+
+
+def padding_of(kernel: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Symmetric 'same' padding, and the asymmetric kinds EfficientNet's stride-2 blocks use."""
+    half = kernel // 2
+    return [(half,) * 4, (half - 1, half, half - 1, half), (half, half + 1, half - 1, half)][: 3 if stride == 2 else 2]
+
+
+SHAPES = itertools.product((1, 2, 3, 5), (3, 5), (1, 2))  # map size, kernel, stride
+CASES = [(size, kernel, stride, padding) for size, kernel, stride in SHAPES for padding in padding_of(kernel, stride)
+         if size + padding[2] + padding[3] >= kernel]  # the padded map holds the kernel
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_equal_autograd_through_pad_and_conv(channels_last):
+    generator = torch.Generator().manual_seed(0)
+    custom = 0
+    for size, kernel, stride, padding in CASES:
+        x = torch.randn(3, 5, size, size + 1, dtype=torch.float64, generator=generator)
+        weight = torch.randn(5, 1, kernel, kernel, dtype=torch.float64, generator=generator)
+        if channels_last:
+            x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+        x.requires_grad_()
+        weight.requires_grad_()
+        expected = F.conv2d(F.pad(x, padding), weight, None, stride, 0, 1, 5)
+        output = depthwise_conv2d(x, weight, stride, padding)
+        custom += type(output.grad_fn).__name__.startswith("_DepthwiseConvolution")
+        torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+        grad_output = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+        expected_grads = torch.autograd.grad(expected, (x, weight), grad_output)
+        grads = torch.autograd.grad(output, (x, weight), grad_output)
+        for name, got, want in zip(("input", "weight"), grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12,
+                                       msg=f"{name} gradient, size {size} kernel {kernel} stride {stride} {padding}")
+    # The kernel is wider than the map in these, which is when the tap-by-tap weight gradient is used.
+    assert custom == sum(kernel > size for size, kernel, _, _ in CASES) > 10
+
+
+def test_plain_convolution_where_the_map_is_wider_than_the_kernel_or_without_gradient():
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    assert type(depthwise_conv2d(x, weight, 1, (1,) * 4).grad_fn).__name__ == "ConvolutionBackward0"
+    small = torch.randn(2, 4, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        assert depthwise_conv2d(small, weight, 1, (1,) * 4).grad_fn is None
+    frozen = weight.detach()
+    assert type(depthwise_conv2d(small, frozen, 1, (1,) * 4).grad_fn).__name__ == "ConvolutionBackward0"
