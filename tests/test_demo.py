@@ -186,6 +186,36 @@ def test_bayes_ceiling_of_a_gallery_worked_out_by_hand():
     assert evaluate.expected_recall(np.array([[0.5, 0.0, 0.0, 0.5]]), np.array([0]), 1) == pytest.approx(0.5)
 
 
+def test_the_models_retrieval_and_the_best_possible_share_one_tie_rule():
+    """A model that sees exactly the colour-shape pair (one-hot image and text embeddings) of a gallery whose
+    captions name nothing else ranks as the best possible ranking does, ties and all: different captions of a
+    pair tie, identical strings count as the right answer, images of a pair tie. Under the optimistic rule the
+    model would score image -> text R@1 1.0, above the best possible."""
+    pairs = [("blue", "circle")] * 3 + [("red", "square")] * 2 + [("green", "star")] * 2
+    texts = ["a blue circle", "a photo of a blue circle", "a blue circle", "a red square",
+             "close-up of a red square", "a green star", "a simple green star icon"]
+    rows = [_row(text, colour, shape, "medium", "center", "mid") for text, (colour, shape) in zip(texts, pairs)]
+    kinds = sorted(set(pairs))
+    one_hot = torch.eye(len(kinds))
+
+    def encode_texts(strings):
+        return torch.stack([one_hot[next(kinds.index(p) for p in kinds if f"{p[0]} {p[1]}" in text)]
+                            for text in strings])
+
+    image_embeds = torch.stack([one_hot[kinds.index(pair)] for pair in pairs])
+    model = evaluate.retrieval_figures(image_embeds, texts, encode_texts)
+    best = evaluate.bayes_retrieval(rows, gallery_size=len(rows))
+    assert model == pytest.approx(best, abs=1e-12)
+    # By hand: the first blue circle's own string is also the third's (the same answer), so one other caption
+    # ties with it: R@1 1/2. Text -> image: three blue circles tie, 1/3 at rank 1.
+    assert model["image_to_text_r1"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 7)
+    assert model["text_to_image_r1"] == pytest.approx((3 * (1 / 3) + 4 * (1 / 2)) / 7)
+    # A model that has learnt nothing (every score equal) scores chance, not a perfect recall.
+    collapsed = evaluate.retrieval_figures(torch.ones(7, 2), texts, lambda strings: torch.ones(len(strings), 2))
+    assert collapsed["text_to_image_r1"] == pytest.approx(1 / 7)
+    assert collapsed["image_to_text_r1"] == pytest.approx((2 * (1 / 6) + 5 * (1 / 7)) / 7)
+
+
 def test_bayes_ceiling_needs_the_attributes_and_a_caption_they_could_produce():
     rows = [_row("a blue circle", "blue", "circle", "large", "right", "dark"),
             _row("a red square", "red", "square", "medium", "center", "mid")]

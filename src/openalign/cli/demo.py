@@ -1,5 +1,6 @@
-"""`openalign demo [--out DIR] [--minutes M] [--no-filter] [--noise-rate R] [--mismatch-rate R] [--n N]
-[--seed S]`: generate, filter, tokenize, train and evaluate a small ALIGN from scratch in minutes on a CPU."""
+"""`openalign demo [--out DIR] [--minutes M] [--curation none|rules|similarity|oracle] [--noise-rate R]
+[--mismatch-rate R] [--n N] [--seed S]`: generate, curate, tokenize, train and evaluate a small ALIGN from scratch
+in minutes on a CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from openalign.cli._help import add_command
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
     from openalign.cli.data import add_rendering_arguments
+    from openalign.demo.curation import CURATIONS
     from openalign.demo.pipeline import IMAGE_SSL_MIN_STEPS, IMAGE_SSL_WEIGHT, DemoConfig
     from openalign.train.config import DataSection
 
@@ -25,7 +27,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=defaults.out_dir, help=f"output folder (default {defaults.out_dir})")
     parser.add_argument("--minutes", type=float, default=defaults.minutes,
                         help=f"wall-time budget of the whole command (default {defaults.minutes:g})")
-    parser.add_argument("--no-filter", action="store_true", help="train on every generated pair, unfiltered")
+    parser.add_argument("--curation", choices=CURATIONS, default=defaults.curation,
+                        help="which generated pairs to train on: none (all), rules (the paper's filters), "
+                             "similarity (the rules, then a bootstrap scorer's similarity filter; its training and "
+                             "scoring count in --minutes) or oracle (exactly the generator's clean pairs: the "
+                             f"perfect filter, a yardstick) (default {defaults.curation})")
+    parser.add_argument("--no-filter", action="store_true", help="the same as --curation none")
+    parser.add_argument("--bootstrap-share", type=float, default=defaults.bootstrap_share,
+                        help="share of the training the bootstrap scorer takes (of --steps, or of the time left "
+                             f"once scoring is paid for) (default {defaults.bootstrap_share})")
+    parser.add_argument("--curation-rounds", type=int, default=defaults.curation_rounds,
+                        help=f"bootstrap rounds (default {defaults.curation_rounds})")
+    parser.add_argument("--keep-fraction", type=float, default=defaults.keep_fraction,
+                        help="keep this share of the filtered pairs, best-scoring first (default: "
+                             f"{defaults.keep_fraction})")
+    parser.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
+                        help=f"keep pairs scoring at least this cosine (default: {defaults.min_similarity})")
     parser.add_argument("--noise-rate", type=float, default=None,
                         help="fraction of noisy training pairs, all noise kinds in the generator's proportions "
                              "(default: the generator's own, 0.20)")
@@ -88,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(
         out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seen_n=args.seen_n,
         seed=args.seed,
-        filter=not args.no_filter, noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
+        curation="none" if args.no_filter else args.curation, bootstrap_share=args.bootstrap_share,
+        curation_rounds=args.curation_rounds,
+        keep_fraction=args.keep_fraction, min_similarity=args.min_similarity,
+        noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
         partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
         colour_background_rate=args.colour_background_rate,
         workers=args.threads, progress=not args.quiet,

@@ -202,25 +202,40 @@ def training_config(config: CurateConfig, source: str, tokenizer: str, run_dir: 
 
 def _training_stage(config: CurateConfig, source: str, tokenizer: str, previous_model: str | None, final: bool,
                     folder: Path) -> dict:
+    return train_scorer(training_config(config, source, tokenizer, folder, previous_model, final), tokenizer)
+
+
+def train_scorer(train_config, tokenizer: str) -> dict:
+    """Train (or resume, when its run folder holds checkpoints) as `train_config` says (the trainer saves the
+    processor beside the final weights, so run_dir/model loads as a checkpoint that can score pairs); returns the
+    model folder, what it trained on and from, the text length it was trained at, its steps and stop reason."""
     from openalign.train.checkpointing import list_checkpoints
     from openalign.train.trainer import train
 
-    train_config = training_config(config, source, tokenizer, folder, previous_model, final)
+    folder = Path(train_config.run.out_dir)
     result = train(train_config, resume="latest" if list_checkpoints(folder) else None)
     model = folder / "model"  # weights, tokenizer and image settings: the trainer saves them all
-    return {"model": str(model), "trained_on": source, "init_from": train_config.model.init_from,
+    return {"model": str(model), "trained_on": train_config.data.train, "init_from": train_config.model.init_from,
             "max_length": train_config.data.max_length, "steps": result.step,
             "stop_reason": result.stop_reason, "final_loss": result.metrics.get("loss")}
 
 
 def _scoring_stage(config: CurateConfig, source: str, model: str, max_length: int, folder: Path) -> dict:
+    return score_and_keep(source, model, folder, config.similarity, max_length, device=config.device,
+                          progress=config.progress)
+
+
+def score_and_keep(source, model: str, folder: Path, similarity: SimilarityConfig, max_length: int,
+                   device: str = "auto", progress: bool = False) -> dict:
+    """Score every pair of `source` with the checkpoint `model` into `folder` and keep as `similarity` says
+    (openalign.curation.similarity_filter); captions are cut at `max_length`, where the scorer's training cut
+    them. Returns the counts, the binding rule, the score quantiles, the per-label figures and `kept_source`."""
     from openalign.curation.similarity_filter import load_scoring_encoders
 
-    encoders = load_scoring_encoders(model, device=config.device, batch_size=config.similarity.batch_size)
+    encoders = load_scoring_encoders(model, device=device, batch_size=similarity.batch_size)
     # Captions are cut where training cut them: the run never trained the positions beyond.
     encoders.processor.tokenizer.max_length = max_length
-    report = run_similarity_filter(source, folder, config=config.similarity, encoders=encoders,
-                                   progress=config.progress)
+    report = run_similarity_filter(source, folder, config=similarity, encoders=encoders, progress=progress)
     labels = report["labels"]
     return {"model": model, "scored": report["scored"], "kept": report["kept"],
             "dropped_by_score": report["dropped_by_score"], "dropped_as_duplicate": report["dropped_as_duplicate"],

@@ -13,13 +13,19 @@ held-out rows, whose colour-shape pairs come in random order), averaged over gal
 caption names colour, shape, count and at most one of size, position or background, so in one gallery of all
 2,000 held-out images a caption fits about a hundred images equally well and instance-level recall measures
 luck; in 100 it fits a handful, as in Flickr30K-style benchmarks. The full-gallery figures are reported too
-(keys `full_gallery_*`). Identical captions get identical embeddings (each distinct string is embedded once),
-and under the optimistic tie rule of `openalign.eval.retrieval` a tied caption never pushes the right one
-down, so image->text can reach 1.0. Text->image cannot: a caption shared by m images of the gallery points at
-one of them, which no model can tell from the other m - 1, so its best expected R@k is min(1, k / m); the
-ceiling is the mean of that over captions. Different captions can fit equally well too ("a photo of a blue
-circle", "close-up of a blue circle"), which that ceiling does not see: `bayes_retrieval` gives the best
-expected recall from the generator's own caption model and each image's true attributes (`bayes_ceiling`).
+(keys `full_gallery_*`).
+
+One tie rule for the model's figures and for both ceilings (`gallery_recalls`): image -> text counts a caption
+identical to the image's own as the right answer (it is the same string), and any other candidates that score
+exactly as the right one are put in random order, so a figure is the expected recall over that order
+(`expected_recall`). Identical captions get bit-identical scores (each distinct string is embedded once, and its
+column of cosines is reused), so image -> text can reach 1.0. Text -> image cannot: a caption shared by m images
+of the gallery points at one of them, which no model can tell from the other m - 1, so its best expected R@k
+is min(1, k / m); `recall_ceilings` is the mean of that over captions. Different captions can fit equally well
+too ("a photo of a blue circle", "close-up of a blue circle"), which that ceiling does not see:
+`bayes_retrieval` gives the best expected recall from the generator's own caption model and each image's true
+attributes (`bayes_ceiling`), under the same rule, and every retrieval figure is also given as a fraction of it
+(`*_of_best`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ import numpy as np
 import torch
 
 from openalign.data import captions
-from openalign.eval.retrieval import retrieval_metrics
 from openalign.eval.zero_shot import ensemble_embeddings
 
 RECALL_KS = (1, 5)
@@ -111,15 +116,29 @@ def recall_ceilings(texts: Sequence[str], ks: Sequence[int] = RECALL_KS) -> dict
     return ceilings
 
 
+def gallery_recalls(image_to_text: np.ndarray, text_to_image: np.ndarray, texts: Sequence[str]) -> dict:
+    """R@k both ways (fractions) for a gallery whose image i has caption texts[i], from (image, text) scores of
+    each direction, under the module's tie rule: the model's cosines for both, or the best possible ranking's
+    posterior and likelihood (`bayes_retrieval`)."""
+    own = np.arange(len(texts))
+    ids = np.unique(np.asarray(texts, dtype=object), return_inverse=True)[1].reshape(-1)
+    identical = ids[:, None] == ids[None, :]  # the same caption is the same answer
+    figures = {}
+    for k in RECALL_KS:
+        figures[f"image_to_text_r{k}"] = expected_recall(image_to_text, own, k, exempt=identical)
+        figures[f"text_to_image_r{k}"] = expected_recall(text_to_image.T, own, k)
+    return figures
+
+
 def retrieval_figures(image_embeds: torch.Tensor, texts: Sequence[str], encode_texts) -> dict:
-    """Image->text and text->image R@1/R@5 (fractions) of each image against its own caption."""
+    """Image->text and text->image R@1/R@5 (fractions) of each image against its own caption, under the tie
+    rule of the best possible (module docstring)."""
     unique = sorted(set(texts))
-    unique_embeds = encode_texts(unique).float()
     position = {text: index for index, text in enumerate(unique)}
-    text_embeds = unique_embeds[[position[text] for text in texts]]  # identical strings, identical rows
-    metrics = retrieval_metrics(image_embeds, text_embeds, np.arange(len(texts)), ks=RECALL_KS)
-    return {f"{direction}_r{k}": metrics[f"{direction}_r{k}"]
-            for direction in ("image_to_text", "text_to_image") for k in RECALL_KS}
+    images = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    cosines = (images @ encode_texts(unique).float().T).double().numpy()  # (images, distinct captions)
+    scores = cosines[:, [position[text] for text in texts]]  # identical strings, bit-identical columns
+    return gallery_recalls(scores, scores, texts)
 
 
 def gallery_bounds(count: int, gallery_size: int = GALLERY_SIZE) -> list[tuple[int, int]]:
@@ -195,16 +214,11 @@ def bayes_retrieval(rows: Sequence[dict], gallery_size: int = GALLERY_SIZE) -> d
         own = np.arange(len(gallery))
         if not likelihood[own, own].all():  # a caption its own image's attributes could not have produced
             return None
-        identical = np.array(gallery)[:, None] == np.array(gallery)[None, :]
-        weight = len(gallery)
-        for k in RECALL_KS:
-            figures = {
-                f"image_to_text_r{k}": expected_recall(likelihood / likelihood.sum(0, keepdims=True), own, k,
-                                                       exempt=identical),
-                f"text_to_image_r{k}": expected_recall(likelihood.T, own, k),
-            }
-            for key, value in figures.items():
-                sums[key] = sums.get(key, 0.0) + weight * value
+        # Image -> text ranks captions by the posterior that they came from this image, text -> image images by
+        # the caption's likelihood under each.
+        figures = gallery_recalls(likelihood / likelihood.sum(0, keepdims=True), likelihood, gallery)
+        for key, value in figures.items():
+            sums[key] = sums.get(key, 0.0) + len(gallery) * value
     return {key: value / len(rows) for key, value in sums.items()}
 
 
@@ -250,7 +264,13 @@ def evaluate_split(encoders, rows: Sequence[dict], split_dir: str | Path, summar
     if bayes is not None:  # the best a model can expect on these galleries (see bayes_retrieval)
         full_bayes = bayes_retrieval(rows, len(rows))
         figures["bayes_ceiling"] = {**bayes, **{f"full_gallery_{key}": value for key, value in full_bayes.items()}}
+        figures.update(fractions_of_best(figures, figures["bayes_ceiling"]))
     return figures
+
+
+def fractions_of_best(figures: dict, best: dict) -> dict:
+    """`{key}_of_best`: each retrieval figure as a fraction of its best possible (`bayes_retrieval`)."""
+    return {f"{key}_of_best": figures[key] / value for key, value in best.items() if key in figures and value > 0}
 
 
 def additive_prototypes(image_embeds: torch.Tensor, rows: Sequence[dict], colours: Sequence[str],

@@ -58,7 +58,16 @@ class DemoConfig:
     heldout_n: int | None = 2_000
     seen_n: int = 1_000  # clean images of training combinations: the same figures on familiar pairs
     seed: int = 0
-    filter: bool = True
+    # Which pairs the demo trains on: "none", "rules" (the paper's), "similarity" (the rules, then bootstrap
+    # similarity curation) or "oracle" (the generator's clean pairs: the perfect filter); demo/curation.py.
+    curation: str = "similarity"
+    # The bootstrap scorer (curation "similarity"): the share of the training (steps, or time once scoring is
+    # paid for) its rounds take together, the rounds, and how its scores keep pairs
+    # (openalign.curation.similarity_filter).
+    bootstrap_share: float = 0.5
+    curation_rounds: int = 1
+    keep_fraction: float | None = None
+    min_similarity: float | None = None
     noise_rate: float | None = None
     mismatch_rate: float | None = None
     partial_caption_rate: float = 0.0
@@ -156,10 +165,11 @@ def _log(enabled: bool, message: str) -> None:
 
 
 def prepare_data(config: DemoConfig, out: Path, timings: dict) -> tuple[Path, dict, dict | None]:
-    """Generate the dataset and (unless switched off) filter it; returns (training manifest, dataset summary,
-    filter report or None)."""
+    """Generate the dataset and apply the paper's rules (curation "rules" and "similarity") or keep exactly its
+    clean pairs (curation "oracle"); returns (training manifest, dataset summary, filter report or None)."""
     from openalign.data.filters import FilterConfig, run_filter
     from openalign.data.synth import generate
+    from openalign.demo.curation import oracle_manifest
 
     started = time.monotonic()
     summary = generate(out / "data", config.n, config.synth_config(), seed=config.seed,
@@ -168,7 +178,11 @@ def prepare_data(config: DemoConfig, out: Path, timings: dict) -> tuple[Path, di
     timings["generate"] = time.monotonic() - started
     manifest = out / "data" / "train" / "manifest.jsonl"
     report = None
-    if config.filter:
+    if config.curation == "oracle":
+        started = time.monotonic()
+        manifest, report = oracle_manifest(manifest, out / "oracle")
+        timings["filter"] = time.monotonic() - started
+    elif config.curation in ("rules", "similarity"):
         started = time.monotonic()
         # The generator's thresholds fit its 64 px images and corpus size; the near-duplicate rule is off
         # because the held-out split is rendered by the same generator (every image is "near" another).
@@ -314,6 +328,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     import torch
 
     from openalign.demo import evaluate, report
+    from openalign.demo.curation import CURATIONS, curation_summary, similarity_curation
     from openalign.processing.image_processor import AlignImageProcessor
     from openalign.processing.processor import AlignProcessor
     from openalign.train.trainer import train
@@ -323,18 +338,21 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if not 0.0 <= config.image_ssl_warmup <= 1.0:
         raise ConfigError(f"image_ssl_warmup is a fraction of the training steps in [0, 1], got "
                           f"{config.image_ssl_warmup}")
+    if config.curation not in CURATIONS:
+        raise ConfigError(f"curation {config.curation!r} is not one of {', '.join(CURATIONS)}")
     torch.set_num_threads(config.workers)
     started = time.monotonic()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("data", "filtered", "tokenizer", "run", "model", "plots"):  # a rerun starts clean
+    for stale in ("data", "filtered", "oracle", "curation", "tokenizer", "run", "model", "plots"):  # start clean
         shutil.rmtree(out / stale, ignore_errors=True)
     timings: dict[str, float] = {}
 
     _log(config.progress, f"generating {config.n} training and {config.heldout_n} held-out pairs")
     manifest, summary, filter_report = prepare_data(config, out, timings)
     if filter_report is not None:
-        _log(config.progress, f"filters kept {filter_report['kept']} of {filter_report['total']} pairs")
+        _log(config.progress, f"{'the generator' if config.curation == 'oracle' else 'filters'} kept "
+                              f"{filter_report['kept']} of {filter_report['total']} pairs")
     tokenizer = train_tokenizer(config, manifest, out / "tokenizer", timings)
     model_config = config.model_config(tokenizer.vocab_size)
     model_config_path = out / "model_config.json"
@@ -343,10 +361,21 @@ def run_demo(config: DemoConfig) -> DemoResult:
     heldout_rows = evaluate.read_rows(out / "data" / "heldout" / "manifest.jsonl")
     seen_rows = evaluate.read_rows(out / "data" / "seen" / "manifest.jsonl") if config.seen_n else []
     evaluation_reserve = EVALUATION_FIXED_SECONDS + EVALUATION_SECONDS_PER_IMAGE * (len(heldout_rows) + len(seen_rows))
-    kept = filter_report["kept"] if filter_report else summary["n"]
 
     def seconds_left() -> float:
         return config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
+
+    curation = None
+    if config.curation == "similarity":
+        _log(config.progress, "bootstrap curation: a scorer trained on the filtered pairs scores each of them")
+        curation = similarity_curation(config, manifest, tokenizer, model_config, model_config_path, out,
+                                       seconds_left, timings)
+        manifest = curation["manifest"]
+        last = curation["rounds"][-1]
+        _log(config.progress, f"the scorer ({curation['bootstrap_steps']} steps) kept {last['kept']} of "
+                              f"{last['scored']} pairs")
+    kept = sum(1 for line in open(manifest, encoding="utf-8") if line.strip())
+    bootstrap_steps = curation["bootstrap_steps"] if curation else 0
 
     step_seconds = None
     if config.steps is None:
@@ -359,20 +388,22 @@ def run_demo(config: DemoConfig) -> DemoResult:
             return seconds, planned_steps(seconds_left(), seconds, kept // config.batch_size,
                                           cached=probe_config.data.cache_images)
 
-        weight = image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS)  # the weight of a run long enough for it
+        # The image term's weight of a run long enough for it, counting the steps the scorer took already.
+        weight = image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS)
         step_seconds, total_steps = probe_and_plan(weight)
-        if image_ssl_weight_for(config, total_steps) != weight:  # too short a run for the term: time it without
-            weight = image_ssl_weight_for(config, total_steps)
+        if image_ssl_weight_for(config, bootstrap_steps + total_steps) != weight:  # too short for the term
+            weight = image_ssl_weight_for(config, bootstrap_steps + total_steps)
             step_seconds, total_steps = probe_and_plan(weight)
         timings["throughput_probe"] = time.monotonic() - measure_started
     else:
-        total_steps = config.steps
-        weight = image_ssl_weight_for(config, total_steps)
+        total_steps = max(1, config.steps - bootstrap_steps)  # --steps counts the scorer's steps too
+        weight = image_ssl_weight_for(config, config.steps)
     config = dataclasses.replace(config, image_ssl_weight=weight)  # metrics.json records what was used
     train_seconds = seconds_left()
     if train_seconds < 10:
         raise ConfigError(f"--minutes {config.minutes} leaves {train_seconds:.0f} s for training after data "
-                          f"preparation and evaluation; give it more time or fewer images")
+                          f"preparation{', curation' if curation else ''} and evaluation; give it more time or "
+                          "fewer images")
     _log(config.progress, f"training {total_steps} steps of {config.batch_size} in at most {train_seconds:.0f} s"
                           + (f" (measured a step: model {step_seconds['model']:.2f} s, loading "
                              f"{step_seconds['load']:.2f} s, {step_seconds['decode']:.2f} s of it decoding; "
@@ -380,6 +411,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
                              if step_seconds else ""))
     train_config = training_config(config, manifest, out / "tokenizer", model_config_path, out / "run",
                                    total_steps, train_seconds / 60)
+    if curation:  # go on from the scorer's weights: its steps are part of the training
+        train_config.model.init_from = curation["model"]
     training_started = time.monotonic()
     result = train(train_config)
     timings["train"] = time.monotonic() - training_started
@@ -409,16 +442,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
     timings["total"] = time.monotonic() - started
     metrics = {
         **held, "minutes": timings["total"] / 60,
-        "training": {"steps": result.step, "planned_steps": total_steps,
+        "training": {"steps": result.step, "planned_steps": total_steps, "bootstrap_steps": bootstrap_steps,
+                     "steps_with_bootstrap": bootstrap_steps + result.step,
                      "replanned_steps": result.metrics.get("total_steps"), "stop_reason": result.stop_reason,
                      "probe_seconds_per_step": step_seconds,
                      "samples_per_s": result.step * config.batch_size / timings["train"],
                      "samples_seen": result.step * config.batch_size,
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},
         "data": {"train_pairs": summary["n"], "heldout_pairs": len(heldout_rows), "seen_pairs": len(seen_rows),
+                 "kept_after_rules": filter_report["kept"] if filter_report and config.curation != "oracle" else None,
                  "kept_after_filter": kept,
                  "noise_counts": summary["noise_counts"], "clean_renderings": summary.get("clean_renderings", {}),
                  "heldout_colour_shape_pairs": summary["heldout_pairs"]},
+        "curation": curation_summary(config.curation, curation),
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
         "threads": {"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},

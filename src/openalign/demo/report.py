@@ -52,23 +52,27 @@ def write_heatmap(path: Path, encoders, rows: Sequence[dict], split_dir: Path, p
 
 def _figure_rows(metrics: dict) -> list[str]:
     """The figures table: held-out value, chance, the two ceilings of retrieval (identical captions; the best
-    any model can expect, from the generator's caption model), and (when measured) the value on seen pairs."""
+    any model can expect, from the generator's caption model), the held-out value as a fraction of the best
+    possible, and (when measured) the value on seen pairs with its own fraction of its best possible."""
     gallery = metrics["retrieval_gallery_size"]
     seen = metrics.get("seen_pairs")
-    lines = ["| figure | held-out | chance | ceiling (identical captions) | best possible |"
+    lines = ["| figure | held-out | chance | ceiling (identical captions) | best possible | of best possible |"
              + (" seen pairs |" if seen else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|" if seen else "")]
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if seen else "")]
     rows = [*HEADLINE[:4], *((key, f"{label} ({gallery}-pair galleries)") for key, label in HEADLINE[4:]),
             *((key, f"{label} (all {metrics['data']['heldout_pairs']} held-out pairs)") for key, label in FULL_GALLERY)]
 
-    def cell(value: float | None) -> str:
-        return "" if value is None else f"{value:.3f}"
+    def cell(value: float | None, form: str = ".3f") -> str:
+        return "" if value is None else format(value, form)
 
     for key, label in rows:
         ceiling, best = metrics.get("ceiling", {}).get(key), (metrics.get("bayes_ceiling") or {}).get(key)
-        line = f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | {cell(ceiling)} | {cell(best)} |"
+        line = (f"| {label} | {metrics[key]:.3f} | {metrics['chance'][key]:.3f} | {cell(ceiling)} | {cell(best)} | "
+                f"{cell(metrics.get(f'{key}_of_best'), '.0%')} |")
         if seen:  # the full-gallery figure of the seen split has a gallery of another size: left blank
-            line += f" {seen[key]:.3f} |" if not key.startswith("full_gallery") else " |"
+            fraction = seen.get(f"{key}_of_best")
+            line += (f" {seen[key]:.3f}" + (f" ({fraction:.0%} of best)" if fraction is not None else "") + " |"
+                     if not key.startswith("full_gallery") else " |")
         lines.append(line)
     return lines
 
