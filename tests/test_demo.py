@@ -50,7 +50,8 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert metrics["chance"][key] < metrics["bayes_ceiling"][key] <= metrics["ceiling"][key] + 1e-9
         assert f"{metrics['bayes_ceiling'][key]:.3f} |" in (out / "report.md").read_text()
     assert set(METRIC_KEYS) <= set(metrics["chance"])
-    assert metrics["training"]["steps"] == 150 and metrics["training"]["stop_reason"] == "finished"
+    # --steps counts the bootstrap scorer's steps (the default curation) with the training's
+    assert metrics["training"]["steps_with_bootstrap"] == 150 and metrics["training"]["stop_reason"] == "finished"
     assert metrics["config"]["image_ssl_weight"] == 0.0  # the default turns the image term off in so short a run
     for key in METRIC_KEYS:
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
@@ -370,3 +371,17 @@ def test_embed_dim_widens_the_last_block_which_is_the_embedding():
     assert wide.vision_config.out_channels[:-1] == default.vision_config.out_channels[:-1]
     with pytest.raises(ConfigError, match="embed_dim=161"):
         DemoConfig(embed_dim=161).model_config(100)
+
+
+def test_similarity_curation_raised_the_clean_share_of_what_the_model_trained_on(demo):
+    """The default curation: the rules, then a bootstrap scorer trained inside the budget; what it kept is
+    cleaner than what it scored, by the generator's own labels."""
+    _, metrics, _ = demo
+    curation = metrics["curation"]
+    assert curation["mode"] == "similarity" and curation["bootstrap_steps"] > 0
+    share = curation["clean_share"]
+    assert share["kept"] > share["scored"], share
+    assert metrics["training"]["steps_with_bootstrap"] == metrics["training"]["bootstrap_steps"] + metrics[
+        "training"]["steps"]
+    for key in ("image_to_text_r5", "text_to_image_r5"):  # every retrieval figure against its best possible
+        assert metrics[f"{key}_of_best"] == pytest.approx(metrics[key] / metrics["bayes_ceiling"][key])

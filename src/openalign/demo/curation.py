@@ -60,13 +60,17 @@ def scoring_seconds(pairs: int, step: dict, batch_size: int) -> float:
 SCORING_FORWARD_SHARE = 0.25
 
 
-def bootstrap_steps_for(config, step: dict, seconds: float, pairs: int) -> int:
-    """Bootstrap steps of one round: `config.bootstrap_steps`, or fewer when they would take more than
-    `config.bootstrap_share` of `seconds` (the training time left once scoring is paid for)."""
+def bootstrap_steps_for(config, step: dict | None, seconds: float, pairs: int) -> int:
+    """Steps of one bootstrap round: `config.bootstrap_share` of the demo's training, split over
+    `config.curation_rounds`: of `config.steps` when the run is sized in steps, else of `seconds` (the training
+    time left once scoring is paid for) at the probed step times `step`."""
     from openalign.demo.pipeline import planned_steps
 
-    fitting = planned_steps(config.bootstrap_share * seconds, step, max(1, pairs // config.batch_size), cached=True)
-    return max(1, min(config.bootstrap_steps, fitting))
+    rounds = config.curation_rounds
+    if step is None:
+        return max(1, round(config.bootstrap_share * config.steps / rounds))
+    seconds = max(0.0, config.bootstrap_share * seconds / rounds)
+    return max(1, planned_steps(seconds, step, max(1, pairs // config.batch_size), cached=True))
 
 
 def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, model_config_path: Path, out: Path,
@@ -80,7 +84,7 @@ def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, m
     from openalign.demo.pipeline import measure_step_seconds, training_config
 
     folder = out / "curation"
-    bootstrap = dataclasses.replace(config, image_ssl_weight=0.0, steps=config.bootstrap_steps,
+    bootstrap = dataclasses.replace(config, image_ssl_weight=0.0,
                                     train_overrides={**config.train_overrides, "run.plots": False})
     pairs = sum(1 for line in open(rules_manifest, encoding="utf-8") if line.strip())
     started = time.monotonic()
@@ -92,13 +96,11 @@ def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, m
     timings["curation_probe"] = time.monotonic() - started
     similarity = SimilarityConfig(keep_fraction=config.keep_fraction, min_similarity=config.min_similarity,
                                   batch_size=256)
+    # Every round's steps, planned once: the time left for training once every round's scoring is paid for.
+    scoring = 0.0 if step is None else scoring_seconds(pairs, step, config.batch_size)
+    steps = bootstrap_steps_for(config, step, seconds_left() - config.curation_rounds * scoring, pairs)
     source, previous_model, rounds, trained = rules_manifest, None, [], 0
     for number in range(1, config.curation_rounds + 1):
-        if step is not None:
-            scoring = scoring_seconds(pairs, step, config.batch_size)
-            steps = bootstrap_steps_for(config, step, seconds_left() - scoring, pairs)
-        else:
-            steps = config.bootstrap_steps
         run_config = training_config(dataclasses.replace(bootstrap, steps=steps), source, out / "tokenizer",
                                      model_config_path, folder / f"train-{number}", steps,
                                      max(seconds_left(), 1.0) / 60)
