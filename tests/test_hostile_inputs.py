@@ -367,6 +367,10 @@ def test_an_empty_captions_file_is_refused_and_a_small_one_warned_about(tmp_path
     with caplog.at_level("WARNING"):
         train_wordpiece(["a cat", "a dog"], vocab_size=1000, min_frequency=1)
     assert any("fewer than the 1000" in message for message in caplog.messages)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a cap (the demo's) is not a request: nothing to warn about
+        capped = train_wordpiece(["a cat", "a dog"], vocab_size=1000, min_frequency=1, cap=True)
+    assert capped.vocab_size < 1000 and not caplog.messages
 
 
 # -- item 11: search ------------------------------------------------------------------------------------------

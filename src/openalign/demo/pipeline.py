@@ -85,7 +85,7 @@ class DemoConfig:
     # Width of the image embedding, which is the image tower's last block (ALIGN has no image projection);
     # None: EfficientNet's 320 channels scaled by width_coefficient (160 at half width).
     embed_dim: int | None = None
-    vocab_size: int = 1000
+    vocab_size: int = 1000  # at most: the generated captions hold about 320 distinct tokens
     max_length: int = 32
     batch_size: int = 256
     steps: int | None = None  # a fixed number of training steps (still capped by `minutes`); default: from time
@@ -202,7 +202,7 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
 
     started = time.monotonic()
     captions = [record.caption for record in sources.iter_records(manifest) if record.caption]
-    tokenizer = train_wordpiece(captions, config.vocab_size, folder)
+    tokenizer = train_wordpiece(captions, config.vocab_size, folder, cap=True)
     timings["tokenizer"] = time.monotonic() - started
     return tokenizer
 

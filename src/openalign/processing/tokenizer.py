@@ -280,11 +280,13 @@ def train_wordpiece(
     min_frequency: int = 2,
     lowercase: bool = True,
     show_progress: bool = False,
+    cap: bool = False,
 ) -> AlignTokenizer:
     """Train a BERT WordPiece vocabulary, as the ALIGN paper does on its own captions.
 
     `files_or_texts`: one caption file (str or Path; one caption a line), a list of `pathlib.Path` files,
-    or any iterable of caption strings.
+    or any iterable of caption strings. A vocabulary smaller than `vocab_size` (a small or repetitive corpus)
+    is logged as a warning, unless `cap` says that `vocab_size` is only an upper bound.
     When `out_dir` is given, the result is saved there in a layout both openalign and transformers load.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
@@ -312,7 +314,7 @@ def train_wordpiece(
     source = ", ".join(str(path) for path in files) if files is not None else "the captions given"
     if learned <= 0:
         raise TextInputError(f"no token learned from {source}: it holds no caption text")
-    if learned + len(SPECIAL_TOKENS) < vocab_size:
+    if learned + len(SPECIAL_TOKENS) < vocab_size and not cap:
         logger.warning("learned %d tokens from %s, fewer than the %d asked for: a small or repetitive corpus",
                        learned + len(SPECIAL_TOKENS), source, vocab_size)
     _add_post_processor(tokenizer, config)
