@@ -8,6 +8,9 @@ texts, a caption file read line by line, tokenized, length-bucketed, embedded an
 the same run, same allocator settings (`configure_allocator()`, as the commands call it):
 
 - "plain": the same pipeline on the plain AlignModel instead of its `optimize_for_inference` copy;
+- "transformers": the same pipeline (openalign's decoding and preprocessing, equal to transformers' by the
+  processor tests) with transformers' AlignModel loaded from the same folder doing the forward (captions padded
+  to the longest of each batch, bf16 by autocast);
 - "no model": the same pipeline with an encoder that returns zeros, i.e. the ceiling the reading, decoding,
   preprocessing and writing allow.
 
@@ -83,6 +86,31 @@ def write_checkpoint(folder: Path, preset: str, captions: list[str]) -> None:
     AlignProcessor(tokenizer, image_processor).save_pretrained(folder)
 
 
+def transformers_encoders(folder: Path, device: str, dtype: str, processor):
+    """(encode images, encode texts) with transformers' AlignModel from `folder` on `device`, fed by openalign's
+    processor: the peer's model in the same pipeline."""
+    import transformers
+
+    twin = transformers.AlignModel.from_pretrained(folder).eval().to(device)
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+
+    def forward(call, **inputs):
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=autocast,
+                                                    enabled=autocast is not None):
+            output = call(**inputs)  # a tensor, or (newer transformers) an output with pooler_output
+            output = getattr(output, "pooler_output", output)
+            return torch.nn.functional.normalize(output.float(), dim=-1).cpu()
+
+    def encode_images(batch):
+        return forward(twin.get_image_features, pixel_values=processor.image_processor(list(batch)).to(device))
+
+    def encode_texts(batch):
+        encoded = processor.tokenizer(list(batch), padding="longest", max_length=64, truncation=True)
+        return forward(twin.get_text_features, **{key: value.to(device) for key, value in encoded.items()})
+
+    return encode_images, encode_texts
+
+
 def timed_run(items, encode, kind: str, batch_size: int, num_workers: int, repeats: int) -> float:
     """Best wall time of embed_to_folder over repeats, each into a fresh folder."""
     best = float("inf")
@@ -104,6 +132,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="decoding threads per batch")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-transformers", dest="transformers", action="store_false",
+                        help="skip the transformers row")
     arguments = parser.parse_args()
     configure_allocator()
 
@@ -120,9 +151,11 @@ def main() -> None:
             return iter_records(workspace / "captions.txt")
 
         results = {"preset": arguments.preset, "dtype": arguments.dtype, "images": arguments.images,
-                   "texts": arguments.texts, "threads": torch.get_num_threads(), "rows": {}}
+                   "texts": arguments.texts, "threads": torch.get_num_threads(), "device": arguments.device,
+                   "rows": {}}
         for name, optimize in (("optimized", True), ("plain", False)):
-            encoders = load_encoders(workspace / "checkpoint", device="cpu", dtype=arguments.dtype, optimize=optimize)
+            encoders = load_encoders(workspace / "checkpoint", device=arguments.device, dtype=arguments.dtype,
+                                     optimize=optimize)
             # Warm-up outside the timing: first-touch allocations and one-off kernel selection.
             encoders.encode_images(sorted((workspace / "images").iterdir())[: encoders.image_batch_size])
             encoders.encode_texts(captions[: encoders.text_batch_size])
@@ -132,6 +165,16 @@ def main() -> None:
                                      arguments.num_workers, arguments.repeats)
             results["rows"][name] = {"images_per_s": arguments.images / image_seconds,
                                      "texts_per_s": arguments.texts / text_seconds}
+        if arguments.transformers:
+            encode_images, encode_texts = transformers_encoders(workspace / "checkpoint", arguments.device,
+                                                                arguments.dtype, encoders.processor)
+            encode_images(sorted((workspace / "images").iterdir())[: encoders.image_batch_size])  # warm-up
+            results["rows"]["transformers"] = {
+                "images_per_s": arguments.images / timed_run(image_items, encode_images, "image",
+                                                             encoders.image_batch_size, arguments.num_workers,
+                                                             arguments.repeats),
+                "texts_per_s": arguments.texts / timed_run(text_items, encode_texts, "text", encoders.text_batch_size,
+                                                           arguments.num_workers, arguments.repeats)}
         dim = encoders.dim
 
         def no_model(batch):
@@ -145,6 +188,9 @@ def main() -> None:
         }
     rows = results["rows"]
     results["optimized_vs_plain"] = {key: rows["optimized"][key] / rows["plain"][key] for key in rows["plain"]}
+    if "transformers" in rows:
+        results["optimized_vs_transformers"] = {key: rows["optimized"][key] / rows["transformers"][key]
+                                                for key in rows["plain"]}
 
     if arguments.json:
         print(json.dumps(results, indent=1))
@@ -156,6 +202,9 @@ def main() -> None:
         print(f"{name:10} {row['images_per_s']:10.1f} {row['texts_per_s']:10.1f}")
     ratio = results["optimized_vs_plain"]
     print(f"optimized / plain: images {ratio['images_per_s']:.2f}x, texts {ratio['texts_per_s']:.2f}x")
+    if "optimized_vs_transformers" in results:
+        ratio = results["optimized_vs_transformers"]
+        print(f"optimized / transformers: images {ratio['images_per_s']:.2f}x, texts {ratio['texts_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

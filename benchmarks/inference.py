@@ -71,7 +71,8 @@ def images(count: int, size: int) -> torch.Tensor:
 
 
 def reduced_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    """The reduced precision measured, on every device: bfloat16 (what the tables call it)."""
+    return torch.bfloat16
 
 
 def text_flops(model, tokenizer, texts: list[str]) -> int:
@@ -164,6 +165,8 @@ def run_contender(args) -> dict:
     """In this (fresh) process: time one library, setting, dtype and tower; save its output for comparison."""
     library, setting, dtype_name, tower = args.contender.split("|")
     device = torch.device(args.device)
+    if args.tf32:  # float32 matmuls and convolutions on TF32 tensor cores (CUDA only; both libraries alike)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.float32 if dtype_name == "float32" else reduced_dtype(device)
     if library == "openalign":
         run = openalign_runner(args, tower, dtype, device)
@@ -179,7 +182,9 @@ def run_contender(args) -> dict:
     result = {"library": library, "setting": setting, "dtype": dtype_name, "tower": tower,
               "seconds_per_item": seconds / count, "gflops": flops / seconds / 1e9, "matmul_peak_gflops": peak,
               "percent_of_peak": 100 * flops / seconds / 1e9 / peak, "peak_rss_gb": memory.peak / 1e9,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "device": device.type, "tf32": args.tf32,
+              "compile": args.compile and library == "openalign",
+              "peak_cuda_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
               "allocator_environment": all(os.environ.get(k) == v for k, v in ALLOCATOR_ENVIRONMENT.items())}
     if args.stream_images and library == "openalign" and setting == "fresh" and tower == "image":
         result["stream"] = stream_memory(args, dtype, device)
@@ -323,7 +328,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per process (best is kept)")
     parser.add_argument("--rounds", type=int, default=1, help="times the whole set of processes is run")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile openalign's towers")
+    parser.add_argument("--compile", action="store_true", help="torch.compile openalign's towers (on CUDA the "
+                        "image tower also replays as a CUDA graph)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls and convolutions (CUDA)")
     parser.add_argument("--stream-images", type=int, default=0, help="also watch RSS over a stream of N images")
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (exported in a subprocess)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

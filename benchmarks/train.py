@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> dict:
     from openalign.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = get_preset(args.preset)
     config = config.replace(vision_config=config.vision_config.replace(image_size=args.image_size))
     model = AlignModel(config)
@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5; with --demo 100)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    parser.add_argument("--json", default=None, help="also write the measurements and ratios to this file")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--demo", action="store_true",
                         help="time the demo's training (its model, batch, data and image term) against --baseline")
@@ -168,7 +170,8 @@ def main() -> None:
 
     shared = [f"--preset={args.preset}", f"--image-size={args.image_size}", f"--batch-size={args.batch_size}",
               f"--seq-len={args.seq_len}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-              f"--dtype={args.dtype}"] + ([] if args.channels_last else ["--no-channels-last"])
+              f"--dtype={args.dtype}"] + ([] if args.channels_last else ["--no-channels-last"]) + (
+                  [f"--device={args.device}"] if args.device else [])
     environment = {**os.environ, **ALLOCATOR_ENVIRONMENT}
     results = {}
     for checkpointing in ("none", "text", "both"):
@@ -197,6 +200,18 @@ def main() -> None:
         memory = ours["peak_bytes"] / max(theirs["peak_bytes"], 1)
         print(f"  checkpointing={checkpointing:<5} speed x{speed:.2f}  peak memory x{memory:.2f}")
     print("transformers' EfficientNet has no gradient checkpointing: with it on, only its text tower recomputes.")
+    if args.json:
+        rows = [{"implementation": implementation, "checkpointing": checkpointing, **result}
+                for (implementation, checkpointing), result in results.items()]
+        ratios = {checkpointing: {
+            "speed": results["openalign", checkpointing]["samples_per_s"]
+            / results["transformers", checkpointing]["samples_per_s"],
+            "peak_memory": results["openalign", checkpointing]["peak_bytes"]
+            / max(results["transformers", checkpointing]["peak_bytes"], 1)} for checkpointing in ("none", "text")}
+        settings = {key: getattr(args, key) for key in ("preset", "image_size", "batch_size", "seq_len", "steps",
+                                                          "dtype", "channels_last")}
+        with open(args.json, "w") as handle:
+            json.dump({**settings, "device": device, "rows": rows, "ratios": ratios}, handle, indent=1)
 
 
 if __name__ == "__main__":
