@@ -85,9 +85,9 @@ def embed_runs(args) -> list[tuple[str, list[str]]]:
 
 def device_description(device: str) -> dict:
     """The device's name and the versions that matter, read in a fresh process."""
-    code = ("import json, torch; d = torch.device(%r); print(json.dumps({'torch': torch.__version__, "
+    code = (f"import json, torch; d = torch.device({device!r}); print(json.dumps({{'torch': torch.__version__, "
             "'cuda': torch.version.cuda, 'name': torch.cuda.get_device_name(d) if d.type == 'cuda' else "
-            "__import__('platform').processor() or 'cpu', 'threads': torch.get_num_threads()}))" % device)
+            "__import__('platform').processor() or 'cpu', 'threads': torch.get_num_threads()}))")
     output = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True).stdout
     return {**json.loads(output), "python": platform.python_version(), "machine": platform.machine()}
 
