@@ -184,8 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         extra["minutes"] = args.budget_minutes
     threads = args.threads or max(1, (os.cpu_count() or 2) // max(1, args.parallel))
     out = Path(args.out)
+    def settings(rate: float, curation: str) -> dict:
+        # The similarity filter keeps as many pairs as the corpus has without mismatched captions (1 - rate),
+        # as a user reading the score histogram would set it, unless --set keep_fraction=... says otherwise; its
+        # precision and recall then measure the scorer's ranking.
+        keep = {"keep_fraction": max(0.05, 1.0 - rate)} if curation == "similarity" and rate > 0 else {}
+        return {**keep, **extra, "mismatch_rate": rate, "curation": curation}
+
     specs = [{"name": run_name(rate, curation, seed), "rate": rate, "curation": curation, "seed": seed,
-              "settings": {**extra, "mismatch_rate": rate, "curation": curation}, "steps": args.steps,
+              "settings": settings(rate, curation), "steps": args.steps,
               "device": args.device, "threads": threads, "loader_workers": args.loader_workers,
               "out": str(out / run_name(rate, curation, seed))}
              for seed in args.seeds for rate in args.mismatch_rates for curation in args.curations]
