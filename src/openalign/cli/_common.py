@@ -36,11 +36,3 @@ def print_json(value) -> None:
     print(json.dumps(to_jsonable(value), indent=1))
 
 
-def reports_errors(command: str):
-    """Kept for command modules that still decorate their run function with it: errors are now reported once,
-    by `openalign.cli.main` (one line on stderr, exit status 1), so this decorator changes nothing."""
-
-    def decorate(run):
-        return run
-
-    return decorate

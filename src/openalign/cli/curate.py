@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import reports_errors
 from openalign.cli._help import add_command
 from openalign.cli.filter import add_rule_arguments, add_similarity_arguments, rule_config, similarity_config
 
@@ -50,7 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("curate")
 def run(args: argparse.Namespace) -> int:
     """Build the CurateConfig, run or resume it, print the stage table."""
     from openalign.curation.bootstrap import CurateConfig, curate, format_curate_report

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import reports_errors
 from openalign.cli._help import add_command
 
 
@@ -93,7 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("demo")
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print where its outputs are."""
     from openalign.runtime import configure_allocator, set_omp_wait_policy

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments
 from openalign.cli._help import add_command
 
 
@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("embed")
 def run(args: argparse.Namespace) -> int:
     """Join torchrun's process group when there is one, embed this rank's parts, print the summary."""
     from openalign.data.sources import DataError, count_records, is_caption_file, iter_records

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from openalign.cli._common import add_model_arguments, reports_errors
+from openalign.cli._common import add_model_arguments
 from openalign.cli._help import add_command
 
 RULE_THRESHOLDS = {
@@ -107,7 +107,6 @@ def similarity_config(args: argparse.Namespace, **fields):
                             dedup_clusters=args.dedup_clusters, **fields).validate()
 
 
-@reports_errors("filter")
 def run(args: argparse.Namespace) -> int:
     """Filter by the rules or by similarity, write the outputs, print the report table."""
     from openalign.data.filters import FilterConfig, format_report, run_filter

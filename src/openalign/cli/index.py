@@ -13,7 +13,6 @@ import argparse
 import re
 from pathlib import Path
 
-from openalign.cli._common import reports_errors
 from openalign.cli._help import add_command
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -61,7 +60,6 @@ def _shard(text: str) -> tuple[int, int]:
     return shard, count
 
 
-@reports_errors("index")
 def run(args: argparse.Namespace) -> int:
     """Build and save the index; copy the embedding folder's model.json so search knows the checkpoint."""
     from openalign.index.faiss_index import build_index

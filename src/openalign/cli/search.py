@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments, print_json
 from openalign.cli._help import add_command
 
 
@@ -30,7 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_errors("search")
 def run(args: argparse.Namespace) -> int:
     """Encode the queries with the index's checkpoint (or --model), search, print."""
     from openalign.index.faiss_index import IndexBuildError, search_index

@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from openalign.cli._common import add_model_arguments, encoders_from_arguments, reports_errors
+from openalign.cli._common import add_model_arguments, encoders_from_arguments
 from openalign.cli._help import add_command
 
 
@@ -51,7 +51,6 @@ def _model_of(index_dir: Path) -> str | None:
     return None
 
 
-@reports_errors("serve")
 def run(args: argparse.Namespace) -> int:
     """Load the index and the encoders, then serve until interrupted."""
     from openalign.serve import create_app, run_server

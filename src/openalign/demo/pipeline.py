@@ -330,8 +330,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     from openalign.demo import evaluate, report
     from openalign.demo.curation import CURATIONS, curation_summary, similarity_curation
-    from openalign.processing.image_processor import AlignImageProcessor
-    from openalign.processing.processor import AlignProcessor
     from openalign.train.trainer import train
 
     if config.minutes <= 0:
@@ -420,12 +418,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     evaluation_started = time.monotonic()
     model_dir = out / "model"
-    shutil.copytree(out / "run" / "model", model_dir)
-    image_processor = AlignImageProcessor(
-        size={"height": train_config.data.resize, "width": train_config.data.resize},
-        crop_size={"height": config.image_size, "width": config.image_size},
-    )
-    AlignProcessor(tokenizer, image_processor).save_pretrained(model_dir)
+    shutil.copytree(out / "run" / "model", model_dir)  # weights and processor: the trainer saved both
     if (out / "run" / "plots").is_dir():
         shutil.copytree(out / "run" / "plots", out / "plots")
 
