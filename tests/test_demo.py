@@ -385,3 +385,23 @@ def test_similarity_curation_raised_the_clean_share_of_what_the_model_trained_on
         "training"]["steps"]
     for key in ("image_to_text_r5", "text_to_image_r5"):  # every retrieval figure against its best possible
         assert metrics[f"{key}_of_best"] == pytest.approx(metrics[key] / metrics["bayes_ceiling"][key])
+
+
+def test_a_busy_machine_is_said_plainly_with_the_steps_it_cost():
+    from openalign.demo import report
+    from openalign.demo.pipeline import machine_sharing
+
+    quiet = machine_sharing({"share": 0.97, "others_cores": 0.05, "wall_seconds": 300.0}, 0.02, 1000)
+    assert not quiet["busy"] and quiet["steps_at_full_share"] == 1000
+    busy = machine_sharing({"share": 0.5, "others_cores": 1.0, "wall_seconds": 300.0}, 1.1, 300)
+    assert busy["busy"] and busy["steps_at_full_share"] == 600
+    assert report._machine_lines(quiet)[0].startswith("- machine: quiet")
+    line = report._machine_lines(busy)[0]
+    assert "BUSY" in line and "50%" in line and "300 steps" in line and "about 600" in line
+
+
+def test_the_demo_records_how_the_machine_was_shared(demo):
+    _, metrics, _ = demo
+    machine = metrics["machine"]
+    assert 0 < machine["cpu_share"] <= 1 and machine["steps"] == metrics["training"]["steps_with_bootstrap"]
+    assert "- machine: " in (demo[0] / "report.md").read_text()

@@ -29,3 +29,18 @@ def test_importing_runtime_does_not_load_torch():
     code = "import sys, openalign.runtime; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_cpu_watch_counts_this_process_and_not_others():
+    import time
+
+    from openalign.runtime import CpuWatch
+
+    watch = CpuWatch(threads=1).start()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # this process's own work: it is not "others"
+        pass
+    figures = watch.stop()
+    assert figures["cpu_seconds"] >= 0.3 and figures["wall_seconds"] >= figures["cpu_seconds"] * 0.99
+    assert 0 < figures["share"] <= 1.05
+    assert figures["others_cores"] is None or 0 <= figures["others_cores"] <= os.cpu_count()

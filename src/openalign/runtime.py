@@ -123,20 +123,56 @@ def warn_slow_precision(dtype, device_type: str, setting: str) -> bool:
     return True
 
 
+def _proc_stat() -> tuple[int, int]:
+    """(all jiffies, idle + iowait jiffies) of the whole machine, from /proc/stat's first line."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
+class CpuWatch:
+    """How a stretch of work shared the machine: `start()`, the work, then `stop()` returns wall seconds, this
+    process's CPU seconds, the cores other processes kept busy on average meanwhile (/proc/stat's non-idle time
+    less this process's own), and `share`, this process's CPU time over `threads` cores for the whole wall time.
+    On a quiet machine a process with spinning OpenMP threads gets close to all of it; a busy machine takes the
+    rest. `others_cores` is None where /proc/stat is missing."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+
+    def start(self) -> CpuWatch:
+        self.wall, self.cpu = time.monotonic(), time.process_time()
+        try:
+            self.stat = _proc_stat()
+        except (OSError, ValueError, IndexError):
+            self.stat = None
+        return self
+
+    def stop(self) -> dict:
+        wall, cpu = time.monotonic() - self.wall, time.process_time() - self.cpu
+        others = None
+        if self.stat is not None:
+            try:
+                total, idle = _proc_stat()
+            except (OSError, ValueError, IndexError):
+                total = None
+            if total is not None and total > self.stat[0]:
+                cores = os.cpu_count() or 1
+                busy_seconds = cores * wall * (1 - (idle - self.stat[1]) / (total - self.stat[0]))
+                others = max(0.0, busy_seconds - cpu) / wall if wall > 0 else 0.0
+        return {"wall_seconds": wall, "cpu_seconds": cpu, "threads": self.threads,
+                "share": cpu / (wall * self.threads) if wall > 0 else 1.0, "others_cores": others}
+
+
 def busy_cores(interval: float = 0.5) -> float:
     """How many cores other processes keep busy now: the non-idle share of all CPU time in /proc/stat over
     `interval` seconds (this process sleeps meanwhile), times the core count. Where /proc/stat is missing,
     the 1-minute load average (which also remembers processes that have just ended)."""
 
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as handle:
-            values = [int(value) for value in handle.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
-
     try:
-        total_before, idle_before = sample()
+        total_before, idle_before = _proc_stat()
         time.sleep(interval)
-        total_after, idle_after = sample()
+        total_after, idle_after = _proc_stat()
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0]
     elapsed = total_after - total_before
@@ -157,5 +193,11 @@ def set_omp_wait_policy() -> str:
     """Opt-in, process-wide: set OMP_WAIT_POLICY to omp_wait_policy() unless the environment already sets it (a
     policy set there wins); returns the policy in force. Takes effect only when called before torch is imported."""
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy()
+        _state["busy_cores_at_start"] = busy = busy_cores()
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(busy)
     return os.environ["OMP_WAIT_POLICY"]
+
+
+def busy_cores_at_start() -> float | None:
+    """The cores other processes kept busy when `set_omp_wait_policy` chose the policy (None: it did not)."""
+    return _state.get("busy_cores_at_start")

@@ -282,6 +282,23 @@ def planned_steps(seconds: float, step: dict, steps_per_epoch: int, cached: bool
     return steps_per_epoch + math.floor((budget - steps_per_epoch * first) / later)
 
 
+# Other processes keeping at least this many cores busy on average make a run "busy" in the report.
+BUSY_CORES = 0.25
+
+
+def machine_sharing(sharing: dict, busy_at_start: float | None, steps: int) -> dict:
+    """metrics.json's `machine`: how busy other processes kept the cores when the demo started and while it
+    trained (curation included), the share of its threads' CPU time the demo got, and the steps it would have
+    trained at its full share in the same time (an upper estimate: steps / share; with passive OpenMP waiting a
+    quiet machine does not give the whole share either)."""
+    share = min(1.0, sharing["share"])
+    others = sharing["others_cores"]
+    busy = (others is not None and others >= BUSY_CORES) or (busy_at_start or 0.0) >= BUSY_CORES
+    return {"busy": busy, "busy_cores_at_start": busy_at_start, "others_cores_while_training": others,
+            "cpu_share": share, "training_wall_seconds": sharing["wall_seconds"], "steps": steps,
+            "steps_at_full_share": round(steps / share) if busy and share > 0 else steps}
+
+
 def image_ssl_weight_for(config: DemoConfig, total_steps: int) -> float:
     """The image term's weight in a run of `total_steps`: as configured, or by default IMAGE_SSL_WEIGHT when the
     run is long enough for the term to pay and 0 (off) when it is not."""
@@ -364,6 +381,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     def seconds_left() -> float:
         return config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
 
+    from openalign.runtime import CpuWatch, busy_cores_at_start
+
+    watch = CpuWatch(torch.get_num_threads()).start()  # how the machine was shared while the demo trained
     curation = None
     if config.curation == "similarity":
         _log(config.progress, "bootstrap curation: a scorer trained on the filtered pairs scores each of them")
@@ -415,6 +435,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     training_started = time.monotonic()
     result = train(train_config)
     timings["train"] = time.monotonic() - training_started
+    sharing = watch.stop()
 
     evaluation_started = time.monotonic()
     model_dir = out / "model"
@@ -452,6 +473,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
         "threads": {"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+        "machine": machine_sharing(sharing, busy_cores_at_start(), bootstrap_steps + result.step),
     }
     heatmap = report.write_heatmap(out / "heatmap.png", encoders, heldout_rows, out / "data" / "heldout",
                                    summary["heldout_pairs"])

@@ -112,23 +112,66 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
                                                    data["clean_renderings"].items())]
           if data.get("clean_renderings") else []),
     ]
-    if filter_report is not None:
+    curation = metrics.get("curation", {})
+    if curation.get("mode") == "oracle":
+        lines.append(f"- the perfect filter (--curation oracle): the generator's {filter_report['kept']} clean pairs "
+                     f"of {filter_report['total']}")
+    elif filter_report is not None:
         dropped = ", ".join(f"{rule} {count}" for rule, count in filter_report["dropped_by_rule"].items() if count)
         lines.append(f"- filters kept {filter_report['kept']} of {filter_report['total']} (dropped by rule: {dropped})")
     else:
-        lines.append("- filters switched off (--no-filter): trained on every generated pair")
+        lines.append("- no curation (--curation none): trained on every generated pair")
+    lines += _curation_lines(curation)
     lines += [
         "", "## Run", "",
         f"- model: EfficientNet width x{config['width_coefficient']}, depth x{config['depth_coefficient']} at "
         f"{config['image_size']} px; BERT {config['text_layers']} layers x {config['text_width']}",
-        f"- {training['steps']} steps of {config['batch_size']} ({training['samples_seen']} samples, "
+        "- " + (f"the bootstrap scorer's {training['bootstrap_steps']} steps, then from its weights "
+                if training.get("bootstrap_steps") else "")
+        + f"{training['steps']} steps of {config['batch_size']} ({training['samples_seen']} samples, "
         f"{training['samples_per_s']:.0f} samples/s), stopped: {training['stop_reason']}; "
         f"final loss {training['final_loss']:.3f}, temperature {training['temperature']:.4f}",
         "- seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()),
         f"- whole command: {metrics['minutes']:.2f} minutes",
+        *_machine_lines(metrics.get("machine")),
         "", "Files: model/ (checkpoint + processor), plots/, heatmap.png, metrics.json.", "",
     ]
     return "\n".join(lines)
+
+
+def _curation_lines(curation: dict) -> list[str]:
+    """The similarity stage's line: what the bootstrap scorer kept and, by the generator's labels, how well."""
+    if curation.get("mode") != "similarity" or not curation.get("rounds"):
+        return []
+    last, share = curation["rounds"][-1], curation.get("clean_share") or {}
+    settings = curation.get("similarity") or {}
+    rule = (f"the best-scoring {settings['keep_fraction']:.0%}" if last.get("rule") == "keep_fraction"
+            and settings.get("keep_fraction") is not None else
+            f"cosine >= {settings['min_similarity']}" if settings.get("min_similarity") is not None else "all")
+    line = (f"- similarity curation: a scorer trained {curation['bootstrap_steps']} steps on the filtered pairs kept "
+            f"{last['kept']} of {last['scored']} ({rule})")
+    if share.get("scored") is not None:
+        line += f"; clean share {share['scored']:.3f} -> {share['kept']:.3f}"
+    if curation.get("mismatch_precision") is not None:
+        line += (f"; mismatched captions dropped at precision {curation['mismatch_precision']:.3f}, recall "
+                 f"{curation['mismatch_recall']:.3f}")
+    return [line]
+
+
+def _machine_lines(machine: dict | None) -> list[str]:
+    """One line saying plainly whether other processes shared the machine and what that cost."""
+    if not machine:
+        return []
+    others = machine.get("others_cores_while_training")
+    start = machine.get("busy_cores_at_start")
+    seen = ", ".join(part for part in (
+        f"{start:.1f} cores busy with other work at the start" if start is not None else "",
+        f"{others:.1f} on average while training" if others is not None else "") if part)
+    if not machine["busy"]:
+        return [f"- machine: quiet ({seen})" if seen else "- machine: quiet"]
+    return [f"- machine: BUSY ({seen}): the demo got {machine['cpu_share']:.0%} of its threads' CPU time and "
+            f"trained {machine['steps']} steps where its full share would have given about "
+            f"{machine['steps_at_full_share']}; figures from a quiet machine are in docs/demo.md"]
 
 
 def write_report(out: Path, metrics: dict, filter_report: dict | None) -> dict[str, Path]:
