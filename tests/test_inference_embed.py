@@ -1,6 +1,7 @@
 """The embedding writer: layout, skipped items, resume after a crash, and sharding across ranks."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,34 @@ def test_folders_of_the_earlier_layout_are_read_and_resumed_in_it(tmp_path):
     assert old[1].equals(new[1])
     with pytest.raises(EmbeddingFolderError, match="use a fresh folder"):
         embed_to_folder(paths, _ImageEncoder(), tmp_path / "old", part_size=5, batch_size=4, progress=False)
+
+
+def test_with_decoding_threads_the_next_batch_decodes_while_this_one_is_encoded(tmp_path):
+    """The encoder of the first batch waits for the loader to start on the second: without the overlap it would
+    wait in vain (the loader would only be called after it returns)."""
+    import threading
+
+    paths = _make_images(tmp_path / "images", count=8, broken=())
+    second_batch_loading = threading.Event()
+    overlapped = []
+
+    def loader(source, data=None):
+        if Path(source).name >= "image-004":
+            second_batch_loading.set()
+        return Image.open(source).convert("RGB")
+
+    encoder = _ImageEncoder()
+
+    def encode(images):
+        if encoder.calls == 0:
+            overlapped.append(second_batch_loading.wait(timeout=10))
+        return encoder(images)
+
+    summary = embed_to_folder(paths, encode, tmp_path / "out", batch_size=4, num_workers=2, image_loader=loader,
+                              progress=False)
+    assert overlapped == [True] and summary["count"] == 8
+    plain = embed_to_folder(paths, _ImageEncoder(), tmp_path / "plain", batch_size=4, progress=False)
+    assert plain["count"] == 8  # the same embeddings with and without the overlap
+    parts = zip(iter_embedding_parts(tmp_path / "out"), iter_embedding_parts(tmp_path / "plain"), strict=True)
+    for (first, _), (second, _) in parts:
+        np.testing.assert_array_equal(first, second)

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kind", default="auto", choices=("auto", "image", "text", "both"),
                         help="what to embed; auto: text for .txt files of captions, images otherwise")
     parser.add_argument("--part-size", type=int, default=10_000, help="items per part file")
-    parser.add_argument("--num-workers", type=int, default=0, help="threads decoding each batch's images")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="threads decoding images, the next batch while the current one is encoded")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     parser.set_defaults(func=run)

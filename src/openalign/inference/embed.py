@@ -122,20 +122,34 @@ def _load_or_skip(kinds, item, index, image_loader):
 
 def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_loader, batch_size, pool):
     """Load and encode one part's items, consumed from an iterator a batch at a time so only one batch of raw
-    items is held. Returns (embeddings per kind, metadata rows, skipped items, number of items consumed): what
+    items is held (two with a decoding pool: the next one decodes meanwhile). Returns (embeddings per kind, metadata rows, skipped items, number of items consumed): what
     embedding_folder.write_parts commits as the part."""
     rows, skipped, consumed = [], [], 0
     chunks = {kind: [] for kind in kinds}
-    while batch := list(itertools.islice(part_items, batch_size)):
-        indices = range(first_index + consumed, first_index + consumed + len(batch))
+
+    def load(index_and_item):
+        return _load_or_skip(kinds, index_and_item[1], index_and_item[0], image_loader)
+
+    def read() -> list:
+        """The next batch of (index, item) pairs of this part (empty at its end)."""
+        nonlocal consumed
+        batch = list(itertools.islice(part_items, batch_size))
+        pairs = list(zip(range(first_index + consumed, first_index + consumed + len(batch)), batch))
         consumed += len(batch)
+        return pairs
 
-        def load(index_and_item):
-            return _load_or_skip(kinds, index_and_item[1], index_and_item[0], image_loader)
+    def start_next():
+        """A callable giving the next loaded batch. With a pool the batch is read and its loading started now,
+        so it decodes (PIL releases the GIL) while the current batch is encoded; without one, it is read and
+        loaded when called, so only one batch of raw items is held."""
+        if pool is None:
+            return lambda: [load(pair) for pair in read()]
+        futures = [pool.submit(load, pair) for pair in read()]
+        return lambda: [future.result() for future in futures]
 
-        # PIL decodes without holding the GIL, so a thread pool overlaps the decoding of a batch.
-        loaded = list(pool.map(load, zip(indices, batch))) if pool else [load(pair) for pair in zip(indices, batch)]
-        del batch  # free this batch's raw items (image bytes) before the next batch is read
+    pending = start_next()
+    while loaded := pending():
+        pending = start_next()  # with a pool, the next batch decodes while this one is encoded
         batch_rows = [row for row, _ in loaded if row is not None]
         skipped.extend(entry for row, entry in loaded if row is None)
         if batch_rows:
@@ -172,8 +186,8 @@ def embed_to_folder(
     "image" (bytes or a PIL image, e.g. from a WebDataset shard). encode_batch: a callable taking a list of
     RGB PIL images (kind "image") or strings (kind "text") and returning (B, D); for kind "both" a mapping
     {"image": callable, "text": callable}. An item whose image_loader raises ImageLoadError (or that lacks a
-    caption when texts are embedded) is skipped and listed. num_workers > 0 decodes each batch's images on
-    that many threads. part_size items go to a part, rank r of world_size writes the parts p with
+    caption when texts are embedded) is skipped and listed. num_workers > 0 decodes images on that many
+    threads, the next batch's while the current one is encoded. part_size items go to a part, rank r of world_size writes the parts p with
     p % world_size == r, and a rerun resumes. The summary is returned by the rank that finds every part done
     at its end (rank 0 under torch.distributed, after a barrier); other ranks return None. total: the number of
     items, when known, for the progress bar.
