@@ -12,7 +12,14 @@ the same run, same allocator settings (`configure_allocator()`, as the commands 
   processor tests) with transformers' AlignModel loaded from the same folder doing the forward (captions padded
   to the longest of each batch, bf16 by autocast);
 - "no model": the same pipeline with an encoder that returns zeros, i.e. the ceiling the reading, decoding,
-  preprocessing and writing allow.
+  preprocessing and writing allow;
+- "model alone": the optimised model's forward on pixel tensors already in memory (images) and `encode_texts`
+  on captions already in memory (texts): what the pipeline would reach if reading, decoding and writing cost
+  nothing; and "FLOP limit": the model's matmul and convolution FLOPs per item against a matmul peak measured
+  in this process.
+
+Decoding runs on --num-workers threads (default 2, as `openalign embed`), the next batch's while the current
+one is encoded.
 
 Weights are random (trainable_init, randomised BatchNorm), so numbers depend on the architecture only. Best
 of --repeats runs each. Not a test.
@@ -38,6 +45,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _measure import best_time, count_flops, matmul_peak  # noqa: E402
 from _models import build_openalign  # noqa: E402
 from openalign.data.sources import iter_records  # noqa: E402
 from openalign.inference.embed import embed_to_folder  # noqa: E402
@@ -129,7 +137,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="JPEG files to embed")
     parser.add_argument("--texts", type=int, default=1024, help="captions to embed")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--num-workers", type=int, default=0, help="decoding threads per batch")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="decoding threads (the next batch decodes while the current one is encoded)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -176,6 +185,29 @@ def main() -> None:
                 "texts_per_s": arguments.texts / timed_run(text_items, encode_texts, "text", encoders.text_batch_size,
                                                            arguments.num_workers, arguments.repeats)}
         dim = encoders.dim
+        optimized = load_encoders(workspace / "checkpoint", device=arguments.device, dtype=arguments.dtype)
+        device = torch.device(arguments.device)
+        pixels = optimized.processor.image_processor(
+            [Image.open(path).convert("RGB") for path in sorted((workspace / "images").iterdir())]).to(device)
+        batches = pixels.split(optimized.image_batch_size)
+
+        def model_images():
+            with torch.inference_mode():
+                for batch in batches:
+                    optimized.model.get_image_features(batch)
+
+        results["rows"]["model alone"] = {
+            "images_per_s": arguments.images / best_time(model_images, arguments.repeats, device),
+            "texts_per_s": arguments.texts / best_time(lambda: optimized.encode_texts(captions), arguments.repeats,
+                                                       device)}
+        plain_model = build_openalign(arguments.preset)
+        image_flops = count_flops(lambda: plain_model.get_image_features(pixels[:1].cpu().float()))
+        text_flops = sum(count_flops(lambda text=text: plain_model.get_text_features(
+            **optimized.processor.tokenizer([text], padding="longest"))) for text in captions[:64]) / min(64,
+                                                                                                         len(captions))
+        peak = matmul_peak(torch.float32 if arguments.dtype == "float32" else torch.bfloat16, device) * 1e9
+        results["flops"] = {"per_image": image_flops, "per_text": text_flops, "matmul_peak_flops": peak}
+        results["rows"]["FLOP limit"] = {"images_per_s": peak / image_flops, "texts_per_s": peak / text_flops}
 
         def no_model(batch):
             return torch.zeros(len(batch), dim)
@@ -187,6 +219,8 @@ def main() -> None:
                                                        arguments.num_workers, arguments.repeats),
         }
     rows = results["rows"]
+    results["end_to_end_vs_model_alone"] = {key: rows["optimized"][key] / rows["model alone"][key]
+                                            for key in rows["plain"]}
     results["optimized_vs_plain"] = {key: rows["optimized"][key] / rows["plain"][key] for key in rows["plain"]}
     if "transformers" in rows:
         results["optimized_vs_transformers"] = {key: rows["optimized"][key] / rows["transformers"][key]
@@ -197,9 +231,11 @@ def main() -> None:
         return
     print(f"embed end to end from files, {arguments.preset} ({arguments.dtype}), {arguments.images} JPEGs "
           f"400x300, {arguments.texts} captions, {results['threads']} thread(s), best of {arguments.repeats}")
-    print(f"{'pipeline':10} {'images/s':>10} {'texts/s':>10}")
+    print(f"{'pipeline':12} {'images/s':>10} {'texts/s':>10}")
     for name, row in rows.items():
-        print(f"{name:10} {row['images_per_s']:10.1f} {row['texts_per_s']:10.1f}")
+        print(f"{name:12} {row['images_per_s']:10.1f} {row['texts_per_s']:10.1f}")
+    ratio = results["end_to_end_vs_model_alone"]
+    print(f"end to end / model alone: images {ratio['images_per_s']:.2f}, texts {ratio['texts_per_s']:.2f}")
     ratio = results["optimized_vs_plain"]
     print(f"optimized / plain: images {ratio['images_per_s']:.2f}x, texts {ratio['texts_per_s']:.2f}x")
     if "optimized_vs_transformers" in results:

@@ -42,7 +42,7 @@ def test_the_cpu_smoke_run_measures_every_part_against_transformers(tmp_path):
         assert all(row["samples_per_s"] > 0 for row in part["rows"])
         assert part["ratios"]["none"]["speed"] > 0
     for part in report["embed"].values():
-        assert set(part["rows"]) == {"optimized", "plain", "transformers", "no model"}
+        assert set(part["rows"]) == {"optimized", "plain", "transformers", "no model", "model alone", "FLOP limit"}
         assert all(row["images_per_s"] > 0 and row["texts_per_s"] > 0 for row in part["rows"].values())
     table = (tmp_path / "gpu.md").read_text()
     for heading in ("## Inference", "## Training step", "## Embedding from disk"):
