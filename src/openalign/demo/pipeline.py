@@ -336,6 +336,64 @@ def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, mod
     return load_config(base=get_recipe("cpu-small"), overrides=overrides)
 
 
+def _validate(config: DemoConfig) -> None:
+    """Raise ConfigError naming the first setting run_demo cannot work with."""
+    from openalign.demo.curation import CURATIONS
+
+    if config.minutes <= 0:
+        raise ConfigError(f"minutes must be positive, got {config.minutes}")
+    if not 0.0 <= config.image_ssl_warmup <= 1.0:
+        raise ConfigError(f"image_ssl_warmup is a fraction of the training steps in [0, 1], got "
+                          f"{config.image_ssl_warmup}")
+    if config.curation not in CURATIONS:
+        raise ConfigError(f"curation {config.curation!r} is not one of {', '.join(CURATIONS)}")
+
+
+def plan_training(config: DemoConfig, manifest: Path, kept: int, bootstrap_steps: int, model_config,
+                  model_config_path: Path, tokenizer, out: Path, seconds_left, timings: dict):
+    """(config with the image term's weight decided, training steps, the probe's step times or None). With
+    `config.steps` the steps are what the bootstrap scorer left of them; else a probe of real batches times a
+    step and the steps that fit in `seconds_left()` are planned, the image term on only when the whole run
+    (the scorer's steps counted) is long enough for it."""
+    if config.steps is not None:
+        total_steps = max(1, config.steps - bootstrap_steps)  # --steps counts the scorer's steps too
+        return (dataclasses.replace(config, image_ssl_weight=image_ssl_weight_for(config, config.steps)),
+                total_steps, None)
+    measure_started = time.monotonic()
+
+    def probe_and_plan(weight: float) -> tuple[dict, int]:
+        probe_config = training_config(dataclasses.replace(config, image_ssl_weight=weight), manifest,
+                                       out / "tokenizer", model_config_path, out / "run", 1, 1.0)
+        seconds = measure_step_seconds(model_config, probe_config, tokenizer)
+        return seconds, planned_steps(seconds_left(), seconds, kept // config.batch_size,
+                                      cached=probe_config.data.cache_images)
+
+    weight = image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS)  # the weight of a run long enough for the term
+    step_seconds, total_steps = probe_and_plan(weight)
+    if image_ssl_weight_for(config, bootstrap_steps + total_steps) != weight:  # too short for the term
+        weight = image_ssl_weight_for(config, bootstrap_steps + total_steps)
+        step_seconds, total_steps = probe_and_plan(weight)
+    timings["throughput_probe"] = time.monotonic() - measure_started
+    return dataclasses.replace(config, image_ssl_weight=weight), total_steps, step_seconds
+
+
+def evaluate_model(model_dir: Path, out: Path, heldout_rows: list, seen_rows: list, summary: dict):
+    """(the held-out figures, with the seen pairs' and the composition figures when there are seen rows; the
+    encoders of the model, for the heat-map)."""
+    from openalign.demo import evaluate
+    from openalign.inference.encoders import load_encoders
+
+    encoders = load_encoders(model_dir, device="cpu", batch_size=64, optimize=False)
+    held_embeds = evaluate.encode_split(encoders, heldout_rows, out / "data" / "heldout")
+    held = evaluate.evaluate_split(encoders, heldout_rows, out / "data" / "heldout", summary, held_embeds)
+    if seen_rows:  # how much of the held-out error is composition, and which tower fails to compose
+        seen_embeds = evaluate.encode_split(encoders, seen_rows, out / "data" / "seen")
+        held["seen_pairs"] = evaluate.evaluate_split(encoders, seen_rows, out / "data" / "seen", summary, seen_embeds)
+        held["composition"] = evaluate.composition_figures(seen_embeds, seen_rows, held_embeds, heldout_rows,
+                                                           summary, encoders.encode_texts)
+    return held, encoders
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Generate, filter, train and evaluate as `config` says; returns the held-out figures and file paths.
 
@@ -346,16 +404,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     import torch
 
     from openalign.demo import evaluate, report
-    from openalign.demo.curation import CURATIONS, curation_summary, similarity_curation
+    from openalign.demo.curation import curation_summary, similarity_curation
+    from openalign.runtime import CpuWatch, busy_cores_at_start
     from openalign.train.trainer import train
 
-    if config.minutes <= 0:
-        raise ConfigError(f"minutes must be positive, got {config.minutes}")
-    if not 0.0 <= config.image_ssl_warmup <= 1.0:
-        raise ConfigError(f"image_ssl_warmup is a fraction of the training steps in [0, 1], got "
-                          f"{config.image_ssl_warmup}")
-    if config.curation not in CURATIONS:
-        raise ConfigError(f"curation {config.curation!r} is not one of {', '.join(CURATIONS)}")
+    _validate(config)
     torch.set_num_threads(config.workers)
     started = time.monotonic()
     out = Path(config.out_dir)
@@ -381,8 +434,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
     def seconds_left() -> float:
         return config.minutes * 60 - (time.monotonic() - started) - evaluation_reserve
 
-    from openalign.runtime import CpuWatch, busy_cores_at_start
-
     watch = CpuWatch(torch.get_num_threads()).start()  # how the machine was shared while the demo trained
     curation = None
     if config.curation == "similarity":
@@ -396,28 +447,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     kept = sum(1 for line in open(manifest, encoding="utf-8") if line.strip())
     bootstrap_steps = curation["bootstrap_steps"] if curation else 0
 
-    step_seconds = None
-    if config.steps is None:
-        measure_started = time.monotonic()
-
-        def probe_and_plan(weight: float) -> tuple[dict, int]:
-            probe_config = training_config(dataclasses.replace(config, image_ssl_weight=weight), manifest,
-                                           out / "tokenizer", model_config_path, out / "run", 1, 1.0)
-            seconds = measure_step_seconds(model_config, probe_config, tokenizer)
-            return seconds, planned_steps(seconds_left(), seconds, kept // config.batch_size,
-                                          cached=probe_config.data.cache_images)
-
-        # The image term's weight of a run long enough for it, counting the steps the scorer took already.
-        weight = image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS)
-        step_seconds, total_steps = probe_and_plan(weight)
-        if image_ssl_weight_for(config, bootstrap_steps + total_steps) != weight:  # too short for the term
-            weight = image_ssl_weight_for(config, bootstrap_steps + total_steps)
-            step_seconds, total_steps = probe_and_plan(weight)
-        timings["throughput_probe"] = time.monotonic() - measure_started
-    else:
-        total_steps = max(1, config.steps - bootstrap_steps)  # --steps counts the scorer's steps too
-        weight = image_ssl_weight_for(config, config.steps)
-    config = dataclasses.replace(config, image_ssl_weight=weight)  # metrics.json records what was used
+    config, total_steps, step_seconds = plan_training(config, manifest, kept, bootstrap_steps, model_config,
+                                                      model_config_path, tokenizer, out, seconds_left, timings)
     train_seconds = seconds_left()
     if train_seconds < 10:
         raise ConfigError(f"--minutes {config.minutes} leaves {train_seconds:.0f} s for training after data "
@@ -442,17 +473,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     shutil.copytree(out / "run" / "model", model_dir)  # weights and processor: the trainer saved both
     if (out / "run" / "plots").is_dir():
         shutil.copytree(out / "run" / "plots", out / "plots")
-
-    from openalign.inference.encoders import load_encoders
-
-    encoders = load_encoders(model_dir, device="cpu", batch_size=64, optimize=False)
-    held_embeds = evaluate.encode_split(encoders, heldout_rows, out / "data" / "heldout")
-    held = evaluate.evaluate_split(encoders, heldout_rows, out / "data" / "heldout", summary, held_embeds)
-    if seen_rows:  # how much of the held-out error is composition, and which tower fails to compose
-        seen_embeds = evaluate.encode_split(encoders, seen_rows, out / "data" / "seen")
-        held["seen_pairs"] = evaluate.evaluate_split(encoders, seen_rows, out / "data" / "seen", summary, seen_embeds)
-        held["composition"] = evaluate.composition_figures(seen_embeds, seen_rows, held_embeds, heldout_rows,
-                                                           summary, encoders.encode_texts)
+    held, encoders = evaluate_model(model_dir, out, heldout_rows, seen_rows, summary)
     timings["evaluate"] = time.monotonic() - evaluation_started
     timings["total"] = time.monotonic() - started
     metrics = {

@@ -122,8 +122,9 @@ def _load_or_skip(kinds, item, index, image_loader):
 
 def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_loader, batch_size, pool):
     """Load and encode one part's items, consumed from an iterator a batch at a time so only one batch of raw
-    items is held (two with a decoding pool: the next one decodes meanwhile). Returns (embeddings per kind, metadata rows, skipped items, number of items consumed): what
-    embedding_folder.write_parts commits as the part."""
+    items is held (two with a decoding pool: the next one decodes meanwhile). Returns (embeddings per kind,
+    metadata rows, skipped items, number of items consumed): what embedding_folder.write_parts commits as the
+    part."""
     rows, skipped, consumed = [], [], 0
     chunks = {kind: [] for kind in kinds}
 
@@ -187,8 +188,8 @@ def embed_to_folder(
     RGB PIL images (kind "image") or strings (kind "text") and returning (B, D); for kind "both" a mapping
     {"image": callable, "text": callable}. An item whose image_loader raises ImageLoadError (or that lacks a
     caption when texts are embedded) is skipped and listed. num_workers > 0 decodes images on that many
-    threads, the next batch's while the current one is encoded. part_size items go to a part, rank r of world_size writes the parts p with
-    p % world_size == r, and a rerun resumes. The summary is returned by the rank that finds every part done
+    threads, the next batch's while the current one is encoded. part_size items go to a part, rank r of
+    world_size writes the parts p with p % world_size == r, and a rerun resumes. The summary is returned by the rank that finds every part done
     at its end (rank 0 under torch.distributed, after a barrier); other ranks return None. total: the number of
     items, when known, for the progress bar.
     """
