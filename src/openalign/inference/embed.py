@@ -189,8 +189,9 @@ def embed_to_folder(
     {"image": callable, "text": callable}. An item whose image_loader raises ImageLoadError (or that lacks a
     caption when texts are embedded) is skipped and listed. num_workers > 0 decodes images on that many
     threads, the next batch's while the current one is encoded. part_size items go to a part, rank r of
-    world_size writes the parts p with p % world_size == r, and a rerun resumes. The summary is returned by the rank that finds every part done
-    at its end (rank 0 under torch.distributed, after a barrier); other ranks return None. total: the number of
+    world_size writes the parts p with p % world_size == r, and a rerun resumes. The summary is returned by the
+    rank that finds every part done at its end (rank 0 under torch.distributed, after a barrier); other ranks
+    return None. total: the number of
     items, when known, for the progress bar.
     """
     kinds = KINDS if kind == "both" else (kind,)
