@@ -64,7 +64,7 @@ def bootstrap_steps_for(config, step: dict | None, seconds: float, pairs: int) -
     """Steps of one bootstrap round: `config.bootstrap_share` of the demo's training, split over
     `config.curation_rounds`: of `config.steps` when the run is sized in steps, else of `seconds` (the training
     time left once scoring is paid for) at the probed step times `step`."""
-    from openalign.demo.pipeline import planned_steps
+    from openalign.demo.training import planned_steps
 
     rounds = config.curation_rounds
     if step is None:
@@ -81,7 +81,7 @@ def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, m
     "similarity": the selection settings}."""
     from openalign.curation.bootstrap import score_and_keep, train_scorer
     from openalign.curation.similarity_filter import SimilarityConfig
-    from openalign.demo.pipeline import measure_step_seconds, training_config
+    from openalign.demo.training import measure_step_seconds, training_config
 
     folder = out / "curation"
     bootstrap = dataclasses.replace(config, image_ssl_weight=0.0,

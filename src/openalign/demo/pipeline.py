@@ -15,7 +15,6 @@ learning rate has come down; one planned too short leaves time unused).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -23,6 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openalign.data.synth import SynthConfig
+from openalign.demo.training import (  # noqa: F401  (imported from here by benchmarks, experiments and tests)
+    IMAGE_SSL_MIN_STEPS,
+    IMAGE_SSL_WEIGHT,
+    image_ssl_weight_for,
+    measure_step_seconds,
+    planned_steps,
+    probe_stepper,
+    training_config,
+)
 from openalign.errors import ConfigError
 from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConfig
 
@@ -31,13 +39,6 @@ from openalign.model_config import AlignConfig, AlignTextConfig, AlignVisionConf
 # on 2 cores (docs/demo.md, "The time budget").
 EVALUATION_SECONDS_PER_IMAGE = 0.003
 EVALUATION_FIXED_SECONDS = 12.0
-
-# The image term's weight when DemoConfig.image_ssl_weight is None, and the shortest run that gets it: at half
-# weight the term pays in runs as long as 10 minutes give on 2 cores, at full weight it costs colour, and in
-# shorter runs it costs colour before it pays (docs/demo.md, "Three seeds a configuration, on a GPU").
-IMAGE_SSL_WEIGHT = 0.5
-IMAGE_SSL_MIN_STEPS = 700
-
 
 @dataclass
 class DemoConfig:
@@ -207,81 +208,6 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
     return tokenizer
 
 
-def probe_stepper(model_config: AlignConfig, train_config):
-    """(a fresh model in training mode, the Stepper that trains it as `train_config` says): its loss and image
-    term, built and wired as the trainer builds them (`build_stepper`), the trainer's optimiser and gradient
-    clipping, channels-last, on the CPU."""
-    import torch
-    from torch import nn
-
-    from openalign.models.align import AlignModel
-    from openalign.models.utils import trainable_init
-    from openalign.train.builders import build_contrastive_loss
-    from openalign.train.image_ssl import build_image_ssl
-    from openalign.train.loop import build_stepper
-    from openalign.train.optim import build_optimizer
-
-    model = AlignModel(model_config).train()
-    trainable_init(model.vision_model)
-    model.vision_model.to(memory_format=torch.channels_last)
-    loss = build_contrastive_loss(train_config.loss, model)
-    image_ssl = build_image_ssl(train_config.loss, model_config.projection_dim)
-    holder = nn.ModuleList([model, loss] if image_ssl is None else [model, loss, image_ssl])
-    optim = train_config.optim
-    optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
-    return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True,
-                                grad_clip=optim.grad_clip)
-
-
-def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 4) -> dict:
-    """Seconds per training step of a fresh model, measured on real batches of the training loader:
-
-    - `load`: a batch as the first epoch loads it (read, decode, crop, tokenise);
-    - `decode`: the reading, decoding and resizing part of that, which `data.cache_images` saves from the second
-      epoch on;
-    - `model`: the trainer's own step (`probe_stepper`: forward, loss with the self-supervised term when it is
-      on, backward, AdamW), channels-last, after two warm-up steps.
-    Used to size the run so that the cosine schedule ends when the time does (see `planned_steps`)."""
-    import itertools
-
-    from openalign.data import sources
-    from openalign.train.builders import build_loaders
-
-    loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
-    iterator = iter(loader)
-    next(iterator)  # the first batch also pays for opening the manifest
-    started = time.monotonic()
-    real = [next(iterator) for _ in range(batches)]
-    load_seconds = (time.monotonic() - started) / batches
-
-    records = list(itertools.islice(sources.iter_records(train_config.data.train), train_config.optim.batch_size))
-    dataset = loader.dataset
-    started = time.monotonic()
-    for record in records:
-        dataset.cache_entry(dataset.decode(record.open_image_bytes()))
-    decode_seconds = (time.monotonic() - started) * train_config.optim.batch_size / max(1, len(records))
-
-    _, stepper = probe_stepper(model_config, train_config)
-    durations = []
-    for number, batch in enumerate([*real[:2], *real], start=1):
-        started = time.monotonic()
-        stepper.step(batch, number)
-        durations.append(time.monotonic() - started)
-    return {"load": load_seconds, "decode": min(decode_seconds, load_seconds), "model": sum(durations[2:]) / batches}
-
-
-def planned_steps(seconds: float, step: dict, steps_per_epoch: int, cached: bool, margin: float = 0.97) -> int:
-    """How many steps fit in `seconds` (times `margin`, for logging and the final checkpoint) with the step
-    times of `measure_step_seconds`: full loading cost in the first epoch, loading without decoding after it
-    when decoded images are cached."""
-    budget = margin * seconds
-    first = step["model"] + step["load"]
-    later = first - step["decode"] if cached else first
-    if budget <= steps_per_epoch * first:
-        return max(1, math.floor(budget / first))
-    return steps_per_epoch + math.floor((budget - steps_per_epoch * first) / later)
-
-
 # Other processes keeping at least this many cores busy on average make a run "busy" in the report.
 BUSY_CORES = 0.25
 
@@ -297,43 +223,6 @@ def machine_sharing(sharing: dict, busy_at_start: float | None, steps: int) -> d
     return {"busy": busy, "busy_cores_at_start": busy_at_start, "others_cores_while_training": others,
             "cpu_share": share, "training_wall_seconds": sharing["wall_seconds"], "steps": steps,
             "steps_at_full_share": round(steps / share) if busy and share > 0 else steps}
-
-
-def image_ssl_weight_for(config: DemoConfig, total_steps: int) -> float:
-    """The image term's weight in a run of `total_steps`: as configured, or by default IMAGE_SSL_WEIGHT when the
-    run is long enough for the term to pay and 0 (off) when it is not."""
-    if config.image_ssl_weight is not None:
-        return config.image_ssl_weight
-    return IMAGE_SSL_WEIGHT if total_steps >= IMAGE_SSL_MIN_STEPS else 0.0
-
-
-def training_config(config: DemoConfig, manifest: Path, tokenizer_dir: Path, model_config_path: Path,
-                    run_dir: Path, total_steps: int, minutes: float):
-    """The TrainConfig of the demo: the reference's fast CPU recipe (AdamW, warm-up then cosine, fp32,
-    channels-last, temperature 0.07, no flips since captions name left and right)."""
-    from openalign.train.config import load_config
-    from openalign.train.recipes import get_recipe
-
-    overrides = {
-        "model.config": str(model_config_path), "model.temperature_init": config.temperature_init,
-        "model.batch_norm_momentum": config.batch_norm_momentum,
-        "data.train": str(manifest), "data.tokenizer": str(tokenizer_dir), "data.image_size": config.image_size,
-        "data.resize": round(config.image_size * 72 / 64), "data.flip": False, "data.max_length": config.max_length,
-        "data.shuffle_buffer": 5000, "data.num_workers": config.loader_workers, "data.cache_images": True,
-        "optim.lr": config.lr, "optim.weight_decay": config.weight_decay, "optim.batch_size": config.batch_size,
-        "optim.total_steps": total_steps, "optim.warmup_steps": min(config.warmup_steps, max(1, total_steps // 10)),
-        "loss.label_smoothing": config.label_smoothing,
-        "loss.image_ssl_weight": image_ssl_weight_for(config, total_steps),
-        "loss.image_ssl_images": (config.batch_size // 2 if config.image_ssl_images is None
-                                  else config.image_ssl_images),
-        "loss.image_ssl_warmup_steps": round(config.image_ssl_warmup * total_steps),
-        "run.out_dir": str(run_dir), "run.seed": config.seed, "run.max_minutes": minutes,
-        "run.fit_steps_to_time": config.steps is None,  # a run sized by time ends its schedule with the time
-        "run.checkpoint_every": 10**9, "run.keep_last": 1, "run.val_every": 0,  # one checkpoint: the last step's
-        "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,
-        **config.train_overrides,
-    }
-    return load_config(base=get_recipe("cpu-small"), overrides=overrides)
 
 
 def _validate(config: DemoConfig) -> None:
