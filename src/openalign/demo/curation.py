@@ -73,12 +73,12 @@ def bootstrap_steps_for(config, step: dict | None, seconds: float, pairs: int) -
     return max(1, planned_steps(seconds, step, max(1, pairs // config.batch_size), cached=True))
 
 
-def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, model_config_path: Path, out: Path,
-                        seconds_left, timings: dict) -> dict:
-    """Rules' pairs -> bootstrap run(s) -> scores -> kept pairs, as the module docstring says. `seconds_left()`
-    is the training time the demo has left. Returns {"manifest": the kept pairs, "model": the last scorer (the
-    demo's training starts from it), "bootstrap_steps": steps trained, "rounds": each round's figures,
-    "similarity": the selection settings}."""
+def similarity_curation(config, rules_manifest: Path, pairs: int, tokenizer, model_config, model_config_path: Path,
+                        out: Path, seconds_left, timings: dict) -> dict:
+    """Rules' pairs (`pairs` of them in `rules_manifest`) -> bootstrap run(s) -> scores -> kept pairs, as the
+    module docstring says. `seconds_left()` is the training time the demo has left. Returns {"manifest": the
+    kept pairs, "model": the last scorer (the demo's training starts from it), "bootstrap_steps": steps trained,
+    "rounds": each round's figures, "similarity": the selection settings}."""
     from openalign.curation.bootstrap import score_and_keep, train_scorer
     from openalign.curation.similarity_filter import SimilarityConfig
     from openalign.demo.training import measure_step_seconds, training_config
@@ -86,7 +86,6 @@ def similarity_curation(config, rules_manifest: Path, tokenizer, model_config, m
     folder = out / "curation"
     bootstrap = dataclasses.replace(config, image_ssl_weight=0.0,
                                     train_overrides={**config.train_overrides, "run.plots": False})
-    pairs = sum(1 for line in open(rules_manifest, encoding="utf-8") if line.strip())
     started = time.monotonic()
     step = None
     if config.steps is None:  # a run sized by time: fit the bootstrap into it

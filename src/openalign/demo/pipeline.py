@@ -327,13 +327,14 @@ def run_demo(config: DemoConfig) -> DemoResult:
     curation = None
     if config.curation == "similarity":
         _log(config.progress, "bootstrap curation: a scorer trained on the filtered pairs scores each of them")
-        curation = similarity_curation(config, manifest, tokenizer, model_config, model_config_path, out,
-                                       seconds_left, timings)
+        curation = similarity_curation(config, manifest, filter_report["kept"], tokenizer, model_config,
+                                       model_config_path, out, seconds_left, timings)
         manifest = curation["manifest"]
         last = curation["rounds"][-1]
         _log(config.progress, f"the scorer ({curation['bootstrap_steps']} steps) kept {last['kept']} of "
                               f"{last['scored']} pairs")
-    kept = sum(1 for line in open(manifest, encoding="utf-8") if line.strip())
+    # The pairs trained on, as the stage that wrote the manifest counted them.
+    kept = curation["rounds"][-1]["kept"] if curation else filter_report["kept"] if filter_report else summary["n"]
     bootstrap_steps = curation["bootstrap_steps"] if curation else 0
 
     config, total_steps, step_seconds = plan_training(config, manifest, kept, bootstrap_steps, model_config,
