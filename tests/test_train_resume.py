@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -52,9 +53,14 @@ def _train_steps(records):
     return {record["step"]: record for record in records if "loss" in record}
 
 
-# The image term adds a head (trainer state), second views (RNG) and a logged share of the loss.
-@pytest.mark.parametrize("extra", [{}, {"loss.image_ssl_weight": 0.5, "loss.image_ssl_images": 8}],
-                         ids=["contrastive", "with-image-ssl"])
+# The image term adds a head (trainer state), second views (RNG) and a logged share of the loss; per-pair
+# weighting adds the per-pair estimates (trainer state) that weigh the loss from the warm-up's end on.
+PAIR_WEIGHTING = {"loss.name": "rince", "loss.pair_weighting": "mixture", "loss.pair_weighting_warmup": 0.2,
+                  "loss.pair_mixture_every": 2, "loss.pair_ema_momentum": 0.3}
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss.image_ssl_weight": 0.5, "loss.image_ssl_images": 8}, PAIR_WEIGHTING],
+                         ids=["contrastive", "with-image-ssl", "pair-weighting"])
 def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path, extra):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_command(_write_config(data, reference_dir, extra)), check=True, env=_environment(),
@@ -85,7 +91,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path, extra):
     reference_steps, resumed_steps = _train_steps(reference), _train_steps(resumed_records)
     assert sorted(resumed_steps) == list(range(1, TOTAL_STEPS + 1)) == sorted(reference_steps)
     for step in reference_steps:
-        for key in COMPARED + (("image_ssl_loss",) if extra else ()):
+        for key in COMPARED + (("image_ssl_loss",) if "loss.image_ssl_weight" in extra else ()):
             assert resumed_steps[step][key] == reference_steps[step][key], (step, key)
     # The loss did move: equal curves are not two constant ones.
     assert len({record["loss"] for record in reference_steps.values()}) > 1
@@ -95,6 +101,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path, extra):
         assert final_reference.keys() == final_resumed.keys()
         differing = [key for key in final_reference if not torch.equal(final_reference[key], final_resumed[key])]
         assert not differing, f"{folder}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+    if extra is PAIR_WEIGHTING:  # the estimates themselves, as the run writes them, and the weighting was on
+        scores = [pq.read_table(folder / "pair-scores" / "scores.parquet") for folder in (reference_dir, killed_dir)]
+        assert scores[0].num_rows == 96 and scores[0].equals(scores[1])
+        assert any(record.get("pairs_mixture_separated") for record in reference_steps.values())
     # keep_last=2: only the two newest checkpoints remain.
     assert sorted(path.name for path in killed_dir.glob("checkpoint-*")) == ["checkpoint-00000008",
                                                                               "checkpoint-00000010"]

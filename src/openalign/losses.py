@@ -9,6 +9,11 @@ Each loss is a ``ContrastiveLoss``: it says itself how it is built from a traini
 model's temperature or owns its scalars, what temperature it applies and what it does after an optimiser step,
 so the trainer never asks which loss it holds. ``LOSSES`` names them for TrainConfig's ``loss.name``.
 
+Noisy pairs: the complementary contrastive loss (``rcl``) and robust InfoNCE (``rince``) bound what a wrong
+positive can pull, and every softmax loss takes per-pair weights (``pair_weights``, e.g. the clean estimates of
+``openalign.train.pair_estimates``) and leaves each local pair's in-batch match probability in
+``last_match_probability`` for such estimates.
+
 Under ``torch.distributed`` the negatives come from the global batch (N = world_size * B). With
 ``local_loss=True`` each rank scores its B rows against the N gathered columns (memory B x N): the mean of the
 ranks' losses is the single-process loss over the global batch, and with ``gather_with_grad=True`` the DDP
@@ -61,6 +66,23 @@ def align_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.1) -> t
     return symmetric_cross_entropy(logits_per_text.t(), logits_per_text, targets, label_smoothing)
 
 
+def weighted_mean(pair_losses: torch.Tensor, pair_weights: torch.Tensor, local_rows: bool = True) -> torch.Tensor:
+    """sum_i w_i l_i / sum_i w_i over the global batch. `pair_weights` (B,) weigh this rank's pairs and carry no
+    gradient. With `local_rows` each rank holds its own pairs' losses and the ranks' results average (as DDP
+    averages their gradients) to the global weighted mean; otherwise `pair_losses` already covers every rank's
+    pairs (N,) and the weights are gathered to match."""
+    weights = pair_weights.detach().to(pair_losses.dtype)
+    world_size = world_info().world_size
+    if world_size == 1:
+        return (weights * pair_losses).sum() / weights.sum().clamp_min(1e-12)
+    if not local_rows:
+        weights = gather_features(weights[:, None], weights[:, None], gather_with_grad=False)[0][:, 0]  # (N,)
+        return (weights * pair_losses).sum() / weights.sum().clamp_min(1e-12)
+    total = weights.sum()
+    torch.distributed.all_reduce(total)
+    return world_size * (weights * pair_losses).sum() / total.clamp_min(1e-12)
+
+
 class LossSettings(Protocol):
     """What ``from_config`` reads: the loss section of a TrainConfig (``openalign.train.config.LossSection``)."""
 
@@ -69,6 +91,9 @@ class LossSettings(Protocol):
     local_loss: bool
     gather_with_grad: bool
     hard_negative_beta: float
+    fixed_temperature: bool
+    robust_q: float
+    robust_lambda: float
 
 
 class ContrastiveLoss(nn.Module):
@@ -89,7 +114,12 @@ class ContrastiveLoss(nn.Module):
 
     name: ClassVar[str] = ""
     hard_negatives: ClassVar[bool] = False
+    # Whether forward takes `pair_weights` (one weight per local pair) and leaves `last_match_probability`.
+    pair_weights: ClassVar[bool] = False
     uses_model_temperature: bool = False
+    # (B,), no gradient: each local pair's probability of its own partner in the last forward (mean of the two
+    # directions), what per-pair clean estimates are made of; None before a forward or for a loss without it.
+    last_match_probability: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, settings: LossSettings, temperature: float) -> ContrastiveLoss:
@@ -102,11 +132,13 @@ class ContrastiveLoss(nn.Module):
         if not self.uses_model_temperature:
             model.temperature.requires_grad_(False)
 
-    def bind(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``loss_fn(image_embeds, text_embeds)`` for a training step of ``model``."""
+    def bind(self, model: nn.Module) -> Callable[..., torch.Tensor]:
+        """``loss_fn(image_embeds, text_embeds, **options)`` for a training step of ``model`` (options such as
+        ``pair_weights`` go to forward)."""
         if not self.uses_model_temperature:
             return self
-        return lambda image_embeds, text_embeds: self(image_embeds, text_embeds, model.temperature)
+        return lambda image_embeds, text_embeds, **options: self(image_embeds, text_embeds, model.temperature,
+                                                                 **options)
 
     def own_parameters(self) -> list[nn.Parameter]:
         """The loss's own trainable scalars: no DDP/FSDP wrapper of the model averages their gradients."""
@@ -131,6 +163,7 @@ class _SoftmaxContrastiveLoss(ContrastiveLoss):
     """Symmetric cross-entropy over scaled cosine similarities; subclasses say how the scale is made."""
 
     hard_negatives = True
+    pair_weights = True
 
     def __init__(self, label_smoothing: float, gather_with_grad: bool, local_loss: bool, normalize: bool,
                  hard_negative_beta: float = 0.0):
@@ -174,15 +207,37 @@ class _SoftmaxContrastiveLoss(ContrastiveLoss):
         return logits_per_text.T, logits_per_text
 
     def loss_from_scale(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
+        pair_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean of the image->text and text->image cross-entropies, targets on the (offset) diagonal."""
+        """The mean over pairs of each pair's loss (the mean of its image->text and text->image rows), targets
+        on the (offset) diagonal; with `pair_weights` (B,) for the local pairs, the weighted mean over the global
+        batch, sum_i w_i l_i / sum_i w_i, whichever rank holds pair i."""
         logits_per_image, logits_per_text = self.logits(image_embeds, text_embeds, scale)
         labels = self.labels(logits_per_image.shape[0], logits_per_image.device)
         if self.hard_negative_beta > 0:
             logits_per_image = self.weight_hard_negatives(logits_per_image, labels, scale)
             logits_per_text = self.weight_hard_negatives(logits_per_text, labels, scale)
-        return symmetric_cross_entropy(logits_per_image, logits_per_text, labels, self.label_smoothing)
+        pair_losses = (self.row_losses(logits_per_image, labels) + self.row_losses(logits_per_text, labels)) / 2
+        local = self._local_rows(len(image_embeds), len(labels))
+        with torch.no_grad():
+            rows = torch.arange(len(labels), device=labels.device)
+            match = (logits_per_image.softmax(-1)[rows, labels] + logits_per_text.softmax(-1)[rows, labels]) / 2
+            self.last_match_probability = match[local]  # (B,)
+        if pair_weights is None:
+            return pair_losses.mean()
+        return weighted_mean(pair_losses, pair_weights, local_rows=len(labels) == len(image_embeds))
+
+    def _local_rows(self, local_size: int, num_rows: int) -> slice:
+        """Which rows of the logits are this rank's pairs: all of them, or its slice of the full matrix."""
+        if num_rows == local_size:
+            return slice(None)
+        rank = world_info().rank
+        return slice(rank * local_size, (rank + 1) * local_size)
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each row's cross-entropy against its label, label-smoothed: (rows,)."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="none")
 
     @staticmethod
     def settings_options(settings: LossSettings) -> dict:
@@ -222,29 +277,92 @@ class AlignLoss(_SoftmaxContrastiveLoss):
         normalize: bool = True,
         temperature_init: float | None = None,
         hard_negative_beta: float = 0.0,
+        fixed_temperature: bool = False,
     ):
         super().__init__(label_smoothing, gather_with_grad, local_loss, normalize, hard_negative_beta)
         self.temperature = _owned_scalar(temperature_init)
+        self.fixed_temperature = fixed_temperature
+        if fixed_temperature and self.temperature is not None:
+            self.temperature.requires_grad_(False)
 
     @classmethod
     def from_config(cls, settings: LossSettings, temperature: float) -> AlignLoss:
-        """The model's temperature at every call (``temperature`` is not needed)."""
-        return cls(**cls.settings_options(settings))
+        """The model's temperature at every call (``temperature`` is not needed), trained unless
+        ``fixed_temperature``."""
+        return cls(**cls.settings_options(settings), fixed_temperature=settings.fixed_temperature)
 
     @property
     def uses_model_temperature(self) -> bool:
         return self.temperature is None
+
+    def attach(self, model: nn.Module) -> None:
+        """Keep the model's temperature where it starts when the loss fixes it."""
+        if self.fixed_temperature:
+            model.temperature.requires_grad_(False)
 
     def temperature_in_use(self, model: nn.Module) -> float:
         """The raw temperature that divides the similarities: the model's, or the loss's own."""
         return float((model.temperature if self.temperature is None else self.temperature).detach())
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor | None = None
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of the local batch (B, D) against the global one; a 0-d tensor."""
+        """Loss of the local batch (B, D) against the global one; a 0-d tensor. `pair_weights` (B,): see
+        `loss_from_scale`."""
         temperature = _pick(temperature, self.temperature, "temperature")
-        return self.loss_from_scale(image_embeds, text_embeds, 1.0 / temperature)
+        return self.loss_from_scale(image_embeds, text_embeds, 1.0 / temperature, pair_weights)
+
+
+class ComplementaryContrastiveLoss(AlignLoss):
+    """The complementary contrastive loss (RCL, Hu et al., TPAMI 2023): each row pushes its negatives away,
+    l_i = -sum_{j != i} log(1 - p_ij) with p_i = softmax of row i, in both directions. It never pulls the
+    labelled positive, whose probability only rises as the negatives' fall, so a wrong positive pulls at most
+    as hard as it is unlikely: a mismatched caption's damage is bounded. The model's temperature, as ALIGN;
+    label smoothing does not apply."""
+
+    name = "rcl"
+    hard_negatives = False
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-sum over each row's negatives of log(1 - p_ij): (rows,)."""
+        probabilities = logits.softmax(dim=-1)
+        # A negative with all the row's mass (p = 1 in float32) would give -log(0); its gradient is cut there.
+        complement = torch.log1p(-probabilities.clamp(max=1.0 - 1e-6))
+        complement = complement.scatter(1, labels[:, None], 0.0)  # the positive is not a negative
+        return -complement.sum(dim=-1)
+
+
+class RobustInfoNCELoss(AlignLoss):
+    """Robust InfoNCE (RINCE, Chuang et al., CVPR 2022) in both directions:
+    l_i = -exp(q z_ii) / q + (lam * sum_j exp(z_ij))^q / q, z the scaled similarities. Its gradient is
+    InfoNCE's times exp(q z_ii)-like factors: positives the model finds unlikely (mismatched captions, once it
+    has learnt something) count less. q -> 0 is InfoNCE; q = 1 is symmetric and most robust. Settings
+    `loss.robust_q` and `loss.robust_lambda`; the model's temperature, as ALIGN; label smoothing does not
+    apply."""
+
+    name = "rince"
+    hard_negatives = False
+
+    def __init__(self, q: float = 0.5, lam: float = 0.01, **options):
+        super().__init__(**options)
+        if not 0.0 < q <= 1.0:
+            raise ConfigError(f"loss.robust_q must lie in (0, 1], got {q}")
+        if lam <= 0:
+            raise ConfigError(f"loss.robust_lambda must be positive, got {lam}")
+        self.q, self.lam = q, lam
+
+    @classmethod
+    def from_config(cls, settings: LossSettings, temperature: float) -> RobustInfoNCELoss:
+        """The model's temperature, q and lambda from the loss section."""
+        return cls(q=settings.robust_q, lam=settings.robust_lambda, **cls.settings_options(settings),
+                   fixed_temperature=settings.fixed_temperature)
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-exp(q z_pos) / q + exp(q (log lam + logsumexp z)) / q per row: (rows,)."""
+        positive = logits.gather(1, labels[:, None])[:, 0]
+        everything = math.log(self.lam) + logits.logsumexp(dim=-1)
+        return (torch.exp(self.q * everything) - torch.exp(self.q * positive)) / self.q
 
 
 class ClipLoss(_SoftmaxContrastiveLoss):
@@ -279,11 +397,14 @@ class ClipLoss(_SoftmaxContrastiveLoss):
         return cls(**cls.settings_options(settings), logit_scale_init=-math.log(temperature))
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | None = None
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of the local batch (B, D) against the global one; a 0-d tensor."""
+        """Loss of the local batch (B, D) against the global one; a 0-d tensor. `pair_weights` (B,): see
+        `loss_from_scale`."""
         logit_scale = _pick(logit_scale, self.logit_scale, "logit_scale")
-        return self.loss_from_scale(image_embeds, text_embeds, logit_scale.clamp(max=self.max_log_scale).exp())
+        return self.loss_from_scale(image_embeds, text_embeds, logit_scale.clamp(max=self.max_log_scale).exp(),
+                                    pair_weights)
 
     @torch.no_grad()
     def clamp_(self, logit_scale: torch.Tensor | None = None) -> None:
@@ -349,7 +470,9 @@ class SigLipLoss(ContrastiveLoss):
         return -F.logsigmoid(signs * logits).sum() / batch_size
 
 
-LOSSES: dict[str, type[ContrastiveLoss]] = {loss.name: loss for loss in (AlignLoss, ClipLoss, SigLipLoss)}
+LOSSES: dict[str, type[ContrastiveLoss]] = {
+    loss.name: loss for loss in (AlignLoss, ClipLoss, SigLipLoss, ComplementaryContrastiveLoss, RobustInfoNCELoss)
+}
 
 
 def loss_class(name: str) -> type[ContrastiveLoss]:
@@ -360,5 +483,5 @@ def loss_class(name: str) -> type[ContrastiveLoss]:
 
 
 def build_loss(kind: str = "align", **kwargs) -> ContrastiveLoss:
-    """Build a loss by name: "align" (default), "clip" or "siglip"; kwargs go to its constructor."""
+    """Build a loss by name ("align" by default; see LOSSES); kwargs go to its constructor."""
     return loss_class(kind)(**kwargs)

@@ -28,16 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from openalign.data.score_files import SCORES_FILE, SCORES_SCHEMA, SCORING_FILE  # noqa: F401  (re-exported)
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write
 from openalign.inference.embed import embed_to_folder
 from openalign.inference.embedding_folder import iter_embedding_parts, read_summary, write_model_reference
 
-SCORES_FILE = "scores.parquet"
-SCORING_FILE = "scoring.json"
 EMBEDDINGS_FOLDER = "embeddings"
-SCORES_SCHEMA = pa.schema([("index", pa.int64()), ("key", pa.string()), ("caption", pa.string()),
-                           ("score", pa.float32())])
 
 
 class CurationError(OpenAlignError, ValueError):
@@ -144,8 +141,13 @@ def scoring_summary(folder: str | os.PathLike) -> dict:
     if not (folder / SCORES_FILE).is_file():
         raise CurationError(f"{folder} holds no {SCORES_FILE}: score the corpus first (openalign filter "
                             "--similarity --model CKPT --out FOLDER)")
-    embed_summary = read_summary(folder / EMBEDDINGS_FOLDER)
     settings = json.loads((folder / SCORING_FILE).read_text()) if (folder / SCORING_FILE).is_file() else {}
+    if not (folder / EMBEDDINGS_FOLDER).is_dir() and settings.get("kind") == "pair_estimates":
+        # A training run's per-pair estimates (openalign.train.pair_estimates): no embeddings behind them.
+        return {"model": settings.get("model", ""), "scored": settings.get("scored", 0),
+                "skipped": settings.get("unscored", 0), "skipped_pairs": settings.get("unscored_pairs", []),
+                "scores": str(folder / SCORES_FILE), "embeddings": None}
+    embed_summary = read_summary(folder / EMBEDDINGS_FOLDER)
     return {
         "model": settings.get("model", ""), "scored": embed_summary["count"],
         "skipped": embed_summary["num_skipped"], "skipped_pairs": embed_summary["skipped"],

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +81,22 @@ class StateDictWriter:
     """What `save_checkpoint` needs of a model (save_pretrained), for a state dict gathered from shards, and
     the processor the model is used with, so that the folder serves every command as it is."""
 
-    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor], processor=None):
+    def __init__(self, config: AlignConfig, state_dict: dict[str, torch.Tensor], processor=None,
+                 extras: list[Callable[[Path], None]] | None = None):
         self.config, self.state_dict, self.processor = config, state_dict, processor
+        self.extras = extras or []
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json and the weights into `folder`, in transformers' layout, and the processor's
-        tokenizer files and image settings when there is one."""
+        """Write config.json and the weights into `folder`, in transformers' layout, the processor's tokenizer
+        files and image settings when there is one, and what each of `extras(folder)` writes (a run's per-pair
+        scores), all inside the checkpoint and its files.json."""
         from openalign.pretrained import write_checkpoint
 
         write_checkpoint(folder, self.config, self.state_dict)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
+        for extra in self.extras:
+            extra(Path(folder))
 
 
 def save_checkpoint(

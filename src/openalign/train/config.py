@@ -116,6 +116,24 @@ class LossSection:
     image_ssl_images: int = documented(0, "images per batch that get a second view for that term (0: all)")
     image_ssl_temperature: float = documented(0.1, "temperature of that term's InfoNCE")
     image_ssl_warmup_steps: int = documented(0, "steps over which that term's weight rises from 0")
+    fixed_temperature: bool = documented(False, "keep the model's temperature at its start value (align, rcl, "
+                                                "rince) instead of learning it")
+    robust_q: float = documented(0.5, "rince: q in (0, 1]; towards 0 it is InfoNCE, 1 the most robust to wrong "
+                                      "positives")
+    robust_lambda: float = documented(0.01, "rince: lambda, the weight of the denominator term")
+    pair_estimates: bool = documented(False, "keep per training pair an estimate of how likely it is clean (an "
+                                             "average of its in-batch match probability over its visits) and "
+                                             "write them as scores.parquet beside model/ and in checkpoints")
+    pair_weighting: str = documented("off", "weight each pair's loss by its clean probability (mixture: a "
+                                            "two-component mixture over the estimates); turns the estimates on")
+    pair_weighting_warmup: float = documented(0.2, "fraction of the steps, in [0, 1), before the weighting starts")
+    pair_ema_momentum: float = documented(0.5, "weight of a pair's previous estimate at each visit, in [0, 1)")
+    pair_mixture_every: int = documented(50, "steps between fits of the mixture over every pair's estimate")
+
+    @property
+    def tracks_pairs(self) -> bool:
+        """Whether the run keeps per-pair estimates: asked for, or needed by a weighting."""
+        return self.pair_estimates or self.pair_weighting != "off"
 
 
 @dataclass
@@ -171,6 +189,7 @@ def field_choices() -> dict[str, tuple]:
     """The fields that take one of a few values, and those values; loss names come from the loss registry."""
     # Imported here, not at the top: building the command line reads this module and should not load torch.
     from openalign.losses import LOSSES
+    from openalign.train.pair_estimates import WEIGHTINGS
 
     return {
         "model.gradient_checkpointing": ("none", "text", "vision", "both"),
@@ -178,6 +197,7 @@ def field_choices() -> dict[str, tuple]:
         "optim.name": ("lamb", "adamw"),
         "optim.schedule": ("linear", "cosine", "constant"),
         "loss.name": tuple(LOSSES),
+        "loss.pair_weighting": WEIGHTINGS,
         "run.device": ("auto", "cpu", "cuda"),
         "run.dtype": ("fp32", "bf16", "fp16"),
         "run.channels_last": (True, False, "auto"),
@@ -187,7 +207,7 @@ def field_choices() -> dict[str, tuple]:
 
 
 POSITIVE = ("data.max_length", "data.group_size", "optim.lr", "optim.total_steps", "optim.batch_size",
-            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every",
+            "optim.accumulation", "run.checkpoint_every", "run.keep_last", "run.log_every", "loss.robust_lambda",
             "run.max_consecutive_skipped_steps")
 # Fields that change how a run is watched, saved, timed or placed, but not the updates it computes: a resumed run
 # may change them freely. Any other difference from the checkpoint's configuration needs --force.
@@ -246,11 +266,35 @@ class TrainConfig:
             others = " or ".join(name for name, loss in LOSSES.items() if not loss.hard_negatives)
             raise ConfigError(f"loss.hard_negative_beta = {beta} must not be negative, and works with loss.name "
                               f"{takes} (the softmax losses), not {others}")
+        self._validate_pair_settings()
         if self.run.max_skipped_steps is not None and self.run.max_skipped_steps < 1:
             raise ConfigError(f"run.max_skipped_steps = {self.run.max_skipped_steps} must be positive (or null)")
         if self.model.freeze_text and self.model.freeze_vision:
             raise ConfigError("model.freeze_text and model.freeze_vision are both set: nothing left to train")
         return self
+
+    def _validate_pair_settings(self) -> None:
+        """The robust losses' and per-pair estimates' settings, each refused with the key and why."""
+        from openalign.losses import LOSSES
+
+        loss = self.loss
+        if not 0.0 < loss.robust_q <= 1.0:
+            raise ConfigError(f"loss.robust_q = {loss.robust_q} must lie in (0, 1]")
+        if not 0.0 <= loss.pair_weighting_warmup < 1.0:
+            raise ConfigError(f"loss.pair_weighting_warmup = {loss.pair_weighting_warmup} is a fraction of the "
+                              "steps and must lie in [0, 1)")
+        if not 0.0 <= loss.pair_ema_momentum < 1.0:
+            raise ConfigError(f"loss.pair_ema_momentum = {loss.pair_ema_momentum} must lie in [0, 1)")
+        if loss.pair_mixture_every < 1:
+            raise ConfigError(f"loss.pair_mixture_every = {loss.pair_mixture_every} must be positive")
+        if loss.tracks_pairs and not LOSSES[loss.name].pair_weights:
+            takes = " or ".join(name for name, known in LOSSES.items() if known.pair_weights)
+            raise ConfigError(f"loss.pair_weighting = {loss.pair_weighting!r} / loss.pair_estimates need a loss that "
+                              f"gives per-pair match probabilities and takes per-pair weights ({takes}), not "
+                              f"loss.name = {loss.name!r}")
+        if loss.tracks_pairs and self.data.resampled:
+            raise ConfigError("loss.pair_estimates / loss.pair_weighting need every pair once an epoch, which "
+                              "data.resampled = true (shards drawn with replacement) does not give")
 
     def get(self, key: str) -> Any:
         """A value by its dotted name, e.g. `get("optim.lr")`."""

@@ -12,6 +12,7 @@ training benchmark all take their step from it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -97,6 +98,9 @@ class Stepper:
     max_consecutive_skips: int | None = None
     max_skips: int | None = None
     skipped_steps: int = 0
+    # Per-pair weights of a batch's losses from its keys and the step number (train/pair_estimates.py), or None
+    # for an unweighted step; None: never weighted.
+    pair_weights: Callable[[list[str], int], torch.Tensor | None] | None = None
 
     def __post_init__(self):
         self._saved_buffers = [buffer.clone() for buffer in self.norm_buffers] if self.nan_policy == "skip" else []
@@ -128,14 +132,16 @@ class Stepper:
             torch._foreach_copy_(self._saved_buffers, self.norm_buffers)
         tensors = self.to_device(batch)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        weights = None if self.pair_weights is None else self.pair_weights(batch["keys"], step_number)
+        loss_fn = self.loss_fn if weights is None else functools.partial(self.loss_fn, pair_weights=weights)
         image_ssl_loss = None
         if self.accumulation == 1:
-            loss, image_ssl_loss = self._loss(tensors, step_number)
+            loss, image_ssl_loss = self._loss(tensors, step_number, loss_fn)
             self.scaler.scale(loss).backward()
             loss = loss.detach()
         else:
             loss = accumulated_step(
-                self.encode, lambda image, text: self.loss_fn(image, text) * scale,
+                self.encode, lambda image, text: loss_fn(image, text) * scale,
                 split_batch(tensors, self.accumulation), self.loss_parameters, model=self.features,
             ) / scale
         average_gradients(self.outside_parameters)
@@ -172,12 +178,14 @@ class Stepper:
         return StepResult(float(loss), float(plain_norm), skipped,
                           None if image_ssl_loss is None else float(image_ssl_loss))
 
-    def _loss(self, tensors: tuple[torch.Tensor, ...], step_number: int | None = None
+    def _loss(self, tensors: tuple[torch.Tensor, ...], step_number: int | None = None, loss_fn=None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the loss of a whole batch, its self-supervised part or None). With the image term on, the second
-        views ride in the same image-tower forward as the batch (one forward per step, as DDP expects)."""
+        views ride in the same image-tower forward as the batch (one forward per step, as DDP expects).
+        `loss_fn`: the step's (weighted) loss, default the stepper's."""
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
         if self.image_ssl is None:
-            return self.loss_fn(*self.encode(tensors)), None
+            return loss_fn(*self.encode(tensors)), None
         pixels = tensors[0]
         views = self.image_ssl.second_views(pixels)  # (n, 3, H, W)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -185,7 +193,7 @@ class Stepper:
         image_features, text_features = self.encode((both, *tensors[1:]))  # (B + n, D), (B, D)
         first, second = image_features[:len(pixels)], image_features[len(pixels):]
         image_ssl_loss = self.image_ssl(first[:len(second)], second, step_number)
-        return self.loss_fn(first, text_features) + image_ssl_loss, image_ssl_loss.detach()
+        return loss_fn(first, text_features) + image_ssl_loss, image_ssl_loss.detach()
 
     def _non_finite(self, step_number: int, loss: float, grad_norm: float) -> None:
         message = (f"step {step_number}: non-finite loss or gradient (loss {loss}, gradient norm {grad_norm}); "

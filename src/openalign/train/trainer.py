@@ -53,6 +53,7 @@ from openalign.train.ema import ModelEma
 from openalign.train.image_ssl import ImageSelfSupervision, build_image_ssl
 from openalign.train.loop import DualEncoderFeatures, Stepper, StepResult, build_stepper, validate
 from openalign.train.optim import build_optimizer, freeze_tower
+from openalign.train.pair_estimates import SCORES_FOLDER, PairEstimates, write_scores
 from openalign.train.run_log import MetricsLog, Progress
 from openalign.train.schedule import TimeFit, build_scheduler, set_total_steps
 
@@ -137,6 +138,7 @@ class _Parts:
     state_holder: nn.Module  # what the optimiser state is keyed through (under FSDP, the sharded root)
     fsdp: bool
     processor: AlignProcessor  # saved beside the weights, so model/ and every checkpoint work as they are
+    pairs: PairEstimates | None = None  # per-pair clean estimates (loss.pair_estimates / loss.pair_weighting)
 
 
 @dataclass
@@ -299,15 +301,18 @@ def _build(run: _Run, model: AlignModel, tokenizer: AlignTokenizer) -> _Parts:
         features = torch.compile(features)
     train_loader, val_loader = build_loaders(config, tokenizer, model.config.vision_config.image_size,
                                              pin_memory=device.type == "cuda")
+    pairs = PairEstimates.from_config(config.loss, optim.total_steps) if config.loss.tracks_pairs else None
     stepper = build_stepper(
         model, loss, optimizer, features=features, scheduler=scheduler, scaler=scaler, image_ssl=image_ssl,
         device=device, autocast_dtype=AUTOCAST_DTYPES[config.run.dtype], channels_last=channels_last,
         accumulation=optim.accumulation, grad_clip=optim.grad_clip, nan_policy=config.run.nan_policy,
         skip_limits=config.skip_limits(),
     )
+    if pairs is not None and pairs.weighting != "off":
+        stepper.pair_weights = lambda keys, step: pairs.weight_tensor(keys, step, device)
     processor = run_processor(config, tokenizer, model.config.vision_config.image_size)
     return _Parts(model, features, loss, image_ssl, optimizer, scheduler, scaler, ema, stepper, train_loader,
-                  val_loader, state_holder, fsdp, processor)
+                  val_loader, state_holder, fsdp, processor, pairs)
 
 
 def _restore(run: _Run, parts: _Parts, state: _RunState, trainer_state: dict, folder: Path) -> None:
@@ -329,12 +334,32 @@ def _restore(run: _Run, parts: _Parts, state: _RunState, trainer_state: dict, fo
         parts.image_ssl.load_state_dict(saved_ssl)
     if parts.ema is not None:
         parts.ema.load_state_dict(trainer_state["ema"])
+    if parts.pairs is not None:
+        _restore_pairs(parts.pairs, trainer_state.get("pair_estimates"), state.total_steps, folder)
     parts.train_loader.load_state_dict(trainer_state["data"])
     rng_states = trainer_state["rng"]
     if len(rng_states) != run.info.world_size:
         raise CheckpointError(f"{folder} was written by {len(rng_states)} processes, this run has "
                               f"{run.info.world_size}: an exact resume needs the same number")
     checkpointing.set_rng_state(rng_states[run.info.rank])
+
+
+def _restore_pairs(pairs: PairEstimates, saved: dict | None, total_steps: int, folder: Path) -> None:
+    """The per-pair estimates as the checkpoint left them; a checkpoint without them (a run that did not keep
+    them, resumed with --force) starts them afresh, with a warning."""
+    pairs.total_steps = total_steps
+    if saved is None:
+        logger.warning("%s holds no per-pair estimates: they start afresh from this step", folder)
+        return
+    pairs.load_state_dict(saved)
+
+
+def _pair_scores_writer(run: _Run, parts: _Parts, state: _RunState):
+    """What writes the per-pair estimates into a folder as a scoring folder, or None without estimates."""
+    if parts.pairs is None:
+        return None
+    description = f"per-pair estimates of the run {run.run_dir} at step {state.step}"
+    return lambda folder: write_scores(parts.pairs, run.config.data.train, folder, description)
 
 
 def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
@@ -348,8 +373,11 @@ def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
         "image_ssl": parts.image_ssl.state_dict() if parts.image_ssl is not None else None,
         "ema": parts.ema.state_dict() if parts.ema is not None else None, "data": parts.train_loader.state_dict(),
         "rng": all_gather_objects(checkpointing.rng_state()), "config": run.config.to_dict(),
+        "pair_estimates": parts.pairs.state_dict() if parts.pairs is not None else None,
     }
-    weights = StateDictWriter(parts.model.config, gather_model_state(parts.model, parts.fsdp), parts.processor)
+    write_pair_scores = _pair_scores_writer(run, parts, state)
+    weights = StateDictWriter(parts.model.config, gather_model_state(parts.model, parts.fsdp), parts.processor,
+                              extras=[write_pair_scores] if write_pair_scores else None)
     folder = run.run_dir / checkpointing.checkpoint_name(state.step)
     if run.main:
         folder = checkpointing.save_checkpoint(run.run_dir, state.step, weights, trainer_state,
@@ -372,6 +400,9 @@ def _train_and_write(run: _Run, parts: _Parts, state: _RunState, resumed: bool) 
             if parts.ema is not None:
                 parts.ema.module.save_pretrained(run.run_dir / "model-ema")
                 parts.processor.save_pretrained(run.run_dir / "model-ema")
+            write_pair_scores = _pair_scores_writer(run, parts, state)
+            if write_pair_scores is not None:  # the run as a curation pass: filter --scores-from RUN/pair-scores
+                write_pair_scores(run.run_dir / SCORES_FOLDER)
     finally:
         progress.close()
         log.close()
@@ -400,6 +431,9 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
         learning_rate = parts.optimizer.param_groups[0]["lr"]
         result = parts.stepper.step(batch, state.step + 1)
         state.count(result)
+        if parts.pairs is not None and not result.skipped:
+            parts.pairs.observe_step(batch["keys"], parts.loss.last_match_probability, parts.train_loader.epoch,
+                                     state.step)
         if parts.ema is not None and not result.skipped:
             parts.ema.update(parts.model)
         out_of_time = settings.max_minutes is not None and any_rank(
@@ -410,6 +444,8 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
                 state.total_steps = planned
                 set_total_steps(parts.scheduler, planned)
                 progress.set_total(planned)
+                if parts.pairs is not None:
+                    parts.pairs.total_steps = planned
         last_step = state.step == state.total_steps or out_of_time
         checkpoint_now = state.step % settings.checkpoint_every == 0 or last_step
         if state.step % settings.log_every == 0 or checkpoint_now:
@@ -443,6 +479,11 @@ def _log_window(run: _Run, parts: _Parts, state: _RunState, result: StepResult, 
     }
     if parts.image_ssl is not None:  # its share of `loss`, averaged like it
         record["image_ssl_loss"] = _window_mean(window.ssl_losses)
+    if parts.pairs is not None:
+        summary = parts.pairs.summary()
+        record.update(pairs_seen=summary["pairs"], pairs_mean_estimate=summary["mean_estimate"],
+                      pairs_mixture_separated=summary["mixture_separated"],
+                      pairs_clean_weight=summary["mixture_clean_weight"])
     log.write(record)
     progress.update(window.steps, loss=record["loss"], temp=temperature, samples_s=record["samples_per_s"])
     state.last_record = record
