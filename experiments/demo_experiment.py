@@ -38,7 +38,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_seeds  # noqa: E402  (the process launcher, shared with the seed sweeps)
 
-CURATIONS = ("none", "rules", "similarity", "oracle")
+# Each arm: the demo's --curation and the DemoConfig settings it adds.
+ARMS = {
+    "none": ("none", {}),
+    "rules": ("rules", {}),
+    "similarity": ("similarity", {}),
+    "robust-loss": ("robust", {"pair_weighting": "off"}),  # the robust loss alone, no per-pair weights
+    "robust": ("robust", {}),  # the robust loss and per-pair weighting (the demo's curation "robust")
+    "oracle": ("oracle", {}),
+}
+CURATIONS = tuple(ARMS)
 # (metrics.json key, column): held-out figures, then the retrieval figures' fractions of the best possible.
 FIGURES = (("colour_accuracy", "colour"), ("shape_accuracy", "shape (pair)"), ("pair_accuracy", "pair"),
            ("image_to_text_r5", "i->t R@5"), ("text_to_image_r5", "t->i R@5"))
@@ -65,6 +74,8 @@ def row_of(metrics: dict, rate: float, curation: str, seed: int, seconds: float)
         **{f"{key}_of_best": metrics.get(f"{key}_of_best") for key, _ in OF_BEST},
         "mismatch_precision": labelled.get("mismatch_precision"), "mismatch_recall": labelled.get("mismatch_recall"),
         "clean_share": labelled.get("clean_share"), "samples_per_s": metrics["training"]["samples_per_s"],
+        **{f"detection_{key}": (labelled.get("detection") or {}).get(key) for key in ("roc_auc", "precision")},
+        "seconds_per_step": metrics["seconds"].get("train", 0) / max(1, metrics["training"]["steps"]),
         "seconds_by_stage": metrics["seconds"],
     }
 
@@ -93,7 +104,8 @@ def cell_figures(rows: list[dict], key: str) -> tuple[float, float] | None:
 def format_table(rows: list[dict]) -> str:
     """Markdown: one line per (mismatch rate, curation), mean +- sd over seeds."""
     header = (["mismatched", "curation", "seeds", "steps", "trained on"] + [label for _, label in FIGURES]
-              + ["best i->t / t->i R@5"] + [label for _, label in OF_BEST] + ["precision", "recall"])
+              + ["best i->t / t->i R@5"] + [label for _, label in OF_BEST] + ["precision", "recall"]
+              + ["estimates' AUC", "estimates' precision = recall", "s / step"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rate in sorted({row["mismatch_rate"] for row in rows}):
         for curation in CURATIONS:
@@ -115,7 +127,8 @@ def format_table(rows: list[dict]) -> str:
                 [f"{rate:.0%}", curation, str(len(cell)), f"{min(steps)}-{max(steps)}" if len(steps) > 1
                  else str(steps[0]), f"{trained_on:.0f}"]
                 + [show(key) for key, _ in FIGURES] + [best] + [show(f"{key}_of_best", ".2f") for key, _ in OF_BEST]
-                + [show("mismatch_precision"), show("mismatch_recall")]) + " |")
+                + [show("mismatch_precision"), show("mismatch_recall")]
+                + [show("detection_roc_auc"), show("detection_precision"), show("seconds_per_step", ".2f")]) + " |")
     return "\n".join(lines)
 
 
@@ -188,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         # The similarity filter keeps as many pairs as the corpus has without mismatched captions (1 - rate),
         # as a user reading the score histogram would set it, unless --set keep_fraction=... says otherwise; its
         # precision and recall then measure the scorer's ranking.
-        keep = {"keep_fraction": max(0.05, 1.0 - rate)} if curation == "similarity" and rate > 0 else {}
-        return {**keep, **extra, "mismatch_rate": rate, "curation": curation}
+        mode, arm_settings = ARMS[curation]
+        keep = {"keep_fraction": max(0.05, 1.0 - rate)} if mode == "similarity" and rate > 0 else {}
+        return {**keep, **arm_settings, **extra, "mismatch_rate": rate, "curation": mode}
 
     specs = [{"name": run_name(rate, curation, seed), "rate": rate, "curation": curation, "seed": seed,
               "settings": settings(rate, curation), "steps": args.steps,

@@ -98,7 +98,12 @@ def gradients(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 SCENARIOS = ("align_local", "align_global", "align_gather_no_grad", "clip", "siglip", "bn_per_replica",
-             "bn_synced", "gradcache")  # fmt: skip
+             "bn_synced", "gradcache", "rcl", "rince_weighted", "align_weighted_global")  # fmt: skip
+
+
+def pair_weights_of(images: torch.Tensor) -> torch.Tensor:
+    """A weight in (0, 1) for each sample, a function of the sample alone (so a rank's slice gets its rows')."""
+    return torch.sigmoid(images.flatten(1).sum(dim=1))
 
 
 def run_step(scenario: str, images: torch.Tensor, tokens: torch.Tensor, num_shards: int = 1) -> dict:
@@ -109,7 +114,7 @@ def run_step(scenario: str, images: torch.Tensor, tokens: torch.Tensor, num_shar
     in training mode sees the same per-replica statistics as the ranks.
     """
     from openalign.distributed import average_gradients, wrap_model
-    from openalign.losses import AlignLoss, ClipLoss, SigLipLoss
+    from openalign.losses import AlignLoss, ClipLoss, ComplementaryContrastiveLoss, RobustInfoNCELoss, SigLipLoss
     from openalign.train.gradcache import accumulated_step, split_batch
 
     model = make_model()
@@ -123,6 +128,14 @@ def run_step(scenario: str, images: torch.Tensor, tokens: torch.Tensor, num_shar
     elif scenario == "siglip":
         loss_module = SigLipLoss(logit_scale_init=None)  # scale from the model (DDP), bias owned by the loss
         loss_fn = lambda i, t: loss_module(i, t, model.temperature)  # noqa: E731
+    elif scenario == "rcl":
+        loss_module = ComplementaryContrastiveLoss()
+        loss_fn = lambda i, t: loss_module(i, t, model.temperature)  # noqa: E731
+    elif scenario in ("rince_weighted", "align_weighted_global"):
+        loss_module = (RobustInfoNCELoss(q=0.5, lam=0.05) if scenario == "rince_weighted"
+                       else AlignLoss(local_loss=False))
+        weights = pair_weights_of(images)
+        loss_fn = lambda i, t: loss_module(i, t, model.temperature, pair_weights=weights)  # noqa: E731
     else:
         loss_module = AlignLoss(
             local_loss=scenario != "align_global", gather_with_grad=scenario != "align_gather_no_grad"
@@ -157,10 +170,30 @@ def worker(rank: int, world_size: int, port: int, global_batch: int, out_dir: st
     results = {scenario: run_step(scenario, images[local], tokens[local]) for scenario in SCENARIOS}
     results["fsdp"] = try_fsdp(images[local], tokens[local])
     results["helpers"] = helpers(rank)
+    results["pairs"] = pair_estimates_over_ranks(global_batch, local)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     from openalign.distributed import destroy_distributed
 
     destroy_distributed()
+
+
+def pair_estimates_over_ranks(global_batch: int, local: slice) -> dict:
+    """Per-pair estimates after three steps in which each rank observes its slice of the global batch (keys and
+    match probabilities gathered in rank order): the state every rank holds."""
+    from openalign.train.pair_estimates import PairEstimates
+
+    estimates = PairEstimates(momentum=0.5, mixture_every=3)
+    for step in range(1, 4):
+        keys, probabilities = pair_batch(global_batch, step)
+        estimates.observe_step(keys[local], probabilities[local], epoch=step, step=step)
+    return estimates.state_dict()
+
+
+def pair_batch(global_batch: int, step: int) -> tuple[list[str], torch.Tensor]:
+    """The keys and match probabilities of step `step`'s global batch (a different order each step)."""
+    generator = torch.Generator().manual_seed(step)
+    order = torch.randperm(global_batch, generator=generator).tolist()
+    return [f"pair-{index}" for index in order], torch.rand(global_batch, generator=generator)
 
 
 def helpers(rank: int) -> dict:

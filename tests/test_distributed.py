@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openalign import distributed
-from tests.dist_worker import make_batch, run_step, spawn, worker
+from tests.dist_worker import make_batch, pair_batch, run_step, spawn, worker
 
 WORLD_SIZE, GLOBAL_BATCH = 2, 8
 TOLERANCE = 1e-6  # relative, on the loss and on every gradient tensor
@@ -47,7 +47,8 @@ def assert_matches_oracle(scenario: str, rank_results: list[dict]) -> None:
             assert error < TOLERANCE, f"{scenario} rank {rank} {name}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("scenario", ["align_local", "align_global", "clip", "siglip", "gradcache"])
+@pytest.mark.parametrize("scenario", ["align_local", "align_global", "clip", "siglip", "gradcache", "rcl",
+                                      "rince_weighted", "align_weighted_global"])
 def test_loss_and_gradients_equal_single_process_on_concatenated_batch(scenario, rank_results):
     assert_matches_oracle(scenario, rank_results)
 
@@ -143,3 +144,19 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     converted = distributed.wrap_model(net, "ddp", sync_batchnorm=True)
     assert isinstance(converted[1], distributed.CrossReplicaBatchNorm) and converted[1].weight is weight
     assert (converted[1].eps, converted[1].momentum) == (1e-3, 0.2)
+
+
+def test_per_pair_estimates_are_the_same_on_every_rank_as_in_one_process(rank_results):
+    from openalign.train.pair_estimates import PairEstimates
+
+    oracle = PairEstimates(momentum=0.5, mixture_every=3)
+    for step in range(1, 4):
+        keys, probabilities = pair_batch(GLOBAL_BATCH, step)
+        oracle.observe_step(keys, probabilities, epoch=step, step=step)
+    expected = oracle.state_dict()
+    assert expected["mixture"]["fitted_at_step"] == 3 and len(expected["hashes"]) == GLOBAL_BATCH
+    for result in rank_results:
+        state = result["pairs"]
+        for name in ("slots", "hashes", "estimate", "visits", "epoch"):
+            assert torch.equal(state[name], expected[name]), name
+        assert state["mixture"] == expected["mixture"]

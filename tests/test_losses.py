@@ -227,7 +227,7 @@ def test_config_choices_and_checks_come_from_the_registry(monkeypatch):
     config = TrainConfig()
     config.set("loss.name", "sigmoid")
     with pytest.raises(ConfigError, match=r"loss\.name = 'sigmoid' is invalid; choose one of \['align', 'clip', "
-                       r"'siglip'\]"):
+                       r"'siglip', 'rcl', 'rince'\]"):
         config.validate()
 
     class Toy(SigLipLoss):

@@ -7,8 +7,16 @@
   those its selection rule keeps (`curation/score-1/`, with the per-label report); with `curation_rounds` > 1 the
   next scorer continues from the last on what it kept and scores the rules' pairs again. The demo's training
   then continues from the last scorer's weights on the kept pairs, so the bootstrap's steps are not lost.
+- "robust": the rules, then one run that learns through the mismatched captions that pass them: a robust loss
+  (`DemoConfig.robust_loss`, RINCE by default) with each pair's loss weighted by the run's own estimate that it
+  is clean (`DemoConfig.pair_weighting`, openalign.train.pair_estimates), in one schedule. The run is the
+  curation pass: its estimates (run/pair-scores/) say which pairs it believes mismatched, measured here against
+  the generator's labels (`detection_figures`).
 - "oracle": exactly the generator's clean pairs (its noise labels): the perfect filter, the yardstick of the
   curation experiment, not a curation method (a real corpus has no labels).
+
+Every mode keeps per-pair estimates during training (`loss.pair_estimates`), so each run reports how well its
+own estimates separate the mismatched captions from the clean ones.
 
 The bootstrap's training and scoring are inside the demo's time budget: the number of bootstrap steps is planned
 from a step probe of the bootstrap's own configuration before it runs, and the demo's training is planned from
@@ -21,7 +29,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-CURATIONS = ("none", "rules", "similarity", "oracle")
+CURATIONS = ("none", "rules", "similarity", "robust", "oracle")
 CLEAN_LABEL = "clean"
 
 
@@ -136,3 +144,47 @@ def curation_summary(mode: str, curation: dict | None) -> dict:
             "similarity": curation["similarity"], "probe_seconds_per_step": curation["probe_seconds_per_step"],
             "mismatch_precision": mismatch.get("precision"), "mismatch_recall": mismatch.get("recall"),
             "clean_share": labels.get("clean_share")}
+
+
+def detection_figures(scores_folder: Path, manifest: Path) -> dict | None:
+    """How well per-pair scores (a scoring folder's scores.parquet: the run's estimates) separate the generator's
+    mismatched captions from its clean pairs: ROC AUC (ties count half), and the precision and recall at
+    dropping as many of the lowest-scored pairs as there are mismatched ones among the scored (equal to each
+    other by construction). Pairs of other noise kinds are left out. None without scores or without both kinds."""
+    import numpy as np
+
+    from openalign.curation.scores import read_scores
+    from openalign.data.sources import iter_records
+
+    if not (scores_folder / "scores.parquet").is_file():
+        return None
+    columns = read_scores(scores_folder, columns=("key", "score"))
+    labels = {record.key: str(record.extra.get("noise")) for record in iter_records(manifest)}
+    kinds = np.array([labels.get(key) for key in columns["key"]], dtype=object)
+    mismatched, clean = kinds == "mismatch", kinds == CLEAN_LABEL
+    scores = columns["score"].astype(np.float64)
+    if not mismatched.any() or not clean.any():
+        return None
+    both = mismatched | clean
+    ranks = _average_ranks(scores[both])
+    positives = clean[both]  # clean pairs should score higher
+    n_clean, n_mismatched = int(positives.sum()), int((~positives).sum())
+    auc = (ranks[positives].sum() - n_clean * (n_clean + 1) / 2) / (n_clean * n_mismatched)
+    dropped = np.argsort(scores[both], kind="stable")[:n_mismatched]
+    caught = int((~positives[dropped]).sum())
+    return {"pairs": int(both.sum()), "mismatched": n_mismatched, "roc_auc": float(auc),
+            "precision": caught / n_mismatched, "recall": caught / n_mismatched}
+
+
+def _average_ranks(values):
+    """1-based ranks, ties given their average rank (as the Mann-Whitney statistic needs)."""
+    import numpy as np
+
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return ranks

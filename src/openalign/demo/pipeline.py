@@ -59,9 +59,15 @@ class DemoConfig:
     heldout_n: int | None = 2_000
     seen_n: int = 1_000  # clean images of training combinations: the same figures on familiar pairs
     seed: int = 0
-    # Which pairs the demo trains on: "none", "rules" (the paper's), "similarity" (the rules, then bootstrap
-    # similarity curation) or "oracle" (the generator's clean pairs: the perfect filter); demo/curation.py.
+    # Which pairs the demo trains on and how: "none", "rules" (the paper's), "similarity" (the rules, then
+    # bootstrap similarity curation), "robust" (the rules, then one run with a robust loss and per-pair weights)
+    # or "oracle" (the generator's clean pairs: the perfect filter); demo/curation.py.
     curation: str = "similarity"
+    # Curation "robust": the loss (openalign.losses: rince, rcl, or align) and the per-pair weighting
+    # (loss.pair_weighting: mixture, or off), its warm-up as a fraction of the steps.
+    robust_loss: str = "rince"
+    pair_weighting: str = "mixture"
+    pair_weighting_warmup: float = 0.2
     # The bootstrap scorer (curation "similarity"): the share of the training (steps, or time once scoring is
     # paid for) its rounds take together, the rounds, and how its scores keep pairs
     # (openalign.curation.similarity_filter): by default the best-scoring 90% of what the rules kept (the
@@ -184,7 +190,7 @@ def prepare_data(config: DemoConfig, out: Path, timings: dict) -> tuple[Path, di
         started = time.monotonic()
         manifest, report = oracle_manifest(manifest, out / "oracle")
         timings["filter"] = time.monotonic() - started
-    elif config.curation in ("rules", "similarity"):
+    elif config.curation in ("rules", "similarity", "robust"):
         started = time.monotonic()
         # The generator's thresholds fit its 64 px images and corpus size; the near-duplicate rule is off
         # because the held-out split is rendered by the same generator (every image is "near" another).
@@ -293,7 +299,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     import torch
 
     from openalign.demo import evaluate, report
-    from openalign.demo.curation import curation_summary, similarity_curation
+    from openalign.demo.curation import curation_summary, detection_figures, similarity_curation
     from openalign.runtime import CpuWatch, busy_cores_at_start
     from openalign.train.trainer import train
 
@@ -364,6 +370,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if (out / "run" / "plots").is_dir():
         shutil.copytree(out / "run" / "plots", out / "plots")
     held, encoders = evaluate_model(model_dir, out, heldout_rows, seen_rows, summary)
+    # The run's own per-pair estimates against the generator's labels, on the pairs it trained on.
+    detection = detection_figures(out / "run" / "pair-scores", out / "data" / "train" / "manifest.jsonl")
     timings["evaluate"] = time.monotonic() - evaluation_started
     timings["total"] = time.monotonic() - started
     metrics = {
@@ -380,7 +388,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                  "kept_after_filter": kept,
                  "noise_counts": summary["noise_counts"], "clean_renderings": summary.get("clean_renderings", {}),
                  "heldout_colour_shape_pairs": summary["heldout_pairs"]},
-        "curation": curation_summary(config.curation, curation),
+        "curation": {**curation_summary(config.curation, curation), "detection": detection},
         "config": dataclasses.asdict(config),
         "seconds": {name: round(value, 1) for name, value in timings.items()},
         "threads": {"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},

@@ -100,6 +100,14 @@ def image_ssl_weight_for(config, total_steps: int) -> float:
     return IMAGE_SSL_WEIGHT if total_steps >= IMAGE_SSL_MIN_STEPS else 0.0
 
 
+def robust_overrides(config) -> dict:
+    """The loss settings of curation "robust" (a robust loss, per-pair weights after a warm-up); none else."""
+    if config.curation != "robust":
+        return {}
+    return {"loss.name": config.robust_loss, "loss.pair_weighting": config.pair_weighting,
+            "loss.pair_weighting_warmup": config.pair_weighting_warmup}
+
+
 def training_config(config, manifest: Path, tokenizer_dir: Path, model_config_path: Path,
                     run_dir: Path, total_steps: int, minutes: float):
     """The TrainConfig of the demo (`config`: a DemoConfig): the reference's fast CPU recipe (AdamW, warm-up
@@ -124,6 +132,9 @@ def training_config(config, manifest: Path, tokenizer_dir: Path, model_config_pa
         "run.fit_steps_to_time": config.steps is None,  # a run sized by time ends its schedule with the time
         "run.checkpoint_every": 10**9, "run.keep_last": 1, "run.val_every": 0,  # one checkpoint: the last step's
         "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,
+        # Every run keeps per-pair estimates, so each reports what its own estimates separate (demo/curation.py).
+        "loss.pair_estimates": True,
+        **robust_overrides(config),
         **config.train_overrides,
     }
     return load_config(base=get_recipe("cpu-small"), overrides=overrides)
