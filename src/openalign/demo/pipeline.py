@@ -371,7 +371,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         shutil.copytree(out / "run" / "plots", out / "plots")
     held, encoders = evaluate_model(model_dir, out, heldout_rows, seen_rows, summary)
     # The run's own per-pair estimates against the generator's labels, on the pairs it trained on.
-    detection = detection_figures(out / "run" / "pair-scores", out / "data" / "train" / "manifest.jsonl")
+    detection = detection_figures(out / "run" / "pair-scores", manifest)
     timings["evaluate"] = time.monotonic() - evaluation_started
     timings["total"] = time.monotonic() - started
     metrics = {

@@ -104,8 +104,10 @@ def robust_overrides(config) -> dict:
     """The loss settings of curation "robust" (a robust loss, per-pair weights after a warm-up); none else."""
     if config.curation != "robust":
         return {}
+    # The temperature stays at its start: RINCE's -exp(q z_ii) / q term rewards an ever lower temperature (the
+    # loss has no floor), and RCL, which never pulls a positive, lets it drift up; both papers fix it.
     return {"loss.name": config.robust_loss, "loss.pair_weighting": config.pair_weighting,
-            "loss.pair_weighting_warmup": config.pair_weighting_warmup}
+            "loss.pair_weighting_warmup": config.pair_weighting_warmup, "loss.fixed_temperature": True}
 
 
 def training_config(config, manifest: Path, tokenizer_dir: Path, model_config_path: Path,

@@ -55,7 +55,7 @@ from openalign.train.loop import DualEncoderFeatures, Stepper, StepResult, build
 from openalign.train.optim import build_optimizer, freeze_tower
 from openalign.train.pair_estimates import SCORES_FOLDER, PairEstimates, write_scores
 from openalign.train.run_log import MetricsLog, Progress
-from openalign.train.schedule import TimeFit, build_scheduler, set_total_steps
+from openalign.train.schedule import TimeFit, build_scheduler, restore_schedule, schedule_state, set_total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def _restore(run: _Run, parts: _Parts, state: _RunState, trainer_state: dict, fo
     parts.stepper.skipped_steps = state.skipped_steps  # the skip limit counts from the run's start
     if run.config.run.time_fitted:  # go on with the plan as re-planned, not the config's first guess
         state.total_steps = trainer_state.get("total_steps", state.total_steps)
-        set_total_steps(parts.scheduler, state.total_steps)
+        restore_schedule(parts.scheduler, trainer_state.get("schedule") or {"total_steps": state.total_steps})
     load_optimizer_state(parts.state_holder, parts.optimizer, trainer_state["optimizer"], parts.fsdp)
     parts.scheduler.load_state_dict(trainer_state["scheduler"])
     parts.scaler.load_state_dict(trainer_state["scaler"])
@@ -367,6 +367,7 @@ def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
     every rank takes part and waits for the write."""
     trainer_state = {
         "step": state.step, "skipped_steps": state.skipped_steps, "total_steps": state.total_steps,
+        "schedule": schedule_state(parts.scheduler),
         "optimizer": gather_optimizer_state(parts.state_holder, parts.optimizer, parts.fsdp),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
         "loss": parts.loss.state_dict(),
@@ -420,7 +421,8 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
     settings = run.config.run
     start_time = time.monotonic()
     state.window = _Window()
-    fit = TimeFit(60 * settings.max_minutes, run.config.optim.warmup_steps) if settings.time_fitted else None
+    fit = (TimeFit(60 * settings.max_minutes, run.config.optim.warmup_steps, every=settings.log_every)
+           if settings.time_fitted else None)
     data_iterator = iter(parts.train_loader)
     while state.step < state.total_steps:
         try:
@@ -442,7 +444,7 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
             planned = fit.replan(state.step, state.total_steps, time.monotonic() - start_time)
             if planned != state.total_steps:
                 state.total_steps = planned
-                set_total_steps(parts.scheduler, planned)
+                set_total_steps(parts.scheduler, planned, from_step=state.step)
                 progress.set_total(planned)
                 if parts.pairs is not None:
                     parts.pairs.total_steps = planned
