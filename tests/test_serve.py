@@ -21,7 +21,7 @@ import pytest
 from openalign.inference.encoders import load_encoders
 from openalign.serve import ServeLimits, create_app
 from openalign.serve.load import run_load
-from openalign.serve.service import _duplicates
+from openalign.serve.dedup import duplicate_positions
 from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings
 from tests.clip_retrieval_peer import clip_retrieval_module
 from tests.serve_fixtures import NUM_ITEMS, brute_force, make_collection, serving
@@ -223,7 +223,7 @@ def test_deduplication_equals_clip_retrieval():
                               base[:1] + 0.3 * rng.standard_normal((2, 16)).astype(np.float32)])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     expected = set(knn_service.connected_components_dedup(vectors))
-    assert expected and _duplicates(vectors) == expected
+    assert expected and set(duplicate_positions(vectors).tolist()) == expected
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -316,14 +316,18 @@ def test_page_in_headless_chromium(collection, server, tmp_path):
         target.click()
         wait_for_results(first_id=target_id)
         assert parse_qs(urlsplit(driver.current_url).query)["id"] == [str(target_id)]
+        label = lambda: driver.find_element(By.ID, "query-label").text  # noqa: E731
+        target_label = f"Items like “{collection['captions'][target_id]}” (item {target_id})"
+        assert label() == target_label
         by_keyboard = driver.find_elements(By.CSS_SELECTOR, "#results .tile a")[1]
         keyboard_id = int(by_keyboard.get_attribute("data-id"))
         by_keyboard.send_keys(Keys.ENTER)
         wait_for_results(first_id=keyboard_id)
         driver.find_element(By.TAG_NAME, "body").send_keys("/")
         assert driver.switch_to.active_element.get_attribute("id") == "query"
-        driver.back()  # the previous search comes back with the address
+        driver.back()  # the previous search comes back with the address, and its caption from /metadata
         wait_for_results(first_id=target_id)
+        wait.until(lambda _: label() == target_label)
 
         # A shared address runs its search on load; at a phone's width nothing scrolls sideways.
         driver.set_window_size(390, 844)
