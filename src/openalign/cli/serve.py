@@ -22,8 +22,7 @@ from openalign.cli._help import add_command
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` command."""
-    from openalign.serve.server import CONNECTION_LIMIT, REQUEST_SECONDS
-    from openalign.serve.service import ServeLimits
+    from openalign.serve.limits import CONNECTION_LIMIT, REQUEST_SECONDS, ServeLimits
 
     parser = add_command(
         subparsers, "serve", help="serve an index over HTTP: clip-retrieval's API and a search page",

@@ -21,8 +21,9 @@ from importlib import resources
 from pathlib import Path
 
 from openalign.serve.hosts import AllowedHosts
+from openalign.serve.limits import ServeLimits
 from openalign.serve.request_checks import RequestError, parse_body
-from openalign.serve.service import SearchService, ServeLimits, load_indexes
+from openalign.serve.service import SearchService, load_indexes
 
 LOGGER = logging.getLogger("openalign.serve")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

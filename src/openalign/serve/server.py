@@ -18,12 +18,10 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 
 from openalign.serve.access_log import AccessLog
+from openalign.serve.limits import CONNECTION_LIMIT, IDLE_SECONDS, REQUEST_SECONDS
 from openalign.serve.service import ServerStartError
 
 LOGGER = logging.getLogger("openalign.serve")
-REQUEST_SECONDS = 30.0  # an 11 MB upload at 3 Mbit/s; a proxy in front buffers slower clients
-IDLE_SECONDS = 30  # a keep-alive connection with no request in progress
-CONNECTION_LIMIT = 256
 
 
 def is_loopback(host: str) -> bool:

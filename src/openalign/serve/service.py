@@ -20,10 +20,8 @@ import functools
 import io
 import json
 import logging
-import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from openalign.errors import ImageLoadError, OpenAlignError
 from openalign.index.faiss_index import Index
 from openalign.processing.images import DEFAULT_MAX_PIXELS
 from openalign.serve.dedup import duplicate_positions
+from openalign.serve.limits import ServeLimits
 from openalign.serve.request_checks import (
     RequestError,
     bounded_count,
@@ -52,28 +51,6 @@ IGNORED_FIELDS = ("aesthetic_score", "aesthetic_weight", "use_safety_model", "us
 class ServerStartError(OpenAlignError, RuntimeError):
     """The server cannot start: no index in the folder, a model that does not fit it, an address it cannot
     listen on."""
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Bounds on what one request may ask for or send, and on the work requests do at once."""
-
-    max_upload_bytes: int = 8 * 2**20  # a query image, before base64
-    # Pixels decoded for a query image (a JPEG's after decoding at reduced scale): a 12-megapixel phone photo
-    # passes; the model sees a few hundred pixels a side, so more only costs memory.
-    max_pixels: int = 16_000_000
-    max_concurrent_images: int = 2  # requests decoding an image at once; the others wait
-    image_wait_seconds: float = 10.0  # then are answered 503
-    max_text_characters: int = 2_000
-    max_num_images: int = 1_000
-    max_result_ids: int = 10_000
-    max_metadata_ids: int = 1_000
-    thumbnail_size: int = 256
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Largest request body: the base64 of the largest upload plus room for the other fields."""
-        return 4 * math.ceil(self.max_upload_bytes / 3) + 64 * 1024
 
 
 def load_indexes(index_dir: str | Path) -> dict[str, Index]:
