@@ -181,7 +181,7 @@ def _row_blocks(image: Image.Image):
 
 def _grey_by_rows(image: Image.Image, to_byte_values: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
     """RGB from a one-channel high-depth image, to_byte_values mapping float64 pixels to [0, 255], a block of
-    rows at a time: the whole image is never copied at more than one byte a pixel."""
+    rows at a time: float64 copies are of one block, the whole image is copied only as 8-bit grey and RGB."""
     grey = Image.new("L", image.size)
     for number, block in enumerate(_row_blocks(image)):
         grey.paste(Image.fromarray(to_byte_values(block).astype(np.uint8), mode="L"), (0, number * _CONVERSION_ROWS))
