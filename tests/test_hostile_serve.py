@@ -213,16 +213,17 @@ def test_degenerate_embeddings(serve_collection):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--threads", "0"], "argument --threads: 0 is outside 1..1024"),
-    (["--port", "70000"], "argument --port: 70000 is outside 0..65535"),
-    (["--port", "-1"], "argument --port: -1 is outside 0..65535"),
-    (["--request-timeout", "1e400"], "argument --request-timeout: 1e400 is outside 0.1..3600.0"),
-    (["--request-timeout", "nan"], "argument --request-timeout: nan is outside"),
-    (["--max-pixels", "1e400"], "argument --max-pixels: '1e400' is not an integer"),
+    (["serve", "an-index", "--threads", "0"], "argument --threads: 0 is outside 1..1024"),
+    (["serve", "an-index", "--port", "70000"], "argument --port: 70000 is outside 0..65535"),
+    (["serve", "an-index", "--port", "-1"], "argument --port: -1 is outside 0..65535"),
+    (["serve", "an-index", "--request-timeout", "1e400"], "argument --request-timeout: 1e400 is outside 0.1..3600.0"),
+    (["serve", "an-index", "--request-timeout", "nan"], "argument --request-timeout: nan is outside"),
+    (["serve", "an-index", "--max-pixels", "1e400"], "argument --max-pixels: '1e400' is not an integer"),
+    (["index", "embeddings", "--memory-budget", "1e400"], "argument --memory-budget: 1e400 is not a size from"),
 ])
-def test_serve_arguments_out_of_range_are_one_line(arguments, message, capsys):
+def test_arguments_out_of_range_are_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as stopped:
-        build_parser().parse_args(["serve", "an-index", *arguments])
+        build_parser().parse_args(arguments)
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and message in error.splitlines()[-1] and "Traceback" not in error
 
