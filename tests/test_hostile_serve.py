@@ -149,7 +149,7 @@ def test_host_header_origin_and_content_type(served, serve_collection):
     body = json.dumps({"embedding_input": [1.0] * 80, "num_images": 2})
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", f"localhost.evil.example:{port}"):
         status, answer = request(served.url, "POST", "/knn-service", body, headers={"Host": host})
-        assert status == 421 and "evil" not in json.dumps(answer).replace(repr(host)[:80], ""), (host, answer)
+        assert status == 421 and "url" not in answer and "/thumbnail/" not in json.dumps(answer), (host, answer)
         assert "--allowed-hosts" in answer["error"]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
         status, results = request(served.url, "POST", "/knn-service", body, headers={"Host": host})

@@ -90,6 +90,8 @@ def find_image_root(index: Index, index_dir: Path) -> Path | None:
     for folder in (index_dir.resolve(), *index_dir.resolve().parents):
         if is_regular_file(folder / relative):
             return folder
+    LOGGER.warning("no folder at or above %s holds %s, the first relative image path of its metadata: items with "
+                   "relative paths will have no thumbnail (start the server with --image-root)", index_dir, relative)
     return None
 
 
