@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from flask import Flask, Response, jsonify, request, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
 from openalign.serve.hosts import AllowedHosts
 from openalign.serve.limits import ServeLimits
 from openalign.serve.request_checks import RequestError, parse_body
@@ -35,8 +39,6 @@ SECURITY_HEADERS = {
 
 
 def _metrics(registry):
-    from prometheus_client import Counter, Histogram
-
     return {
         "queries": Counter("openalign_queries", "Searches answered", ["modality", "query"], registry=registry),
         "latency": Histogram(
@@ -58,26 +60,18 @@ class Handlers:
     """What each route does, over one service, its metrics and the page's files."""
 
     def __init__(self, service: SearchService, static_folder):
-        from prometheus_client import CollectorRegistry
-
         self.service = service
         self.static_folder = static_folder
         self.registry = CollectorRegistry()
         self.counters = _metrics(self.registry)
 
     def page(self):
-        from flask import send_from_directory
-
         return send_from_directory(str(self.static_folder), "index.html")
 
     def indices_list(self):
-        from flask import jsonify
-
         return jsonify([self.service.name])
 
     def knn_service(self):
-        from flask import jsonify, request
-
         started = time.perf_counter()
         body = parse_body(request.get_data(cache=False))
         results = self.service.knn(body, base_url=request.host_url.rstrip("/"))
@@ -87,26 +81,17 @@ class Handlers:
         return jsonify(results)
 
     def metadata(self):
-        from flask import jsonify, request
-
         return jsonify(self.service.metadata(parse_body(request.get_data(cache=False))))
 
     def thumbnail(self, modality: str, item_id: int):
-        from flask import Response
-
         response = Response(self.service.thumbnail(modality, item_id), mimetype="image/jpeg")
         response.headers["Cache-Control"] = "public, max-age=86400"
         return response
 
     def healthz(self):
-        from flask import jsonify
-
         return jsonify(self.service.describe())
 
     def metrics(self):
-        from flask import Response
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)
 
 
@@ -133,9 +118,6 @@ ROUTES = (
 
 def _register_errors(app, handlers: Handlers) -> None:
     """Every refusal as {"error": message} with its status, counted; anything unexpected logged and 500."""
-    from flask import jsonify, request
-    from werkzeug.exceptions import HTTPException
-
     limits = handlers.service.limits
 
     def answer(message: str, status: int):
@@ -159,8 +141,6 @@ def _register_errors(app, handlers: Handlers) -> None:
 
 def _guard(hosts: AllowedHosts) -> None:
     """Before any route: the Host header names this server; a POST carries JSON and comes from no other page."""
-    from flask import request
-
     port = request.environ.get("SERVER_PORT")
     host = request.headers.get("Host", "")
     if not hosts.allows(host, port):
@@ -194,8 +174,6 @@ def create_app(
     start (default: found above the index folder, service.find_image_root). model_name: the model as /healthz
     names it (default: its folder's name).
     """
-    from flask import Flask
-
     index_dir = None
     if isinstance(indexes, (str, Path)):
         index_dir = Path(indexes)
