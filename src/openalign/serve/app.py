@@ -97,6 +97,8 @@ class Handlers:
 
 @dataclass(frozen=True)
 class Route:
+    """One route: the Handlers method that answers method + path (Flask's syntax), and what it answers."""
+
     method: str
     path: str
     handler: Callable
