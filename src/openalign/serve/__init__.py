@@ -10,23 +10,18 @@ The names below are loaded on first use, so that reading the limits (as the comm
 does not load the model and index code.
 """
 
-import importlib
+from openalign.lazy_exports import lazy_getattr
 
-_EXPORTS = {
-    "AllowedHosts": "openalign.serve.hosts",
-    "RequestError": "openalign.serve.request_checks",
-    "SearchService": "openalign.serve.service",
-    "ServeLimits": "openalign.serve.limits",
-    "ServerStartError": "openalign.serve.service",
-    "create_app": "openalign.serve.app",
-    "load_indexes": "openalign.serve.service",
-    "run_server": "openalign.serve.server",
-}
+# Each module and the public names it defines.
+_EXPORTS = {name: module for module, names in (
+    ("openalign.serve.app", ("create_app",)),
+    ("openalign.serve.hosts", ("AllowedHosts",)),
+    ("openalign.serve.limits", ("ServeLimits",)),
+    ("openalign.serve.request_checks", ("RequestError",)),
+    ("openalign.serve.server", ("run_server",)),
+    ("openalign.serve.service", ("SearchService", "ServerStartError", "load_indexes")),
+) for name in names}
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'openalign.serve' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
