@@ -4,12 +4,16 @@ subprocess on a free loopback port; the brute-force answers that the server must
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -48,9 +52,23 @@ def brute_force(collection: dict, query_embeddings, modality: str, k: int):
     return order, np.take_along_axis(scores, order, axis=1)
 
 
+@dataclass(frozen=True)
+class Served:
+    """A running `openalign serve`: its base URL, process id (its memory is in /proc/PID/status) and log."""
+
+    url: str
+    pid: int
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server has written so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+
 @contextlib.contextmanager
 def serving(index_dir: Path, log_path: Path, *extra: str, startup_seconds: float = 120):
-    """Run `openalign serve INDEX_DIR --port 0` and yield its base URL; stop it afterwards.
+    """Run `openalign serve INDEX_DIR --port 0` as the installed command runs, and yield it (Served); stop it
+    afterwards.
 
     The log goes to a file, not a pipe, so that a chatty server can never block on a full pipe.
     """
@@ -69,7 +87,7 @@ def serving(index_dir: Path, log_path: Path, *extra: str, startup_seconds: float
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"openalign serve did not start:\n{log_path.read_text(errors='replace')}")
             time.sleep(0.1)
-        yield match.group(1)
+        yield Served(match.group(1), process.pid, log_path)
     finally:
         process.terminate()
         try:
@@ -77,3 +95,19 @@ def serving(index_dir: Path, log_path: Path, *extra: str, startup_seconds: float
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def request(base_url: str, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None,
+            timeout: float = 60):
+    """(status, parsed JSON or raw bytes) of one request over a fresh connection."""
+    parts = urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        payload = response.read()
+    finally:
+        connection.close()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        return response.status, json.loads(payload)
+    return response.status, payload

@@ -170,6 +170,35 @@ def test_float_mode_reads_unit_and_byte_scales():
     assert np.array_equal(np.asarray(load_image(Image.fromarray(byte_scale, mode="F")))[..., 2], expected)
 
 
+def test_high_depth_images_convert_a_block_of_rows_at_a_time_as_a_whole_would():
+    # 300 rows span three blocks; the scale of a float image is decided on all of them, and a NaN in the last
+    # block is found.
+    rng = np.random.default_rng(4)
+    sixteen = rng.integers(0, 65536, (300, 7)).astype(np.uint16)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(sixteen)))[..., 0],
+                          np.rint(sixteen / 257.0).astype(np.uint8))
+    floats = rng.random((300, 7)).astype(np.float32)
+    floats[290, 3] = 1.5  # one value above 1 in the last block: the whole image is on the 0-255 scale
+    expected = np.rint(np.clip(floats.astype(np.float64), 0, 255)).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(floats, mode="F")))[..., 1], expected)
+    floats[299, 0] = np.nan
+    with pytest.raises(ImageLoadError, match="NaN or infinite"):
+        load_image(Image.fromarray(floats, mode="F"))
+
+
+def test_reduce_to_decodes_a_jpeg_at_reduced_scale_and_the_limit_counts_what_is_decoded(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (4000, 3000), (200, 40, 40)).save(photo, quality=80)
+    with pytest.raises(ImageLoadError, match="above the limit of 1000000"):
+        load_image(photo, max_pixels=1_000_000)
+    reduced = load_image(photo, max_pixels=1_000_000, reduce_to=300)  # 1/8 scale keeps both sides >= 300
+    assert reduced.size == (500, 375) and np.abs(np.asarray(reduced, dtype=int) - (200, 40, 40)).max() <= 3
+    assert load_image(photo.read_bytes(), reduce_to=1000).size == (2000, 1500)  # 1/2: 1/4 would be under 1000
+    drawing = tmp_path / "drawing.png"  # only JPEG decoders can scale
+    Image.new("RGB", (800, 600)).save(drawing)
+    assert load_image(drawing, reduce_to=100).size == (800, 600)
+
+
 # Display transform for each EXIF orientation, written from the EXIF specification with numpy.
 EXIF_DISPLAY = {
     1: lambda x: x,

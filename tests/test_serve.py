@@ -6,7 +6,6 @@ page driven in headless Chromium. One server subprocess serves the whole module.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import shutil
@@ -20,39 +19,24 @@ import pytest
 
 from openalign.inference.encoders import load_encoders
 from openalign.serve import ServeLimits, create_app
+from openalign.serve.dedup import duplicate_positions
 from openalign.serve.load import run_load
-from openalign.serve.service import _duplicates
 from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings
 from tests.clip_retrieval_peer import clip_retrieval_module
-from tests.serve_fixtures import NUM_ITEMS, brute_force, make_collection, serving
+from tests.serve_fixtures import NUM_ITEMS, brute_force, request, serving
 
 LOAD_QUERIES = 400  # benchmarks/serve_load.py sends 2,000
 
 
 @pytest.fixture(scope="module")
-def collection(tmp_path_factory):
-    return make_collection(tmp_path_factory.mktemp("serve"))
+def collection(serve_collection):
+    return serve_collection
 
 
 @pytest.fixture(scope="module")
 def server(collection, tmp_path_factory):
-    with serving(collection["index"], tmp_path_factory.mktemp("log") / "serve.log") as url:
-        yield url
-
-
-def _request(base_url: str, method: str, path: str, body: bytes | None = None):
-    """(status, parsed JSON or raw bytes) of one request over a fresh connection."""
-    parts = urlsplit(base_url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    try:
-        connection.request(method, path, body=body)
-        response = connection.getresponse()
-        payload = response.read()
-    finally:
-        connection.close()
-    if response.getheader("Content-Type", "").startswith("application/json"):
-        return response.status, json.loads(payload)
-    return response.status, payload
+    with serving(collection["index"], tmp_path_factory.mktemp("log") / "serve.log") as served:
+        yield served.url
 
 
 def _image_base64(path) -> str:
@@ -88,7 +72,7 @@ def test_clip_client_gets_brute_force_answers(collection, server):
     best = answers[0][0]
     assert best["caption"] == captions[best["id"]] and best["source"] == str(images[best["id"]])
     assert best["url"] == f"{server}/thumbnail/image/{best['id']}"
-    status, thumbnail = _request(server, "GET", urlsplit(best["url"]).path)
+    status, thumbnail = request(server, "GET", urlsplit(best["url"]).path)
     assert status == 200 and thumbnail[:2] == b"\xff\xd8"  # a JPEG
 
     # The text index: captions searched by text; ClipClient's defaults (deduplicate, safety and aesthetic
@@ -103,9 +87,9 @@ def test_clip_client_gets_brute_force_answers(collection, server):
     # clip-retrieval searches num_result_ids (= num_images for ClipClient) and drops near copies from those.
     assert positions == sorted(positions) and 1 <= len(results) <= k
 
-    status, listed = _request(server, "GET", "/indices-list")
+    status, listed = request(server, "GET", "/indices-list")
     assert (status, listed) == (200, ["index"])
-    status, metadata = _request(server, "POST", "/metadata", json.dumps({"ids": [3, 0], "indice_name": "index"}))
+    status, metadata = request(server, "POST", "/metadata", json.dumps({"ids": [3, 0], "indice_name": "index"}))
     assert status == 200 and [entry["id"] for entry in metadata] == [3, 0]
     assert metadata[0]["metadata"]["caption"] == captions[3]
 
@@ -167,14 +151,14 @@ def test_load_then_bad_requests_then_healthz(collection, server):
         assert status == 200 and [result["id"] for result in results] == expected[i % len(distinct)].tolist()
 
     for description, method, path, body in _bad_requests(collection):
-        status, answer = _request(server, method, path, body)
+        status, answer = request(server, method, path, body)
         assert 400 <= status < 500, f"{description}: status {status}, {answer!r:.200}"
         assert isinstance(answer, dict) and answer["error"], description
-        assert _request(server, "GET", "/healthz")[0] == 200, f"the server stopped answering after: {description}"
-    status, results = _request(server, "POST", "/knn-service", json.dumps(bodies[0]).encode())
+        assert request(server, "GET", "/healthz")[0] == 200, f"the server stopped answering after: {description}"
+    status, results = request(server, "POST", "/knn-service", json.dumps(bodies[0]).encode())
     assert status == 200 and [result["id"] for result in results] == expected[0].tolist()
 
-    status, metrics = _request(server, "GET", "/metrics")
+    status, metrics = request(server, "GET", "/metrics")
     text = metrics.decode()
     assert status == 200 and f'openalign_query_latency_seconds_count{{query="text"}} {len(texts) * 0 + 1}' not in text
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -223,7 +207,7 @@ def test_deduplication_equals_clip_retrieval():
                               base[:1] + 0.3 * rng.standard_normal((2, 16)).astype(np.float32)])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     expected = set(knn_service.connected_components_dedup(vectors))
-    assert expected and _duplicates(vectors) == expected
+    assert expected and set(duplicate_positions(vectors).tolist()) == expected
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -316,14 +300,18 @@ def test_page_in_headless_chromium(collection, server, tmp_path):
         target.click()
         wait_for_results(first_id=target_id)
         assert parse_qs(urlsplit(driver.current_url).query)["id"] == [str(target_id)]
+        label = lambda: driver.find_element(By.ID, "query-label").text  # noqa: E731
+        target_label = f"Items like “{collection['captions'][target_id]}” (item {target_id})"
+        assert label() == target_label
         by_keyboard = driver.find_elements(By.CSS_SELECTOR, "#results .tile a")[1]
         keyboard_id = int(by_keyboard.get_attribute("data-id"))
         by_keyboard.send_keys(Keys.ENTER)
         wait_for_results(first_id=keyboard_id)
         driver.find_element(By.TAG_NAME, "body").send_keys("/")
         assert driver.switch_to.active_element.get_attribute("id") == "query"
-        driver.back()  # the previous search comes back with the address
+        driver.back()  # the previous search comes back with the address, and its caption from /metadata
         wait_for_results(first_id=target_id)
+        wait.until(lambda _: label() == target_label)
 
         # A shared address runs its search on load; at a phone's width nothing scrolls sideways.
         driver.set_window_size(390, 844)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from openalign.lazy_exports import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -37,8 +37,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'openalign' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

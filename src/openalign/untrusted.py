@@ -68,14 +68,15 @@ def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_TEXT_BYTES, wha
         raise InputLimitError(f"{what} {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
-def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, **decoder_options) -> Any:
     """json.loads with the nesting bounded: deeper than `max_depth` is an InputLimitError naming `what`.
 
     Invalid JSON raises json.JSONDecodeError (or UnicodeDecodeError for bytes) as usual; callers decide whether
-    that skips a sample or stops with the file and line.
+    that skips a sample or stops with the file and line. decoder_options go to json.loads (e.g. parse_int to
+    bound the digits of a number; what such a hook raises propagates).
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, **decoder_options)
     except RecursionError:
         raise InputLimitError(f"{what}: JSON nested deeper than the interpreter's recursion limit") from None
     depth = json_depth(value)

@@ -18,6 +18,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
                         help="run the plain model instead of its optimize_for_inference copy")
 
 
+def number_in_range(kind: type, low, high):
+    """An argparse type: a number of kind (int or float) from low to high, or one line naming the range (no
+    silent wrap of a port, no traceback for 1e400)."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not low <= value <= high:  # NaN and infinities fail this too
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
 def encoders_from_arguments(args: argparse.Namespace, device=None):
     """Load the encoders the arguments describe, after opting in to the allocator settings that keep freed
     activations in the heap (openalign's command-line entry points do; see openalign/runtime.py)."""

@@ -24,7 +24,10 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GB, 512MiB or 1e9")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    size = float(match.group(1)) * UNITS[match.group(2).upper()]
+    if not 1 <= size < 2**63:  # 1e400 is infinite, and int() of it a traceback
+        raise argparse.ArgumentTypeError(f"{text} is not a size from 1 byte to 8 EiB")
+    return int(size)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

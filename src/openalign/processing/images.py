@@ -19,7 +19,10 @@ Arrays and tensors: uint8 as is; bool refused; other integers must lie in [0, 25
 One channel is grey, two grey + alpha, three RGB, four RGBA.
 
 Files are opened lazily and their header size checked against `max_pixels` before any pixel is decoded, so a
-decompression bomb costs a few bytes of reading. Every failure is an `ImageLoadError` naming the source.
+decompression bomb costs a few bytes of reading; with `reduce_to`, a JPEG is decoded at a reduced scale first
+(libjpeg's DCT scaling) and the limit applies to the pixels actually decoded. I;16, I and F images are converted
+a block of rows at a time, so a small file that decodes to a large high-depth image costs its decoded size plus
+one 8-bit copy, never float64 copies of the whole. Every failure is an `ImageLoadError` naming the source.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 945
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Rows of a high-depth image converted at a time: a few MB of float64 for the widest images allowed.
+_CONVERSION_ROWS = 128
 
 
 def describe_source(source: Any) -> str:
@@ -61,7 +66,11 @@ def describe_source(source: Any) -> str:
 
 
 def load_image(
-    source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Load one image from any supported source as an RGB PIL image (rules in the module docstring).
 
@@ -69,6 +78,9 @@ def load_image(
     PIL's own global guard still refuses files above 2 * `PIL.Image.MAX_IMAGE_PIXELS` (about 179M pixels)
     at open time; raise that global too to accept larger images.
     `name` replaces the automatic description of the source in error messages (e.g. "item 3 (cat.jpg)").
+    `reduce_to`: for a caller that shrinks the image to about that many pixels a side anyway (a model's input, a
+    thumbnail), a JPEG file is decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least reduce_to:
+    a 48-megapixel photo then costs under a megapixel, and the pixels differ slightly from a full decode.
     """
     label = name or describe_source(source)
     if isinstance(source, Image.Image):
@@ -80,13 +92,13 @@ def load_image(
             # A FIFO or device is never opened: the first would wait for a writer, the second never ends.
             what = "not a regular file" if os.path.exists(source) else "no such image file"
             raise ImageLoadError(f"{label}: {what}")
-        image = _open_and_decode(source, label, max_pixels)
+        image = _open_and_decode(source, label, max_pixels, reduce_to)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageLoadError(f"{label}: empty, not an image")
-        image = _open_and_decode(io.BytesIO(bytes(source)), label, max_pixels)
+        image = _open_and_decode(io.BytesIO(bytes(source)), label, max_pixels, reduce_to)
     elif hasattr(source, "read"):
-        image = _open_and_decode(source, label, max_pixels)
+        image = _open_and_decode(source, label, max_pixels, reduce_to)
     else:
         raise ImageLoadError(
             f"{label}: unsupported image source type {type(source).__name__} "
@@ -147,20 +159,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        grey = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return _grey_by_rows(image, lambda values: np.rint(np.clip(values, 0, 65535) / 257.0))
     if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ImageLoadError(f"mode F image of size {image.size} holds NaN or infinite values")
-        scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
-        grey = np.rint(np.clip(values * scale, 0, 255)).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        low, high = np.inf, -np.inf
+        for block in _row_blocks(image):
+            block_low, block_high = float(block.min()), float(block.max())  # NaN when any value is NaN
+            if not (np.isfinite(block_low) and np.isfinite(block_high)):
+                raise ImageLoadError(f"mode F image of size {image.size} holds NaN or infinite values")
+            low, high = min(low, block_low), max(high, block_high)
+        scale = 255.0 if low >= 0 and high <= 1 else 1.0
+        return _grey_by_rows(image, lambda values: np.rint(np.clip(values * scale, 0, 255)))
     return image.convert("RGB")
 
 
-def _open_and_decode(file: Any, label: str, max_pixels: int | None) -> Image.Image:
+def _row_blocks(image: Image.Image):
+    """The image's pixels as float64 arrays of at most _CONVERSION_ROWS rows, top to bottom."""
+    width, height = image.size
+    for top in range(0, height, _CONVERSION_ROWS):
+        yield np.asarray(image.crop((0, top, width, min(top + _CONVERSION_ROWS, height))), dtype=np.float64)
+
+
+def _grey_by_rows(image: Image.Image, to_byte_values: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """RGB from a one-channel high-depth image, to_byte_values mapping float64 pixels to [0, 255], a block of
+    rows at a time: float64 copies are of one block, the whole image is copied only as 8-bit grey and RGB."""
+    grey = Image.new("L", image.size)
+    for number, block in enumerate(_row_blocks(image)):
+        grey.paste(Image.fromarray(to_byte_values(block).astype(np.uint8), mode="L"), (0, number * _CONVERSION_ROWS))
+    return grey.convert("RGB")
+
+
+def _open_and_decode(file: Any, label: str, max_pixels: int | None, reduce_to: int | None = None) -> Image.Image:
     try:
         image = Image.open(file)
     except Image.DecompressionBombError as error:
@@ -172,6 +200,8 @@ def _open_and_decode(file: Any, label: str, max_pixels: int | None) -> Image.Ima
     except Exception as error:
         raise ImageLoadError(f"{label}: not a readable image ({error})") from error
     # The header is read; the pixels are not. This is the moment to refuse a bomb.
+    if reduce_to and image.format == "JPEG":
+        image.draft(None, (reduce_to, reduce_to))  # the size becomes the one that will be decoded
     _check_size(image.size, label, max_pixels)
     try:
         image.load()

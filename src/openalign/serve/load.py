@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from openalign.serve.app import is_loopback
+from openalign.serve.server import is_loopback
 
 
 @dataclass

@@ -2,65 +2,55 @@
 
 `SearchService` holds one collection (an index per modality, "image" and/or "text") and the encoders, and
 answers clip-retrieval's `/knn-service` and `/metadata` bodies as Python dicts; the web layer (app.py) only
-moves JSON and bytes. Every field of a request is checked before any work: a malformed one raises
-`RequestError` naming the field, which the web layer answers with its status (400, 404 or 413).
+moves JSON and bytes. Every field of a request is checked before any work (request_checks.py): a malformed one
+raises `RequestError` naming the field, which the web layer answers with its status (400, 404, 413 or 503).
 
 The model is called under one lock: a forward pass already uses every core through PyTorch's intra-op
-threads, so concurrent forwards would only contend. FAISS searches, the memory-mapped stores and the Arrow
-metadata are read-only and run concurrently.
+threads, so concurrent forwards would only contend. Images (an upload, an item's file for its thumbnail) are
+decoded in at most `ServeLimits.max_concurrent_images` requests at once, each holding its slot until its
+image is encoded or shrunk: a decoded image is the one thing a small request can make large, so this bounds the
+server's memory whatever arrives. FAISS searches, the memory-mapped stores and the Arrow metadata are read-only
+and run concurrently.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import contextlib
 import functools
 import io
 import json
-import math
-import os
+import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from openalign.errors import ImageLoadError, OpenAlignError
 from openalign.index.faiss_index import Index
+from openalign.processing.images import DEFAULT_MAX_PIXELS
+from openalign.serve.dedup import duplicate_positions
+from openalign.serve.limits import ServeLimits
+from openalign.serve.request_checks import (
+    RequestError,
+    bounded_count,
+    decode_base64,
+    field,
+    unit_embedding,
+)
+from openalign.untrusted import is_regular_file
 
+LOGGER = logging.getLogger("openalign.serve")
 MODALITIES = ("image", "text")
 # Fields clip-retrieval's clients send that select models this server does not have (aesthetic embeddings,
 # safety and violence classifiers of CLIP ViT-B/32 and L/14); accepted and ignored, as clip-retrieval's own
 # back end ignores them when it was started without those models.
 IGNORED_FIELDS = ("aesthetic_score", "aesthetic_weight", "use_safety_model", "use_violence_detector")
-DUPLICATE_THRESHOLD = 0.94  # clip-retrieval's: results closer than this to a better one are dropped
 
 
-class RequestError(OpenAlignError, ValueError):
-    """A request the server refuses; status is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Bounds on what one request may ask for or send."""
-
-    max_upload_bytes: int = 8 * 2**20  # a decoded query image
-    max_pixels: int = 40_000_000  # about 6300 x 6300; the header is checked before decoding
-    max_text_characters: int = 2_000
-    max_num_images: int = 1_000
-    max_result_ids: int = 10_000
-    max_metadata_ids: int = 1_000
-    thumbnail_size: int = 256
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Largest request body: the base64 of the largest upload plus room for the other fields."""
-        return 4 * math.ceil(self.max_upload_bytes / 3) + 64 * 1024
+class ServerStartError(OpenAlignError, RuntimeError):
+    """The server cannot start: no index in the folder, a model that does not fit it, an address it cannot
+    listen on."""
 
 
 def load_indexes(index_dir: str | Path) -> dict[str, Index]:
@@ -76,71 +66,93 @@ def load_indexes(index_dir: str | Path) -> dict[str, Index]:
         if (index_dir / modality / "index.json").is_file()
     }
     if not indexes:
-        raise RequestError(
+        raise ServerStartError(
             f"{index_dir} holds no index: expected index.json (a folder written by `openalign index`) or "
             "image/ and text/ index folders"
         )
     return indexes
 
 
-def _field(body: Mapping, name: str, kind: type, default):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    # bool is an int to Python; a JSON true is not a count of images.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RequestError(f"{name} must be {kind.__name__ if kind is not str else 'a string'}, not {value!r:.80}")
-    return value
+def find_image_root(index: Index, index_dir: Path) -> Path | None:
+    """The folder relative image paths in an index's metadata start from, found without the working directory.
+
+    `openalign embed` records the paths as it was given them, relative to the folder it ran in; that folder is
+    normally the project holding the index. The answer is the nearest folder at or above index_dir in which the
+    first relative path names a file; None when there is no relative path, or no such folder.
+    """
+    if "source" not in index.metadata.column_names:
+        return None
+    sources = index.metadata.column("source").slice(0, 1000).to_pylist()
+    relative = next((source for source in sources
+                     if source and not Path(source).is_absolute() and "://" not in source), None)
+    if relative is None:
+        return None
+    for folder in (index_dir.resolve(), *index_dir.resolve().parents):
+        if is_regular_file(folder / relative):
+            return folder
+    LOGGER.warning("no folder at or above %s holds %s, the first relative image path of its metadata: items with "
+                   "relative paths will have no thumbnail (start the server with --image-root)", index_dir, relative)
+    return None
 
 
-def _bounded_count(body: Mapping, name: str, default: int, most: int) -> int:
-    value = _field(body, name, int, default)
-    if not 1 <= value <= most:
-        raise RequestError(f"{name} must be between 1 and {most}, not {value}")
-    return value
+def model_label(reference: str | None) -> str | None:
+    """How /healthz names the model: a hub id as it is, a local folder by its name only (a public page has no
+    business showing where files lie on the server)."""
+    if reference is None:
+        return None
+    path = Path(reference)
+    return path.name if path.is_absolute() or path.exists() else reference
 
 
-def _decode_base64(text: str, limits: ServeLimits) -> bytes:
-    if text.startswith("data:") and "," in text[:100]:  # a data: URL as browsers write them
-        text = text.split(",", 1)[1]
-    if len(text) > 4 * math.ceil(limits.max_upload_bytes / 3) + 4:
-        raise RequestError(f"image is larger than {limits.max_upload_bytes} bytes", status=413)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise RequestError(f"image is not valid base64 ({error})") from error
-
-
-def _duplicates(vectors: np.ndarray) -> set[int]:
-    """Positions to drop: every member of a connected group of results closer than DUPLICATE_THRESHOLD except
-    the best ranked (clip-retrieval's deduplication)."""
-    similar = (vectors @ vectors.T) > DUPLICATE_THRESHOLD
-    parent = list(range(len(vectors)))
-
-    def root(node):
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for first, second in zip(*np.nonzero(np.triu(similar, 1))):
-        low, high = sorted((root(first), root(second)))
-        parent[high] = low
-    return {position for position in range(len(vectors)) if root(position) != position}
+def _model_input_side(encoders) -> int | None:
+    """The side, in pixels, the model's processor resizes an image to (None when it does not resize)."""
+    processor = getattr(getattr(encoders, "processor", None), "image_processor", None)
+    if processor is None or not getattr(processor, "do_resize", False):
+        return None
+    return max(processor.size.values())
 
 
 class SearchService:
-    """One searchable collection: indexes by modality, the encoders (or None), limits and thumbnails."""
+    """One searchable collection: indexes by modality, the encoders (or None), limits and thumbnails.
 
-    def __init__(self, indexes: Mapping[str, Index], encoders=None, *, name: str = "openalign", limits=None):
+    index_dir names the collection in start-up errors and is where relative image paths are looked up from
+    (find_image_root), unless image_root is given.
+    """
+
+    def __init__(self, indexes: Mapping[str, Index], encoders=None, *, name: str = "openalign", limits=None,
+                 index_dir: str | Path | None = None, image_root: str | Path | None = None,
+                 model_name: str | None = None):
         if not indexes or set(indexes) - set(MODALITIES):
-            raise RequestError(f"indexes must be keyed by {' and/or '.join(MODALITIES)}, got {sorted(indexes)}")
+            raise ServerStartError(f"indexes must be keyed by {' and/or '.join(MODALITIES)}, got {sorted(indexes)}")
         self.indexes = dict(indexes)
         self.encoders = encoders
         self.name = name
         self.limits = limits or ServeLimits()
+        self.model_name = model_label(model_name or getattr(encoders, "source", None))
+        where = Path(index_dir) if index_dir is not None else None
+        self._check_dimensions(where)
+        self.image_roots = {
+            modality: Path(image_root) if image_root is not None
+            else (find_image_root(index, where) if where is not None else None)
+            for modality, index in self.indexes.items()
+        }
+        self._query_image_side = _model_input_side(encoders)
         self._model_lock = threading.Lock()
+        self._image_slots = threading.BoundedSemaphore(self.limits.max_concurrent_images)
         self.thumbnail = functools.lru_cache(maxsize=2048)(self._thumbnail)
+
+    def _check_dimensions(self, index_dir: Path | None) -> None:
+        """Refuse a model whose embeddings are not the size of the index's vectors (no query could be answered)."""
+        model_dim = getattr(self.encoders, "dim", None)
+        for modality, index in self.indexes.items():
+            if model_dim is not None and model_dim != index.dim:
+                folder = index_dir if index_dir is None or len(self.indexes) == 1 else index_dir / modality
+                folder = "" if folder is None else f" {folder}"
+                raise ServerStartError(
+                    f"the model {self.model_name} gives {model_dim}-dimensional embeddings but the {modality} "
+                    f"index{folder} holds {index.dim}-dimensional vectors: serve it with the model that embedded "
+                    "it (its model.json, or --model)"
+                )
 
     def _index(self, modality) -> Index:
         if modality not in MODALITIES:
@@ -150,7 +162,7 @@ class SearchService:
         return self.indexes[modality]
 
     def _check_name(self, body: Mapping) -> None:
-        name = _field(body, "indice_name", str, self.name)
+        name = field(body, "indice_name", str, self.name)
         if name != self.name:
             raise RequestError(f"no index named {name!r:.80}: this server holds {self.name!r}", status=404)
 
@@ -164,22 +176,37 @@ class SearchService:
                 embedding = self.encoders.encode_loaded_images([payload])
         return embedding.detach().float().cpu().numpy()[0] if hasattr(embedding, "detach") else embedding[0]
 
-    def _image(self, data: bytes, name: str):
+    @contextlib.contextmanager
+    def _image_slot(self):
+        """Hold one of the max_concurrent_images slots, or answer 503 after waiting image_wait_seconds."""
+        if not self._image_slots.acquire(timeout=self.limits.image_wait_seconds):
+            raise RequestError(f"the server is busy with {self.limits.max_concurrent_images} images already; try "
+                               "again in a few seconds", status=503)
+        try:
+            yield
+        finally:
+            self._image_slots.release()
+
+    def _uploaded_image_vector(self, text: str) -> np.ndarray:
         from openalign.processing.images import load_image
 
+        data = decode_base64(text, self.limits.max_upload_bytes)
         if len(data) > self.limits.max_upload_bytes:
             raise RequestError(f"image is larger than {self.limits.max_upload_bytes} bytes", status=413)
-        try:
-            return load_image(data, max_pixels=self.limits.max_pixels, name=name)
-        except ImageLoadError as error:
-            raise RequestError(str(error)) from error
+        with self._image_slot():
+            try:
+                image = load_image(data, max_pixels=self.limits.max_pixels, name="the uploaded image",
+                                   reduce_to=self._query_image_side)
+            except ImageLoadError as error:
+                raise RequestError(str(error)) from error
+            return self._encode("image", image)
 
     def query_vector(self, body: Mapping, index: Index, modality: str) -> tuple[str, np.ndarray]:
         """(query kind, (D,) float32 vector) of a /knn-service body: text, image, embedding_input or id."""
         if body.get("image_url"):
             raise RequestError("image_url is not fetched by this server (a request must not make it connect "
                                "elsewhere): send the image itself, base64-encoded, in image")
-        if _field(body, "use_mclip", bool, False):
+        if field(body, "use_mclip", bool, False):
             raise RequestError("use_mclip: this server has no multilingual text encoder; send text instead")
         given = [name for name in ("text", "image", "embedding_input", "id") if body.get(name) not in (None, "")]
         if len(given) != 1:
@@ -187,27 +214,17 @@ class SearchService:
                                + (f", not {' and '.join(given)}" if given else ""))
         kind = given[0]
         if kind == "text":
-            text = _field(body, "text", str, "")
+            text = field(body, "text", str, "")
             if len(text) > self.limits.max_text_characters:
                 raise RequestError(f"text is longer than {self.limits.max_text_characters} characters", status=413)
             return "text", self._encode("text", text)
         if kind == "image":
-            data = _decode_base64(_field(body, "image", str, ""), self.limits)
-            return "image", self._encode("image", self._image(data, "the uploaded image"))
+            if self.encoders is None:  # before decoding anything
+                raise RequestError("this server was started without a model: image queries need --model")
+            return "image", self._uploaded_image_vector(field(body, "image", str, ""))
         if kind == "embedding_input":
-            return "embedding", self._embedding(body["embedding_input"], index.dim)
-        return "id", self._item_vector(_field(body, "id", int, 0), index, modality)
-
-    @staticmethod
-    def _embedding(values, dim: int) -> np.ndarray:
-        if not isinstance(values, list) or len(values) != dim:
-            raise RequestError(f"embedding_input must be a list of {dim} numbers")
-        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
-            raise RequestError("embedding_input must hold numbers only")
-        vector = np.asarray(values, dtype=np.float32)
-        if not np.all(np.isfinite(vector)) or not np.any(vector):
-            raise RequestError("embedding_input must be finite and not all zero")
-        return vector
+            return "embedding", unit_embedding(body["embedding_input"], index.dim)
+        return "id", self._item_vector(field(body, "id", int, 0), index, modality)
 
     def _item_vector(self, item_id: int, index: Index, modality: str) -> np.ndarray:
         """The stored vector of an indexed item, or (for codes that cannot be decoded) its re-encoded source."""
@@ -219,7 +236,8 @@ class SearchService:
         row = index.metadata.slice(item_id, 1).to_pylist()[0]
         if modality == "text" and row.get("caption"):
             return self._encode("text", row["caption"])
-        return self._encode("image", self._item_image(item_id, row))
+        with self._image_slot():
+            return self._encode("image", self._item_image(modality, item_id, row, self._query_image_side))
 
     def knn(self, body: Mapping, base_url: str = "") -> list[dict]:
         """Answer a /knn-service body: results best first, each with id, similarity, caption, the item's
@@ -227,11 +245,11 @@ class SearchService:
         if not isinstance(body, Mapping):
             raise RequestError("the request body must be a JSON object")
         self._check_name(body)
-        modality = _field(body, "modality", str, "image")
+        modality = field(body, "modality", str, "image")
         index = self._index(modality)
-        num_images = _bounded_count(body, "num_images", 40, self.limits.max_num_images)
-        num_result_ids = max(num_images, _bounded_count(body, "num_result_ids", num_images, self.limits.max_result_ids))
-        deduplicate = _field(body, "deduplicate", bool, False)
+        num_images = bounded_count(body, "num_images", 40, self.limits.max_num_images)
+        num_result_ids = max(num_images, bounded_count(body, "num_result_ids", num_images, self.limits.max_result_ids))
+        deduplicate = field(body, "deduplicate", bool, False)
         _, vector = self.query_vector(body, index, modality)
         scores, ids, rows = index.search_vectors(vector[None], min(num_result_ids, len(index)))
         hits = rows[0]
@@ -239,7 +257,7 @@ class SearchService:
             stored = index.stored_vectors([hit["id"] for hit in hits])
             if stored is not None:
                 stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
-                dropped = _duplicates(stored)
+                dropped = set(duplicate_positions(stored).tolist())
                 hits = [hit for position, hit in enumerate(hits) if position not in dropped]
         results = []
         for hit in hits[:num_images]:
@@ -253,7 +271,7 @@ class SearchService:
         if not isinstance(body, Mapping):
             raise RequestError("the request body must be a JSON object")
         self._check_name(body)
-        index = self._index(_field(body, "modality", str, next(iter(self.indexes))))
+        index = self._index(field(body, "modality", str, next(iter(self.indexes))))
         ids = body.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise RequestError("ids must be a list of item ids")
@@ -265,15 +283,26 @@ class SearchService:
         rows = index.metadata.take(ids).to_pylist() if ids else []
         return [{"id": item_id, "metadata": row} for item_id, row in zip(ids, rows)]
 
-    def _item_image(self, item_id: int, row: dict):
-        """The image file an item's metadata names (never a path from a request), opened with the bomb guard."""
+    def _item_image(self, modality: str, item_id: int, row: dict, reduce_to: int | None):
+        """The image file an item's metadata names (never a path from a request), opened with the bomb guard; a
+        relative path is taken from the collection's image root, never from the server's working directory."""
+        from openalign.processing.images import load_image
+
         source = row.get("source")
-        if not isinstance(source, str) or not os.path.isfile(source):
+        if not isinstance(source, str) or not source:
+            raise RequestError(f"item {item_id} has no image file on this server", status=404)
+        path = Path(source)
+        if not path.is_absolute():
+            root = self.image_roots.get(modality)
+            if root is None:
+                raise RequestError(f"item {item_id}'s image {source!r} is a relative path and no folder above the "
+                                   "index holds it (start the server with --image-root)", status=404)
+            path = root / path
+        if not is_regular_file(path):
             raise RequestError(f"item {item_id} has no image file on this server", status=404)
         try:
-            from openalign.processing.images import load_image
-
-            return load_image(source, max_pixels=self.limits.max_pixels, name=f"item {item_id}")
+            # The items are the collection's own images, which were embedded at the embedding limit.
+            return load_image(path, max_pixels=DEFAULT_MAX_PIXELS, name=f"item {item_id}", reduce_to=reduce_to)
         except ImageLoadError as error:
             raise RequestError(str(error), status=404) from error
 
@@ -282,17 +311,21 @@ class SearchService:
         index = self._index(modality)
         if not 0 <= item_id < len(index):
             raise RequestError(f"id {item_id} is not an item of the {modality} index", status=404)
-        image = self._item_image(item_id, index.metadata.slice(item_id, 1).to_pylist()[0])
-        image.thumbnail((self.limits.thumbnail_size, self.limits.thumbnail_size))
+        row = index.metadata.slice(item_id, 1).to_pylist()[0]
+        size = self.limits.thumbnail_size
+        with self._image_slot():
+            image = self._item_image(modality, item_id, row, reduce_to=size)
+            image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
     def describe(self) -> dict:
-        """What /healthz reports: the collection's name and each index's kind and size."""
+        """What /healthz reports: the collection's name, the model's name and each index's kind and size (no
+        path of the server's files)."""
         return {
             "status": "ok",
             "name": self.name,
-            "model": getattr(self.encoders, "source", None),
+            "model": self.model_name,
             "indexes": {m: {"kind": i.plan.kind, "vectors": len(i), "dim": i.dim} for m, i in self.indexes.items()},
         }

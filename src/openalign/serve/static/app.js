@@ -2,7 +2,7 @@
 "use strict";
 
 const MAX_UPLOAD_BYTES = 8 * 1024 * 1024;
-const state = { name: null, modalities: ["image"], latest: 0 };
+const state = { name: null, modalities: ["image"], latest: 0, shownItem: null };
 const byId = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
@@ -40,6 +40,26 @@ function showQuery(imageUrl, label) {
   if (imageUrl) image.src = imageUrl;
   else image.removeAttribute("src");
   byId("query-label").textContent = label || "";
+  state.shownItem = null;
+}
+
+function itemLabel(id, caption) {
+  return caption ? `Items like “${caption}” (item ${id})` : `Items like item ${id}`;
+}
+
+// An item searched from the address comes without its caption: ask for it, and show it if still relevant.
+async function describeItem(id, modality) {
+  try {
+    const response = await fetch("/metadata", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ids: [Number(id)], modality, indice_name: state.name }),
+    });
+    const entries = response.ok ? await response.json() : [];
+    const caption = entries.length ? entries[0].metadata.caption : null;
+    if (caption && state.shownItem === String(id)) byId("query-label").textContent = itemLabel(id, caption);
+  } catch (error) {
+    // The label keeps the id alone.
+  }
 }
 
 function tile(result, rank, modality) {
@@ -80,7 +100,7 @@ function tile(result, rank, modality) {
   link.addEventListener("click", (event) => {
     if (event.ctrlKey || event.metaKey || event.shiftKey || event.button !== 0) return;  // new tab: the browser's
     event.preventDefault();
-    searchItem(result.id, modality);
+    searchItem(result.id, modality, false, result.caption || null);
   });
   item.append(link);
   return item;
@@ -119,10 +139,12 @@ function searchText(text, replace = false) {
   return search({ text }, addressFor({ text }), replace);
 }
 
-function searchItem(id, modality, replace = false) {
+function searchItem(id, modality, replace = false, caption = null) {
   if (modality && !byId("modality").hidden) byId("modality").value = modality;
   byId("query").value = "";
-  showQuery(`/thumbnail/${currentModality()}/${id}`, `Items like #id ${id}`);
+  showQuery(`/thumbnail/${currentModality()}/${id}`, itemLabel(id, caption));
+  state.shownItem = String(id);
+  if (!caption) describeItem(id, currentModality());
   window.scrollTo(0, 0);
   return search({ id: Number(id) }, addressFor({ id }), replace);
 }
