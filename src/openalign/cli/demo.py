@@ -1,4 +1,4 @@
-"""`openalign demo [--out DIR] [--minutes M] [--curation none|rules|similarity|oracle] [--noise-rate R]
+"""`openalign demo [--out DIR] [--minutes M] [--curation none|rules|similarity|robust|oracle] [--noise-rate R]
 [--mismatch-rate R] [--n N] [--seed S]`: generate, curate, tokenize, train and evaluate a small ALIGN from scratch
 in minutes on a CPU."""
 
@@ -27,10 +27,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--minutes", type=float, default=defaults.minutes,
                         help=f"wall-time budget of the whole command (default {defaults.minutes:g})")
     parser.add_argument("--curation", choices=CURATIONS, default=defaults.curation,
-                        help="which generated pairs to train on: none (all), rules (the paper's filters), "
+                        help="which generated pairs to train on, and how: none (all), rules (the paper's filters), "
                              "similarity (the rules, then a bootstrap scorer's similarity filter; its training and "
-                             "scoring count in --minutes) or oracle (exactly the generator's clean pairs: the "
-                             f"perfect filter, a yardstick) (default {defaults.curation})")
+                             "scoring count in --minutes), robust (the rules, then one run with a robust loss and "
+                             "each pair's loss weighted by the run's own estimate that it is clean) or oracle "
+                             "(exactly the generator's clean pairs: the perfect filter, a yardstick) (default "
+                             f"{defaults.curation})")
+    parser.add_argument("--robust-loss", choices=("align", "rcl", "rince"), default=defaults.robust_loss,
+                        help=f"the loss of --curation robust (default {defaults.robust_loss})")
+    parser.add_argument("--pair-weighting", choices=("mixture", "off"), default=defaults.pair_weighting,
+                        help="per-pair weights of --curation robust: mixture (each pair's clean probability "
+                             f"under a two-component mixture over the run's estimates) or off (default "
+                             f"{defaults.pair_weighting})")
     parser.add_argument("--no-filter", action="store_true", help="the same as --curation none")
     parser.add_argument("--bootstrap-share", type=float, default=defaults.bootstrap_share,
                         help="share of the training the bootstrap scorer takes (of --steps, or of the time left "
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, minutes=args.minutes, n=args.n, heldout_n=args.heldout_n, seen_n=args.seen_n,
         seed=args.seed,
         curation="none" if args.no_filter else args.curation, bootstrap_share=args.bootstrap_share,
-        curation_rounds=args.curation_rounds,
+        curation_rounds=args.curation_rounds, robust_loss=args.robust_loss, pair_weighting=args.pair_weighting,
         keep_fraction=args.keep_fraction, min_similarity=args.min_similarity,
         noise_rate=args.noise_rate, mismatch_rate=args.mismatch_rate,
         partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
