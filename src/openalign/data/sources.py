@@ -23,6 +23,7 @@ from typing import Any
 from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
 from openalign.data.shards import (
     SHARD_SUFFIXES,
+    Shard,
     count_shard_samples,
     expand_shards,
     is_shard_source,
@@ -33,7 +34,7 @@ from openalign.errors import InputLimitError
 from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
 
 __all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
-           "Record", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
+           "Record", "Shard", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
            "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard", "write_manifest",
            "write_shards"]
 
@@ -221,13 +222,13 @@ def iter_image_folder(folder: str | Path) -> Iterator[Record]:
 
 
 
-def iter_records(source: str | Path | list) -> Iterator[Record]:
+def iter_records(source: str | Path | Shard | list) -> Iterator[Record]:
     """Stream the records of a manifest file, a shard spec, a folder of images, a caption file, or a list of
     these."""
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, (list, tuple, Shard)):
         if is_shard_source(source):
-            for url in expand_shards(list(source)):
-                yield from iter_shard(url)
+            for shard in expand_shards(source):
+                yield from iter_shard(shard)
         else:
             for item in source:
                 yield from iter_records(item)
@@ -236,8 +237,8 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
     if is_caption_file(text):
         yield from iter_caption_file(text)
     elif is_shard_source(text):
-        for url in expand_shards(text):
-            yield from iter_shard(url)
+        for shard in expand_shards(text):
+            yield from iter_shard(shard)
     elif os.path.isdir(text):
         yield from iter_image_folder(text)
     elif text.lower().endswith(MANIFEST_SUFFIXES):
@@ -249,26 +250,30 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
                         f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
 
 
-def count_records(source: str | Path | list) -> int | None:
+def count_records(source: str | Path | Shard | list) -> int | None:
     """About how many records `iter_records(source)` yields (a progress bar's total), from what is cheap to read:
     manifest rows, non-blank caption lines, image file names, shard headers. None where counting means reading a
     stream twice (pipe: shards) or the source is not one iter_records knows."""
-    if isinstance(source, (list, tuple)):
-        parts = expand_shards(list(source)) if is_shard_source(source) else list(source)
-        counts = [count_records(item) for item in parts]
+    if isinstance(source, (list, tuple, Shard)):
+        if is_shard_source(source):
+            return _count_shard_records(expand_shards(source))
+        counts = [count_records(item) for item in source]
         return None if None in counts else sum(counts)
     text = str(source)
     if is_caption_file(text) and os.path.isfile(text):
         with open(text, encoding="utf-8", errors="replace") as handle:
             return sum(1 for line in handle if line.strip())
     if is_shard_source(text):
-        urls = expand_shards(text)
-        return None if any(url.startswith("pipe:") for url in urls) else sum(map(count_shard_samples, urls))
+        return _count_shard_records(expand_shards(text))
     if os.path.isdir(text):
         return sum(1 for path in Path(text).rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if text.lower().endswith(MANIFEST_SUFFIXES) and os.path.isfile(text):
         return sum(1 for _ in _read_rows(Path(text))[1])
     return None
+
+
+def _count_shard_records(shards: list[Shard]) -> int | None:
+    return None if any(shard.command for shard in shards) else sum(map(count_shard_samples, shards))
 
 
 # ------------------------------------------------------------------------------------------------------------
