@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from openalign.data.shards import COMMAND_PREFIX  # a string value starting so names a command the reader runs
 from openalign.errors import ConfigError
 
 try:
@@ -197,8 +198,6 @@ TRAJECTORY_NEUTRAL = {
     "run.max_minutes", "run.progress", "run.tensorboard", "run.plots", "data.val", "data.val_max_samples",
     "data.num_workers", "data.cache_images", "distributed.backend",
 }
-# A string value starting so is a command that a shard reader runs (WebDataset's "pipe:" URLs).
-COMMAND_PREFIX = "pipe:"
 
 
 @dataclass
