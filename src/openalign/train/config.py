@@ -18,6 +18,7 @@ import yaml
 
 from openalign.data.shards import COMMAND_PREFIX  # a string value starting so names a command the reader runs
 from openalign.errors import ConfigError
+from openalign.untrusted import refuse_links
 
 try:
     import tomllib
@@ -353,6 +354,7 @@ def resolve_run_config(config_path: str | Path | None, resume: str | None, overr
     if config_path is not None or not resume:
         return load_config(config_path, overrides, base)
     run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
+    refuse_links(run_dir, ["config.yaml"], "run folder")  # read from elsewhere, then overwritten there by the run
     run_config = run_dir / "config.yaml"
     return load_config(run_config if run_config.is_file() else None, overrides, base, trusted=trust_run_config)
 
