@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,117 @@ def test_a_pipe_spec_the_user_wrote_runs_and_a_listed_name_stays_a_file(evil_sha
     assert str(Shard(EVIL_NAME)) == f"./{EVIL_NAME}"
     assert list(iter_records(str(Shard(EVIL_NAME)))) == []
     assert not (evil_shards / "MARKER").exists()
+
+
+# -- filter outputs: whole, from one run, one filter at a time ---------------------------------------------------
+
+# Runs one filter in a process of its own, which at the `stop_at`-th pair of its writing pass kills itself
+# (action "kill": kill -9, no clean-up runs) or, holding the folder, waits for a file to appear ("wait").
+FILTER_SCRIPT = r"""
+import json, os, signal, sys, time
+from pathlib import Path
+import openalign.data.sources as sources
+from openalign.curation.similarity_filter import SimilarityConfig, filter_by_scores
+from openalign.data.filters import FilterConfig, run_filter
+
+settings = json.loads(sys.argv[1])
+original, calls = sources.iter_records, []
+
+def interrupted(source):
+    calls.append(source)
+    for number, record in enumerate(original(source)):
+        if len(calls) == settings["writing_pass"] and number == settings["stop_at"]:
+            if settings["action"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if settings["action"] == "wait":
+                Path(settings["waiting"]).touch()
+                while not Path(settings["go"]).exists():
+                    time.sleep(0.05)
+        yield record
+
+sources.iter_records = interrupted
+if settings["kind"] == "rules":
+    run_filter(settings["source"], settings["out"], FilterConfig(min_side=10))
+else:
+    filter_by_scores(settings["source"], settings["out"], SimilarityConfig(keep_fraction=0.5),
+                     scores_from=settings["scores"])
+"""
+
+
+@pytest.fixture(scope="module")
+def scored(data, checkpoint, tmp_path_factory):
+    """The pairs of `data` scored under the test checkpoint, every pair kept."""
+    from openalign.cli import main
+
+    out = tmp_path_factory.mktemp("scored")
+    assert main(["filter", str(data["train"]), "--similarity", "--model", str(checkpoint), "--keep-fraction", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _whole_outputs(out: Path) -> dict | None:
+    """The report, after checking that the files beside it are the ones it describes; None without one."""
+    if not (out / "report.json").exists():
+        return None
+    report = json.loads((out / "report.json").read_text())
+    dropped = report.get("dropped", report.get("dropped_by_score", 0) + report.get("dropped_as_duplicate", 0)
+                         + report.get("unscored", 0))
+    assert (_lines(out / "manifest.jsonl"), _lines(out / "dropped.jsonl")) == (report["kept"], dropped)
+    assert not list(out.glob("*.tmp"))
+    return report
+
+
+def _start_filter(kind: str, data, scored, out: Path, tmp_path: Path, action: str) -> subprocess.Popen:
+    settings = {"kind": kind, "source": str(data["train"]), "out": str(out), "scores": str(scored),
+                "writing_pass": 2 if kind == "rules" else 1, "stop_at": 6, "action": action,
+                "waiting": str(tmp_path / "waiting"), "go": str(tmp_path / "go")}
+    return subprocess.Popen([sys.executable, "-c", FILTER_SCRIPT, json.dumps(settings)], stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _complete_run(kind: str, data, scored, out: Path) -> dict:
+    from openalign.cli import main
+
+    flags = ["--min-side", "10", "--no-rare-token"] if kind == "rules" else ["--scores-from", str(scored)]
+    assert main(["filter", str(data["train"]), "--out", str(out), "--quiet", *flags]) == 0
+    return _whole_outputs(out)
+
+
+@pytest.mark.parametrize("kind", ["rules", "similarity"])
+def test_a_filter_killed_while_writing_leaves_no_report_that_misdescribes_the_folder(kind, data, scored,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    earlier = _complete_run(kind, data, scored, out)
+    assert earlier["kept"] > 6
+    process = _start_filter(kind, data, scored, out, tmp_path, action="kill")
+    assert process.wait(timeout=300) == -9, process.stderr.read()
+    _whole_outputs(out)  # a report is left only beside the outputs it describes
+    assert _lines(out / "manifest.jsonl") in (0, earlier["kept"])  # never half of the new manifest
+    # The rerun completes the folder.
+    process = _start_filter(kind, data, scored, out, tmp_path, action="none")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert _whole_outputs(out) is not None
+
+
+@pytest.mark.parametrize("kind", ["rules", "similarity"])
+def test_a_second_filter_into_a_folder_being_written_fails_with_one_line(kind, data, scored, tmp_path):
+    out = tmp_path / "out"
+    first = _start_filter(kind, data, scored, out, tmp_path, action="wait")
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "waiting").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        flags = ["--min-side", "10"] if kind == "rules" else ["--similarity", "--scores-from", str(scored),
+                                                               "--keep-fraction", "1"]
+        second = openalign("filter", str(data["train"]), "--out", str(out), "--quiet", *flags, cwd=tmp_path)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.count("\n") == 1 and str(out) in second.stderr and "another process" in second.stderr
+    finally:
+        (tmp_path / "go").touch()
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert _whole_outputs(out)["kept"] == _lines(out / "manifest.jsonl")

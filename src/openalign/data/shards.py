@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any
 
 from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
 from openalign.errors import InputLimitError
+from openalign.files import atomic_open
 from openalign.untrusted import MAX_IMAGE_BYTES, MAX_TEXT_BYTES, parse_json
 
 logger = logging.getLogger(__name__)
@@ -279,30 +281,30 @@ def write_shards(records: Iterable[Record], out_dir: str | Path, *, samples_per_
     """Write records as WebDataset tars in the img2dataset layout: `<key>.<ext>`, `<key>.txt`, `<key>.json`.
 
     Sample keys are running numbers; the `.json` sidecar keeps the record's original key and extra fields.
-    Returns the shard paths, named `<prefix>-00000.tar`, ...
+    Each tar is written under a temporary name and renamed into place when whole, so a kill never leaves half
+    a shard under a shard's name. Returns the shard paths, named `<prefix>-00000.tar`, ...
     """
     if samples_per_shard < 1:
         raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
-    archive = None
-    try:
-        for index, record in enumerate(records):
-            if index % samples_per_shard == 0:
-                if archive is not None:
-                    archive.close()
-                shards.append(out_dir / f"{prefix}-{len(shards):05d}.tar")
-                archive = tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT)
-            key = f"{index:09d}"
-            extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
-                                             if record.image_path is not None else "jpg")
-            _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
-            if record.caption is not None:
-                _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
-            sidecar = {"key": record.key, "caption": record.caption, **record.extra}
-            _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))
-    finally:
-        if archive is not None:
-            archive.close()
+    numbered = enumerate(records)
+    while first := next(numbered, None):
+        path = out_dir / f"{prefix}-{len(shards):05d}.tar"
+        with atomic_open(path, "wb") as handle, \
+                tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for index, record in itertools.chain([first], itertools.islice(numbered, samples_per_shard - 1)):
+                _add_sample(archive, f"{index:09d}", record)
+        shards.append(path)
     return shards
+
+
+def _add_sample(archive: tarfile.TarFile, key: str, record: Record) -> None:
+    extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
+                                     if record.image_path is not None else "jpg")
+    _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
+    if record.caption is not None:
+        _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
+    sidecar = {"key": record.key, "caption": record.caption, **record.extra}
+    _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))

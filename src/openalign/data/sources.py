@@ -31,6 +31,7 @@ from openalign.data.shards import (
     write_shards,
 )
 from openalign.errors import InputLimitError
+from openalign.files import atomic_open, atomic_write
 from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
 
 __all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
@@ -300,8 +301,10 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
     """Write records (or plain row dicts) as a manifest; the format follows the suffix.
 
     Image paths are written relative to the manifest's folder. Records holding only bytes get their images
-    written to `<manifest stem>_images/` beside it. JSON lines are written as the records come, so memory
-    does not grow with the manifest; CSV, TSV and Parquet gather the rows first (their columns come first).
+    written to `<manifest stem>_images/` beside it. The manifest is written under a temporary name and renamed
+    into place, so a reader (or a rerun after a kill) finds the previous manifest or the whole new one. JSON
+    lines are written as the records come, so memory does not grow with the manifest; CSV, TSV and Parquet
+    gather the rows first (their columns come first).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -313,7 +316,7 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
     rows = (item if isinstance(item, dict) else _manifest_row(item, path, image_folder, index)
             for index, item in enumerate(records_or_rows))
     if suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as handle:
+        with atomic_open(path, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         return path
@@ -323,9 +326,9 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
         import pyarrow
         import pyarrow.parquet as parquet
 
-        parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        atomic_write(path, lambda temporary: parquet.write_table(pyarrow.Table.from_pylist(rows), temporary))
     else:
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t" if suffix == ".tsv" else ",")
             writer.writeheader()
             for row in rows:
@@ -333,4 +336,3 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
                 writer.writerow({key: json.dumps(value) if isinstance(value, (dict, list)) else value
                                  for key, value in row.items()})
     return path
-
