@@ -14,7 +14,10 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 
 from tests.train_data import make_data, tiny_config
 
@@ -204,3 +207,114 @@ def test_a_second_filter_into_a_folder_being_written_fails_with_one_line(kind, d
         (tmp_path / "go").touch()
         assert first.wait(timeout=300) == 0, first.stderr.read()
     assert _whole_outputs(out)["kept"] == _lines(out / "manifest.jsonl")
+
+
+# -- non-finite embeddings: refused where written, and where read ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(checkpoint, tmp_path_factory):
+    """The test checkpoint with every weight NaN, as a run that diverged may save it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("nan") / "model"
+    shutil.copytree(checkpoint, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+               for name, value in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_a_nan_checkpoint_is_refused_by_filter_and_embed_naming_the_model(nan_checkpoint, data, tmp_path):
+    filtered = openalign("filter", str(data["train"]), "--similarity", "--model", str(nan_checkpoint),
+                         "--keep-fraction", "0.5", "--out", str(tmp_path / "kept"), "--quiet", cwd=tmp_path)
+    embedded = openalign("embed", str(data["train"]), "--model", str(nan_checkpoint), "--out",
+                         str(tmp_path / "embeddings"), "--no-progress", cwd=tmp_path)
+    for finished in (filtered, embedded):
+        assert finished.returncode == 1, finished.stderr
+        assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr, finished.stderr
+        assert str(nan_checkpoint) in finished.stderr and "non-finite" in finished.stderr
+        assert "item 0" in finished.stderr  # the first item, named with its source
+    assert not (tmp_path / "kept" / "manifest.jsonl").exists()
+    assert not list((tmp_path / "embeddings").glob("img_emb/*.npy"))
+
+
+def _embedding_folder(out: Path, rows: np.ndarray) -> Path:
+    """An embedding folder of `rows` (n, D) written by the folder's own writer, as another tool might."""
+    from openalign.inference.embedding_folder import write_parts
+
+    def fill(part_items, first_index, advance):
+        items = list(part_items)
+        metadata = [{"index": first_index + offset, "source": f"item-{first_index + offset}", "caption": None,
+                     "width": None, "height": None} for offset in range(len(items))]
+        return {"image": rows[first_index:first_index + len(items)].astype(np.float16)}, metadata, [], len(items)
+
+    write_parts(range(len(rows)), out, fill, kinds=("image",), part_size=4, progress=False)
+    return out
+
+
+def test_an_embedding_folder_holding_nan_is_refused_by_index_naming_the_part_and_item(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((10, 8))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows[6, 3] = np.nan
+    folder = _embedding_folder(tmp_path / "embeddings", rows)
+    finished = openalign("index", str(folder), "--out", str(tmp_path / "index"), cwd=tmp_path)
+    assert finished.returncode == 1, finished.stderr
+    assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert "img_emb_00001.npy" in finished.stderr and "row 2 (item-6)" in finished.stderr
+    assert "not finite" in finished.stderr
+
+
+# -- score files and manifests that cannot be used: one line naming the file --------------------------------------
+
+
+def run_command(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of one command run in this process; the error is one line, no traceback."""
+    from openalign.cli import main
+
+    capsys.readouterr()
+    status = main(argv)
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("\n") <= 1, error
+    return status, error
+
+
+def test_a_damaged_or_non_finite_scores_file_is_named(scored, data, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    truncated, nan = tmp_path / "truncated", tmp_path / "nan"
+    for folder in (truncated, nan):
+        shutil.copytree(scored, folder)
+    scores = (scored / "scores.parquet").read_bytes()
+    (truncated / "scores.parquet").write_bytes(scores[: len(scores) // 2])
+    table = pq.read_table(scored / "scores.parquet")
+    values = table.column("score").to_numpy().copy()
+    values[5] = np.nan
+    pq.write_table(table.set_column(3, "score", pa.array(values, type=pa.float32())), nan / "scores.parquet")
+    key = table.column("key")[5].as_py()
+    for folder, words in ((truncated, ["is damaged", "rerun"]), (nan, ["pair 5", key, "not finite"])):
+        status, error = run_command(["filter", str(data["train"]), "--scores-from", str(folder), "--keep-fraction",
+                                     "0.5", "--out", str(tmp_path / f"kept-{folder.name}"), "--quiet"], capsys)
+        assert status == 1 and str(folder / "scores.parquet") in error, error
+        assert all(word in error for word in words), error
+
+
+@pytest.mark.parametrize("content", ["", "image_path,caption\n"], ids=["empty", "header-only"])
+def test_an_empty_manifest_is_named_and_leaves_no_output_folder(content, checkpoint, tmp_path, capsys):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(content)
+    commands = [["filter", str(manifest), "--min-side", "10"],
+                ["filter", str(manifest), "--similarity", "--model", str(checkpoint), "--keep-fraction", "0.5"],
+                ["embed", str(manifest), "--model", str(checkpoint), "--no-progress"]]
+    for number, argv in enumerate(commands):
+        out = tmp_path / f"out-{number}"
+        status, error = run_command([*argv, "--out", str(out)], capsys)
+        assert status == 1 and str(manifest) in error and "empty" in error, error
+        assert not out.exists()
+
+
+def test_embed_on_a_missing_source_creates_nothing(checkpoint, tmp_path, capsys):
+    status, error = run_command(["embed", str(tmp_path / "missing.jsonl"), "--model", str(checkpoint), "--out",
+                                 str(tmp_path / "embeddings"), "--no-progress"], capsys)
+    assert status == 1 and "missing.jsonl" in error
+    assert not (tmp_path / "embeddings").exists()

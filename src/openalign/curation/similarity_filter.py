@@ -24,15 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from openalign.curation import report as reports
 from openalign.curation.dedup import METHODS, FolderRows, deduplicate
 from openalign.curation.scores import (
     EMBEDDINGS_FOLDER,
-    SCORES_FILE,
     CurationError,
     check_scoring_model,
+    iter_score_batches,
     read_scores,
     score_corpus,
     scoring_summary,
@@ -242,7 +241,7 @@ class _PairWriter:
 
 def _score_keys(folder: Path) -> Iterator[str]:
     """The key column of scores.parquet, streamed in source order."""
-    for batch in pq.ParquetFile(folder / SCORES_FILE).iter_batches(columns=["key"], batch_size=65_536):
+    for batch in iter_score_batches(folder, ["key"]):
         yield from batch.column(0).to_pylist()
 
 
@@ -251,7 +250,7 @@ def _keys_at(folder: Path, positions: np.ndarray) -> dict[int, str]:
     wanted, found, start = positions, {}, 0
     if len(wanted) == 0:
         return found
-    for batch in pq.ParquetFile(folder / SCORES_FILE).iter_batches(columns=["key"], batch_size=65_536):
+    for batch in iter_score_batches(folder, ["key"]):
         end = start + batch.num_rows
         inside = wanted[(wanted >= start) & (wanted < end)]
         keys = batch.column(0)

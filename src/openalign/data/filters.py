@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openalign.data import counting, phash
+from openalign.data import counting, phash, sources
 from openalign.data.filter_outputs import DROPPED, filter_outputs, resolve_output, write_kept, write_report
 from openalign.data.sources import DataError, Record
 from openalign.errors import ConfigError
@@ -255,13 +255,12 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
     config = config or FilterConfig()
     config.validate()
     output = resolve_output(source, output)
+    sources.check_source(source)
     with filter_outputs(out_dir) as out:
         return _filter_into(source, out, config, output, progress)
 
 
 def _filter_into(source, out: Path, config: FilterConfig, output: str, progress: bool) -> dict:
-    from openalign.data import sources
-
     started = time.perf_counter()
     bar = _bar(progress, "filter: counting")
     stats = count_corpus(sources.iter_records(source), config, progress=bar.update if bar is not None else None)

@@ -35,9 +35,9 @@ from openalign.files import atomic_open, atomic_write
 from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
 
 __all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
-           "Record", "Shard", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
-           "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard", "write_manifest",
-           "write_shards"]
+           "Record", "Shard", "check_source", "count_shard_samples", "expand_shards", "is_caption_file",
+           "is_shard_source", "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard",
+           "write_manifest", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ def iter_manifest(path: str | Path, *, image_column: str | None = None,
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     columns, rows = _read_rows(path)
+    if not columns:
+        raise DataError(f"manifest {path} is empty: it holds no rows")
     image_key = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", path)
     caption_key = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", path)
     for row in rows:
@@ -249,6 +251,21 @@ def iter_records(source: str | Path | Shard | list) -> Iterator[Record]:
     else:
         raise DataError(f"data source {text}: not a manifest ({', '.join(MANIFEST_SUFFIXES)}), "
                         f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
+
+
+def check_source(source: str | Path | Shard | list) -> None:
+    """Raise DataError naming the source when it names nothing that exists or holds no records: what a command
+    checks before it creates its output, so that a mistyped or empty source leaves nothing behind. A source
+    that runs a command (pipe:) is only expanded, not started: its command runs once, when it is read."""
+    for item in source if isinstance(source, (list, tuple)) else [source]:
+        if is_shard_source(item) and any(shard.command for shard in expand_shards(item)):
+            continue
+        records = iter_records(item)
+        try:
+            if next(records, None) is None:
+                raise DataError(f"data source {item} is empty: it holds no image-text pairs or captions")
+        finally:
+            records.close()
 
 
 def count_records(source: str | Path | Shard | list) -> int | None:
