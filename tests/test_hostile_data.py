@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from openalign.cli import main
 from tests.train_data import make_data, tiny_config
 
 # A file name that is also a command: touch a marker beside it, then print a real shard (read twice if run).
@@ -31,6 +32,15 @@ def openalign(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.Complet
     command = [shutil.which("openalign")] if shutil.which("openalign") else [sys.executable, "-m", "openalign"]
     return subprocess.run([*command, *argv], cwd=cwd, capture_output=True, text=True, env=environment,
                           timeout=timeout)
+
+
+def run_command(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of one command run in this process; the error is one line, no traceback."""
+    capsys.readouterr()
+    status = main(argv)
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("\n") <= 1, error
+    return status, error
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +143,6 @@ else:
 @pytest.fixture(scope="module")
 def scored(data, checkpoint, tmp_path_factory):
     """The pairs of `data` scored under the test checkpoint, every pair kept."""
-    from openalign.cli import main
-
     out = tmp_path_factory.mktemp("scored")
     assert main(["filter", str(data["train"]), "--similarity", "--model", str(checkpoint), "--keep-fraction", "1",
                  "--out", str(out), "--quiet"]) == 0
@@ -166,8 +174,6 @@ def _start_filter(kind: str, data, scored, out: Path, tmp_path: Path, action: st
 
 
 def _complete_run(kind: str, data, scored, out: Path) -> dict:
-    from openalign.cli import main
-
     flags = ["--min-side", "10", "--no-rare-token"] if kind == "rules" else ["--scores-from", str(scored)]
     assert main(["filter", str(data["train"]), "--out", str(out), "--quiet", *flags]) == 0
     return _whole_outputs(out)
@@ -266,17 +272,6 @@ def test_an_embedding_folder_holding_nan_is_refused_by_index_naming_the_part_and
 
 
 # -- score files and manifests that cannot be used: one line naming the file --------------------------------------
-
-
-def run_command(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of one command run in this process; the error is one line, no traceback."""
-    from openalign.cli import main
-
-    capsys.readouterr()
-    status = main(argv)
-    error = capsys.readouterr().err
-    assert "Traceback" not in error and error.count("\n") <= 1, error
-    return status, error
 
 
 def test_a_damaged_or_non_finite_scores_file_is_named(scored, data, tmp_path, capsys):
