@@ -245,6 +245,20 @@ def test_a_nan_checkpoint_is_refused_by_filter_and_embed_naming_the_model(nan_ch
     assert not list((tmp_path / "embeddings").glob("img_emb/*.npy"))
 
 
+def test_the_non_finite_row_test_agrees_with_numpy_on_every_float16_bit_pattern():
+    from openalign.inference.embedding_folder import first_non_finite
+
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    rows = np.stack([np.zeros(2**16, np.float16), every], axis=1)  # (65536, 2): one pattern a row
+    expected = ~np.isfinite(rows.astype(np.float32)).all(axis=1)
+    first = first_non_finite(rows)
+    assert first == int(np.argmax(expected))
+    assert [first_non_finite(rows[start:]) for start in (first + 1, 0x8000)] == \
+        [int(np.argmax(expected[start:])) for start in (first + 1, 0x8000)]  # rows counted from the slice
+    assert first_non_finite(rows[~expected]) is None
+    assert first_non_finite(rows.astype(np.float32)) == first
+
+
 def _embedding_folder(out: Path, rows: np.ndarray) -> Path:
     """An embedding folder of `rows` (n, D) written by the folder's own writer, as another tool might."""
     from openalign.inference.embedding_folder import write_parts

@@ -78,9 +78,14 @@ class NonFiniteEmbeddingError(EmbeddingFolderError):
 
 
 def first_non_finite(embeddings: np.ndarray) -> int | None:
-    """The first row of (n, D) embeddings that holds a NaN or an infinity; None when every value is finite."""
-    finite = np.isfinite(embeddings).all(axis=1)
-    return None if finite.all() else int(np.argmin(finite))
+    """The first row of (n, D) embeddings that holds a NaN or an infinity; None when every value is finite.
+    Every reader of a folder calls it on every part, so float16 (the folder's type) is tested on its bits: an
+    exponent of all ones is an infinity or a NaN, and masking it costs a fraction of np.isfinite's float16 path."""
+    if embeddings.dtype == np.float16:
+        bad = (embeddings.view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(embeddings)
+    return int(np.argmax(bad.any(axis=1))) if bad.any() else None
 
 
 def part_name(part_index: int) -> str:
