@@ -211,7 +211,7 @@ def _files_under(folder: Path) -> dict[str, tuple[bytes, int]]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-@pytest.mark.parametrize("entry", ["config.yaml", "metrics.jsonl", "model"])
+@pytest.mark.parametrize("entry", ["config.yaml", "metrics.jsonl", "model", "checkpoint-00000004"])
 def test_resuming_a_run_folder_whose_outputs_are_links_changes_nothing_outside_it(run_copy, tmp_path, entry):
     outside = tmp_path / "outside"
     outside.mkdir()
