@@ -12,6 +12,7 @@ from PIL import Image
 from openalign.data.sources import (
     DataError,
     Record,
+    Shard,
     count_shard_samples,
     expand_shards,
     iter_manifest,
@@ -71,16 +72,17 @@ def test_bytes_only_records_get_image_files_beside_the_manifest(tmp_path):
 def test_brace_glob_and_folder_expansion(tmp_path):
     for index in range(12):
         (tmp_path / f"part-{index:03d}.tar").write_bytes(b"")
-    expected = [str(tmp_path / f"part-{index:03d}.tar") for index in range(2, 11)]
+    expected = [Shard(str(tmp_path / f"part-{index:03d}.tar")) for index in range(2, 11)]
     assert expand_shards(str(tmp_path / "part-{002..010}.tar")) == expected
-    assert expand_shards(str(tmp_path / "part-{000,005}.tar")) == [str(tmp_path / "part-000.tar"),
-                                                                   str(tmp_path / "part-005.tar")]
-    everything = [str(tmp_path / f"part-{index:03d}.tar") for index in range(12)]
+    assert expand_shards(str(tmp_path / "part-{000,005}.tar")) == [Shard(str(tmp_path / "part-000.tar")),
+                                                                   Shard(str(tmp_path / "part-005.tar"))]
+    everything = [Shard(str(tmp_path / f"part-{index:03d}.tar")) for index in range(12)]
     assert expand_shards(str(tmp_path)) == everything
     assert expand_shards(str(tmp_path / "part-*.tar")) == everything
     # Nested groups expand as the cartesian product, left group outermost.
-    product = ["pipe:cat " + a + b for a, b in itertools.product("xy", ["1", "2", "3"])]
+    product = [Shard("cat " + a + b, command=True) for a, b in itertools.product("xy", ["1", "2", "3"])]
     assert expand_shards("pipe:cat {x,y}{1..3}") == product
+    assert [str(shard) for shard in product[:1]] == ["pipe:cat x1"]
     with pytest.raises(DataError, match="part-012.tar"):
         expand_shards(str(tmp_path / "part-{011..012}.tar"))
 
@@ -95,7 +97,8 @@ def test_shard_round_trip_and_pipe(tmp_path):
     assert [record.image_bytes for record in back] == [png_bytes(index) for index in range(7)]
     assert [record.extra["key"] for record in back] == [record.key for record in records]
     assert back[4].key == "shard-00001/000000004" and back[4].image_ext == "png"
-    piped = list(iter_shard(f"pipe:cat {shards[1]}"))
+    (command,) = expand_shards(f"pipe:cat {shards[1]}")
+    piped = list(iter_shard(command))
     assert [(r.key, r.caption, r.image_bytes) for r in piped] == [(r.key, r.caption, r.image_bytes)
                                                                    for r in back[3:6]]
 
@@ -134,7 +137,7 @@ def test_truncated_shard_yields_what_it_can_then_names_itself(tmp_path, cut):
 
 def test_failing_pipe_command_is_an_error_naming_it(tmp_path):
     with pytest.raises(DataError, match="missing.tar"):
-        list(iter_shard(f"pipe:cat {tmp_path / 'missing.tar'}"))
+        list(iter_records(f"pipe:cat {tmp_path / 'missing.tar'}"))
 
 
 def test_image_folder_with_sidecar_captions(tmp_path):

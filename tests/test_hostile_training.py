@@ -6,6 +6,7 @@ of a few steps; the file takes well under a minute."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,39 @@ def test_a_checkpoint_on_a_full_file_system_says_so_and_leaves_the_earlier_ones(
     assert "ERROR no space left on device while writing" in finished.stdout and "checkpoint-00000002" in \
         finished.stdout
     assert "LEFT [1]" in finished.stdout
+
+
+# -- a received run folder whose outputs are symbolic links ------------------------------------------------------
+
+
+def _files_under(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`: its bytes and modification time, to tell whether anything wrote it."""
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("entry", ["config.yaml", "metrics.jsonl", "model", "checkpoint-00000004"])
+def test_resuming_a_run_folder_whose_outputs_are_links_changes_nothing_outside_it(run_copy, tmp_path, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(run_copy / entry, outside / entry)  # the entry's own content, moved out and linked back
+    (run_copy / entry).symlink_to(outside / entry)
+    before = _files_under(outside)
+    environment = {key: value for key, value in os.environ.items() if key != "OPENALIGN_DEBUG"}
+    command = [shutil.which("openalign")] if shutil.which("openalign") else [sys.executable, "-m", "openalign"]
+    finished = subprocess.run([*command, "train", "--resume", "latest", "--run.out_dir", str(run_copy)],
+                              capture_output=True, text=True, env=environment, timeout=300)
+    assert _files_under(outside) == before
+    assert finished.returncode == 1, finished.stderr
+    assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert f"{entry} is a symbolic link" in finished.stderr and str(run_copy) in finished.stderr
+
+
+def test_plotting_into_a_linked_plots_folder_is_refused(run_copy, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run_copy / "plots").symlink_to(outside)
+    status, error = run_command(["plot", str(run_copy)], capsys)
+    assert status == 1 and "plots is a symbolic link" in error
+    assert list(outside.iterdir()) == []
+    assert main(["plot", str(run_copy), "--out", str(tmp_path / "figures")]) == 0  # a folder the user names

@@ -1,16 +1,20 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file; a full disk is said in plain words."""
+"""Atomic file writes: a reader (or a resumed run) never sees half a file; a full disk is said in plain words;
+an output folder written by one process at a time."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from openalign.errors import OpenAlignError
+from openalign.untrusted import refuse_links
 
 # What the libraries say when the disk fills: torch.save to a file object chains the OSError (its own message
 # is "unexpected pos" or "iostream error"), safetensors keeps only the operating system's text.
@@ -19,6 +23,13 @@ _FULL_DISK_TEXTS = ("No space left on device", "os error 28", "Disk quota exceed
 
 class DiskFullError(OpenAlignError, OSError):
     """A write failed because the disk (or the user's quota) is full; the message names the file."""
+
+
+class FolderInUseError(OpenAlignError):
+    """Another process is writing into an output folder (it holds the folder's lock); the message names it."""
+
+
+LOCK_NAME = ".lock"
 
 
 def _says_disk_full(error: BaseException | None) -> bool:
@@ -52,6 +63,24 @@ def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
         raise DiskFullError(f"no space left on device while writing {path} ({free})") from error
 
 
+def _temporary_name(path: Path, shared: bool) -> Path:
+    if shared:
+        return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    return path.with_name(f"{path.name}.tmp")
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, temporary: Path) -> Iterator[None]:
+    """Rename `temporary` onto `path` when the block ends without error; remove it when the block fails."""
+    try:
+        with reporting_full_disk(path):
+            yield
+            os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, shared: bool = False) -> None:
     """Call write(temporary) on a temporary file beside path, then rename it into place.
 
@@ -61,19 +90,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, shar
     renames another's half-written file into place. The temporary file is removed when write fails.
     """
     path = Path(path)
-    if shared:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    else:
-        temporary = path.with_name(f"{path.name}.tmp")
-    try:
-        with reporting_full_disk(path):
-            write(temporary)
-            os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    temporary = _temporary_name(path, shared)
+    with _replacing(path, temporary):
+        write(temporary)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **options) -> Iterator[IO]:
+    """A file written as a stream, atomically: open NAME.tmp beside `path` (`mode` and `options` as for open),
+    and rename it into place when the block ends without error (atomic_write for what is written a piece at a
+    time: a kill mid-stream leaves the previous file, never half of the new one)."""
+    path = Path(path)
+    temporary = _temporary_name(path, shared=False)
+    with _replacing(path, temporary), open(temporary, mode, **options) as handle:
+        yield handle
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, shared: bool = False) -> None:
     """Write data to path atomically (see atomic_write)."""
     atomic_write(path, lambda temporary: temporary.write_bytes(data), shared=shared)
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold the lock of an output folder (created if need be) while writing into it: an exclusive fcntl lock on
+    FOLDER/.lock, which the system releases when the process ends, however it ends. A second process that asks
+    for it meanwhile fails at once with FolderInUseError naming the folder, instead of mixing its files with
+    the first's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    refuse_links(folder, [LOCK_NAME], what)
+    descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUseError(f"{what} {folder} is being written by another process (it holds "
+                                   f"{folder / LOCK_NAME}): wait for it to finish, or choose another folder") \
+                from None
+        yield folder
+    finally:
+        os.close(descriptor)

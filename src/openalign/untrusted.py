@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,16 @@ def confined_path(folder: str | os.PathLike, name: str, what: str) -> Path:
     if not path.resolve().is_relative_to(folder.resolve()):
         raise InputLimitError(f"{what} names {name!r}, which leads outside {folder}")
     return path
+
+
+def refuse_links(folder: str | os.PathLike, names: Iterable[str], what: str) -> None:
+    """Raise InputLimitError naming the first of `names` in `folder` that is a symbolic link. A folder received
+    from someone else may link an entry it holds to a file or folder elsewhere, which writing, emptying or
+    replacing that entry in place would change; a command that writes into such a folder checks first."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            raise InputLimitError(f"{what} {folder}: {name} is a symbolic link (to {os.readlink(path)}), and "
+                                  "writing it would change what it points to: replace the link with a copy of "
+                                  "what it points to, or use another folder")

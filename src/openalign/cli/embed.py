@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Join torchrun's process group when there is one, embed this rank's parts, print the summary."""
-    from openalign.data.sources import DataError, count_records, is_caption_file, iter_records
+    from openalign.data.sources import DataError, check_source, count_records, is_caption_file, iter_records
     from openalign.distributed import destroy_distributed, init_distributed, rank_and_world_size
     from openalign.inference.embed import embed_to_folder
     from openalign.inference.embedding_folder import write_model_reference
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if captions_only and kind != "text":
         raise SystemExit(f"openalign embed: {captions_only[0]} holds captions only; embed it on its own (or with "
                          "--kind text)")
+    check_source(args.sources)  # before anything is created or loaded: a mistyped source leaves no folder
     info = init_distributed()
     rank, world_size = rank_and_world_size(from_environment=True)
     # Under torchrun each rank takes the device init_distributed chose for it (cuda:LOCAL_RANK or the CPU).
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             progress=not args.no_progress,
             total=total,
+            model=args.model,
         )
     finally:
         destroy_distributed()

@@ -32,7 +32,12 @@ from openalign.data.score_files import SCORES_FILE, SCORES_SCHEMA, SCORING_FILE 
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write
 from openalign.inference.embed import embed_to_folder
-from openalign.inference.embedding_folder import iter_embedding_parts, read_summary, write_model_reference
+from openalign.inference.embedding_folder import (
+    NonFiniteEmbeddingError,
+    iter_embedding_parts,
+    read_summary,
+    write_model_reference,
+)
 
 EMBEDDINGS_FOLDER = "embeddings"
 
@@ -92,6 +97,9 @@ def score_corpus(source, out_dir: str | os.PathLike, encoders, *, part_size: int
     every part done (rank 0 under torch.distributed) writes scores.parquet and returns the summary: scored and
     skipped counts, the skipped pairs with their reasons, and the paths. The other ranks return None.
     """
+    from openalign.data.sources import check_source
+
+    check_source(source)  # before the folder is created
     out = Path(out_dir)
     settings = {"model": str(Path(encoders.source).resolve()) if encoders.source else "", "part_size": part_size}
     _check_scoring_folder(out, settings, write=rank == 0)
@@ -100,7 +108,7 @@ def score_corpus(source, out_dir: str | os.PathLike, encoders, *, part_size: int
         {"image": encoders.encode_loaded_images, "text": encoders.encode_texts},
         out / EMBEDDINGS_FOLDER, kind="both", part_size=part_size,
         batch_size=batch_size or encoders.image_batch_size, rank=rank, world_size=world_size,
-        num_workers=num_workers, progress=progress,
+        num_workers=num_workers, progress=progress, model=encoders.source,
     )
     if embed_summary is None:
         return None
@@ -155,11 +163,51 @@ def scoring_summary(folder: str | os.PathLike) -> dict:
     }
 
 
-def read_scores(folder: str | os.PathLike, columns=("index", "score")) -> dict[str, np.ndarray]:
-    """Columns of a scoring folder's scores.parquet as numpy arrays (index int64, score float32), in source
-    order. Keys and captions are left out by default: selection needs 12 bytes a pair, not the text."""
+def open_scores(folder: str | os.PathLike) -> pq.ParquetFile:
+    """A scoring folder's scores.parquet, opened after checking that it is a Parquet file holding the scores'
+    columns; a CurationError naming it (and saying how to rebuild it) otherwise."""
     path = Path(folder) / SCORES_FILE
     if not path.is_file():
         raise CurationError(f"{path} does not exist: score the corpus first (openalign filter --similarity)")
-    table = pq.read_table(path, columns=list(columns))
-    return {name: table.column(name).to_numpy() for name in columns}
+    try:
+        scores_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise _damaged(path, error) from None
+    missing = [name for name in SCORES_SCHEMA.names if name not in scores_file.schema_arrow.names]
+    if missing:
+        raise _damaged(path, f"no column {', '.join(missing)}")
+    return scores_file
+
+
+def iter_score_batches(folder: str | os.PathLike, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The columns of scores.parquet, streamed in source order a batch at a time; damage found on the way is a
+    CurationError naming the file."""
+    scores_file = open_scores(folder)
+    try:
+        yield from scores_file.iter_batches(columns=columns, batch_size=65_536)
+    except (pa.ArrowException, OSError) as error:
+        raise _damaged(Path(folder) / SCORES_FILE, error) from None
+
+
+def read_scores(folder: str | os.PathLike, columns=("index", "score")) -> dict[str, np.ndarray]:
+    """Columns of a scoring folder's scores.parquet as numpy arrays (index int64, score float32), in source
+    order. Keys and captions are left out by default: selection needs 12 bytes a pair, not the text. A score
+    that is not finite (a file from elsewhere, or changed since) is a NonFiniteEmbeddingError naming the pair."""
+    path = Path(folder) / SCORES_FILE
+    scores_file = open_scores(folder)
+    try:
+        table = scores_file.read(columns=list(columns))
+    except (pa.ArrowException, OSError) as error:
+        raise _damaged(path, error) from None
+    read = {name: table.column(name).to_numpy() for name in columns}
+    if "score" in read and not np.isfinite(read["score"]).all():
+        row = int(np.argmin(np.isfinite(read["score"])))
+        key = scores_file.read(columns=["key"]).column(0)[row].as_py()
+        raise NonFiniteEmbeddingError(f"{path}: the score of pair {row} ({key}) is not finite (NaN or infinity): "
+                                      "score again with a sound checkpoint")
+    return read
+
+
+def _damaged(path: Path, error) -> CurationError:
+    return CurationError(f"{path} is damaged ({error}): rerun the same `openalign filter --similarity` command "
+                         "into its folder, which writes it again from the embeddings beside it")

@@ -24,22 +24,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from openalign.curation import report as reports
 from openalign.curation.dedup import METHODS, FolderRows, deduplicate
 from openalign.curation.scores import (
     EMBEDDINGS_FOLDER,
-    SCORES_FILE,
     CurationError,
     check_scoring_model,
+    iter_score_batches,
     read_scores,
     score_corpus,
     scoring_summary,
 )
 from openalign.curation.selection import check_keep_fraction, priority_order, select_by_score
-from openalign.data.filters import resolve_output, write_kept
+from openalign.data.filter_outputs import DROPPED, filter_outputs, resolve_output, write_kept, write_report
 from openalign.errors import ConfigError
+from openalign.files import atomic_open
 
 REPORT_SKIPPED_LIMIT = 100  # unreadable pairs named in report.json; dropped.jsonl names all of them
 
@@ -118,56 +118,55 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
     if len(scores) == 0:
         raise CurationError(f"{source}: no pair could be scored ({summary['skipped']} unreadable or without a "
                             f"caption; see {scoring_folder / EMBEDDINGS_FOLDER / 'summary.json'})")
-    out.mkdir(parents=True, exist_ok=True)
-    selection = select_by_score(scores, config.keep_fraction, config.min_similarity)
-    status = np.where(selection.keep, reports.KEPT, reports.BELOW).astype(np.int8)
-    duplicate_of = np.full(len(scores), -1, dtype=np.int64)
-    duplicate_cosine = np.zeros(len(scores), dtype=np.float32)
-    dedup = None
-    if config.dedup_similarity is not None:
-        order = priority_order(scores)
-        candidates = order[selection.keep[order]]
-        rows = FolderRows(scoring_folder / EMBEDDINGS_FOLDER, "image")
-        if len(rows) != len(scores):
-            raise CurationError(f"{scoring_folder}: {len(rows)} image embeddings for {len(scores)} scores")
-        found = deduplicate(rows.view(candidates), config.dedup_similarity, method=config.dedup_method,
-                            num_clusters=config.dedup_clusters)
-        duplicates = ~found.kept
-        status[candidates[duplicates]] = reports.DUPLICATE
-        duplicate_of[candidates[duplicates]] = candidates[found.duplicate_of[duplicates]]
-        duplicate_cosine[candidates[duplicates]] = found.cosine[duplicates]
-        dedup = {"threshold": config.dedup_similarity, "method": found.method, "clusters": found.num_clusters,
-                 "candidates": len(candidates), "dropped": int(duplicates.sum())}
+    with filter_outputs(out):  # locked, the previous report removed; this one is written last
+        selection = select_by_score(scores, config.keep_fraction, config.min_similarity)
+        status = np.where(selection.keep, reports.KEPT, reports.BELOW).astype(np.int8)
+        duplicate_of = np.full(len(scores), -1, dtype=np.int64)
+        duplicate_cosine = np.zeros(len(scores), dtype=np.float32)
+        dedup = None
+        if config.dedup_similarity is not None:
+            order = priority_order(scores)
+            candidates = order[selection.keep[order]]
+            rows = FolderRows(scoring_folder / EMBEDDINGS_FOLDER, "image")
+            if len(rows) != len(scores):
+                raise CurationError(f"{scoring_folder}: {len(rows)} image embeddings for {len(scores)} scores")
+            found = deduplicate(rows.view(candidates), config.dedup_similarity, method=config.dedup_method,
+                                num_clusters=config.dedup_clusters)
+            duplicates = ~found.kept
+            status[candidates[duplicates]] = reports.DUPLICATE
+            duplicate_of[candidates[duplicates]] = candidates[found.duplicate_of[duplicates]]
+            duplicate_cosine[candidates[duplicates]] = found.cosine[duplicates]
+            dedup = {"threshold": config.dedup_similarity, "method": found.method, "clusters": found.num_clusters,
+                     "candidates": len(candidates), "dropped": int(duplicates.sum())}
 
-    labels = np.full(len(scores), -1, dtype=np.int32)
-    vocabulary: list[str] = []
-    writer = _PairWriter(out, scoring_folder, indices, scores, status, duplicate_of, duplicate_cosine,
-                         summary["skipped_pairs"], config.label_field, labels, vocabulary)
-    with writer:
-        outputs = write_kept(writer.kept_records(source), out, output)
-    histogram = reports.plot_scores(out / "scores.png", scores, labels, vocabulary, selection.lowest_kept_score)
-    report = {
-        "source": str(source), "model": summary["model"],
-        "scores_from": None if scores_from is None else str(scores_from),
-        "scored": int(len(scores)), "unscored": summary["skipped"],
-        "unscored_pairs": [{"key": entry["source"], "error": entry["error"]}
-                           for entry in summary["skipped_pairs"][:REPORT_SKIPPED_LIMIT]],
-        "kept": int((status == reports.KEPT).sum()), "dropped_by_score": int((status == reports.BELOW).sum()),
-        "dropped_as_duplicate": int((status == reports.DUPLICATE).sum()),
-        "selection": {"keep_fraction": config.keep_fraction, "min_similarity": config.min_similarity,
-                      "rule": selection.rule, "kept_by_fraction": selection.kept_by_fraction,
-                      "kept_by_threshold": selection.kept_by_threshold,
-                      "lowest_kept_score": selection.lowest_kept_score},
-        "dedup": dedup, "score_quantiles": reports.score_quantiles(scores),
-        "labels": reports.label_figures(status, labels, vocabulary, scores) if vocabulary else None,
-        "config": asdict(config),
-        "outputs": {**outputs, "dropped": str(out / "dropped.jsonl"), "scores": summary["scores"],
-                    "histogram": str(histogram)},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.txt").write_text(reports.format_similarity_report(report))
-    return report
+        labels = np.full(len(scores), -1, dtype=np.int32)
+        vocabulary: list[str] = []
+        writer = _PairWriter(out, scoring_folder, indices, scores, status, duplicate_of, duplicate_cosine,
+                             summary["skipped_pairs"], config.label_field, labels, vocabulary)
+        with writer:
+            outputs = write_kept(writer.kept_records(source), out, output)
+        histogram = reports.plot_scores(out / "scores.png", scores, labels, vocabulary, selection.lowest_kept_score)
+        report = {
+            "source": str(source), "model": summary["model"],
+            "scores_from": None if scores_from is None else str(scores_from),
+            "scored": int(len(scores)), "unscored": summary["skipped"],
+            "unscored_pairs": [{"key": entry["source"], "error": entry["error"]}
+                               for entry in summary["skipped_pairs"][:REPORT_SKIPPED_LIMIT]],
+            "kept": int((status == reports.KEPT).sum()), "dropped_by_score": int((status == reports.BELOW).sum()),
+            "dropped_as_duplicate": int((status == reports.DUPLICATE).sum()),
+            "selection": {"keep_fraction": config.keep_fraction, "min_similarity": config.min_similarity,
+                          "rule": selection.rule, "kept_by_fraction": selection.kept_by_fraction,
+                          "kept_by_threshold": selection.kept_by_threshold,
+                          "lowest_kept_score": selection.lowest_kept_score},
+            "dedup": dedup, "score_quantiles": reports.score_quantiles(scores),
+            "labels": reports.label_figures(status, labels, vocabulary, scores) if vocabulary else None,
+            "config": asdict(config),
+            "outputs": {**outputs, "dropped": str(out / DROPPED), "scores": summary["scores"],
+                        "histogram": str(histogram)},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_report(out, report, reports.format_similarity_report(report))
+        return report
 
 
 class _PairWriter:
@@ -186,11 +185,12 @@ class _PairWriter:
         self.dropped_file = None
 
     def __enter__(self) -> _PairWriter:
-        self.dropped_file = open(self.out / "dropped.jsonl", "w", encoding="utf-8")
+        self._dropped = atomic_open(self.out / DROPPED, "w", encoding="utf-8")
+        self.dropped_file = self._dropped.__enter__()
         return self
 
-    def __exit__(self, *_) -> None:
-        self.dropped_file.close()
+    def __exit__(self, *failure) -> None:
+        self._dropped.__exit__(*failure)  # renamed into place, or removed when the pass failed
 
     def _drop(self, line: dict) -> None:
         self.dropped_file.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -241,7 +241,7 @@ class _PairWriter:
 
 def _score_keys(folder: Path) -> Iterator[str]:
     """The key column of scores.parquet, streamed in source order."""
-    for batch in pq.ParquetFile(folder / SCORES_FILE).iter_batches(columns=["key"], batch_size=65_536):
+    for batch in iter_score_batches(folder, ["key"]):
         yield from batch.column(0).to_pylist()
 
 
@@ -250,7 +250,7 @@ def _keys_at(folder: Path, positions: np.ndarray) -> dict[int, str]:
     wanted, found, start = positions, {}, 0
     if len(wanted) == 0:
         return found
-    for batch in pq.ParquetFile(folder / SCORES_FILE).iter_batches(columns=["key"], batch_size=65_536):
+    for batch in iter_score_batches(folder, ["key"]):
         end = start + batch.num_rows
         inside = wanted[(wanted >= start) & (wanted < end)]
         keys = batch.column(0)

@@ -28,6 +28,7 @@ from openalign.data.loader import Collate, ResumableLoader, make_loader
 from openalign.data.sources import (
     DataError,
     Record,
+    Shard,
     count_shard_samples,
     expand_shards,
     is_shard_source,
@@ -229,9 +230,9 @@ class ImageTextDataset(IterableDataset):
             elif self.records is not None:
                 self._num_samples = len(self.records)
             else:
-                piped = [url for url in self.shards if url.startswith("pipe:")]
+                piped = [shard for shard in self.shards if shard.command]
                 if piped:
-                    raise ConfigError(f"cannot count the samples of piped shards such as {piped[0]!r}; "
+                    raise ConfigError(f"cannot count the samples of piped shards such as {str(piped[0])!r}; "
                                       "give epoch_size")
                 self._num_samples = self._count_shard_samples()
         return self._num_samples
@@ -241,12 +242,12 @@ class ImageTextDataset(IterableDataset):
         `uncountable_shards`; reading it later skips and counts what it cannot yield), and only a set of which
         no shard can be read is refused."""
         total, self.uncountable_shards = 0, []
-        for url in self.shards:
+        for shard in self.shards:
             try:
-                total += count_shard_samples(url)
+                total += count_shard_samples(shard)
             except DataError as error:
-                self.uncountable_shards.append(url)
-                logger.warning("counting 0 samples for unreadable shard %s: %s", url, error)
+                self.uncountable_shards.append(str(shard))
+                logger.warning("counting 0 samples for unreadable shard %s: %s", shard, error)
         if len(self.uncountable_shards) == len(self.shards):
             raise DataError(f"none of the {len(self.shards)} shards can be read (first: {self.shards[0]})")
         return total
@@ -263,11 +264,11 @@ class ImageTextDataset(IterableDataset):
 
     # -- record order -----------------------------------------------------------------------------------------
 
-    def _read_shard(self, url: str, skipped: Counter) -> Iterator[Record]:
+    def _read_shard(self, shard: Shard, skipped: Counter) -> Iterator[Record]:
         try:
-            yield from iter_shard(url)
+            yield from iter_shard(shard)
         except DataError as error:
-            logger.warning("skipping the rest of shard %s: %s", url, error)
+            logger.warning("skipping the rest of shard %s: %s", shard, error)
             skipped["unreadable_shard"] += 1
 
     def _global_order(self, epoch: int, skipped: Counter) -> Iterator[tuple[int, Record]]:
@@ -427,7 +428,7 @@ class ImageTextDataset(IterableDataset):
             empty_segments = 0 if within else empty_segments + 1
             if empty_segments > 10 * len(self.shards or [None]) + 10:
                 raise DataError(f"stream {stream}: {empty_segments} shards in a row held no readable sample "
-                                f"(e.g. among {(self.shards or [])[:3]})")
+                                f"(e.g. among {[str(shard) for shard in (self.shards or [])[:3]]})")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

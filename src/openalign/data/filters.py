@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from openalign.data import counting, phash
+from openalign.data import counting, phash, sources
+from openalign.data.filter_outputs import DROPPED, filter_outputs, resolve_output, write_kept, write_report
 from openalign.data.sources import DataError, Record
 from openalign.errors import ConfigError
+from openalign.files import atomic_open
 
 RULES = ("min_side", "aspect", "captions_per_image", "images_per_caption", "rare_token", "length",
          "near_duplicate")
@@ -248,16 +250,18 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
                progress: bool = False) -> dict:
     """Filter `source` (manifest, shard spec or image folder) into `out_dir`: the kept pairs (a manifest,
     `manifest.jsonl`, or WebDataset shards under `shards/`; "auto" follows the source), `dropped.jsonl`
-    (key, caption and rules of each dropped pair), `report.json` and `report.txt`. Returns the report."""
-    from openalign.data import sources
-
+    (key, caption and rules of each dropped pair), `report.json` and `report.txt`, committed as
+    openalign.data.filter_outputs says (one filter at a time, the report last). Returns the report."""
     config = config or FilterConfig()
     config.validate()
     output = resolve_output(source, output)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    sources.check_source(source)
+    with filter_outputs(out_dir) as out:
+        return _filter_into(source, out, config, output, progress)
 
+
+def _filter_into(source, out: Path, config: FilterConfig, output: str, progress: bool) -> dict:
+    started = time.perf_counter()
     bar = _bar(progress, "filter: counting")
     stats = count_corpus(sources.iter_records(source), config, progress=bar.update if bar is not None else None)
     if bar is not None:
@@ -267,7 +271,7 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
     kept = 0
     bar = _bar(progress, "filter: applying", total=stats.total)
     try:
-        with open(out / "dropped.jsonl", "w", encoding="utf-8") as dropped_file:
+        with atomic_open(out / DROPPED, "w", encoding="utf-8") as dropped_file:
 
             def kept_records() -> Iterator[Record]:
                 nonlocal kept
@@ -301,35 +305,11 @@ def run_filter(source, out_dir: str | os.PathLike, config: FilterConfig | None =
         "config": dataclasses.asdict(config),
         "vocabulary": {"unigrams": len(stats.unigrams), "bigrams": len(stats.bigrams),
                        "token_count_error_bound": stats.token_error_bound},
-        "outputs": {**outputs, "dropped": str(out / "dropped.jsonl")},
+        "outputs": {**outputs, "dropped": str(out / DROPPED)},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.txt").write_text(format_report(report))
+    write_report(out, report, format_report(report))
     return report
-
-
-def resolve_output(source, output: str) -> str:
-    """What a filter writes its kept pairs as: "manifest" or "shards"; "auto" follows the source."""
-    from openalign.data import sources
-
-    if output == "auto":
-        output = "shards" if sources.is_shard_source(source) else "manifest"
-    if output not in ("manifest", "shards"):
-        raise ConfigError(f"output must be 'auto', 'manifest' or 'shards', got {output!r}")
-    return output
-
-
-def write_kept(records: Iterable[Record], out: Path, output: str) -> dict:
-    """Write a filter's kept pairs into `out` as `manifest.jsonl` or WebDataset shards under `shards/`
-    (`output` from `resolve_output`), streaming; returns {"manifest": path} or {"shards": [paths]}."""
-    from openalign.data import sources
-
-    if output == "shards":
-        for stale in (out / "shards").glob("filtered-*.tar"):  # an earlier run's, possibly more shards than now
-            stale.unlink()
-        return {"shards": [str(path) for path in sources.write_shards(records, out / "shards", prefix="filtered")]}
-    return {"manifest": str(sources.write_manifest(records, out / "manifest.jsonl"))}
 
 
 def thresholds(config: FilterConfig) -> dict[str, str]:

@@ -1,6 +1,12 @@
 """WebDataset tar shards: shard specs (brace patterns, globs, folders, `pipe:` commands), the streaming reader,
 the header count and the writer.
 
+A spec expands to `Shard`s, each either a local file or a command the user wrote: only a spec that starts with
+`pipe:` names commands. A name that a folder listing, a glob or a brace range finds is a file, whatever it reads
+like, so a file called `pipe:sh -c '...' x.tar` in a data folder is opened, never run. Everything after the
+expansion takes the typed `Shard` (a plain string or path is a file), so nothing downstream can re-read a file
+name as a command.
+
 Members are read bounded (openalign.untrusted): a member above its bound is passed over unread and its sample's
 record carries the reason in `error`, so the consumer skips and counts it; a `.json` sidecar nested too deep
 likewise. Gzipped shards are decompressed by gzip.GzipFile, a block at a time.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -20,16 +27,42 @@ import subprocess
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
 from openalign.errors import InputLimitError
+from openalign.files import atomic_open
 from openalign.untrusted import MAX_IMAGE_BYTES, MAX_TEXT_BYTES, parse_json
 
 logger = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+COMMAND_PREFIX = "pipe:"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard to read: a local tar file, or (`command` true) a command whose standard output is the tar.
+
+    Only `expand_shards` makes command shards, and only from a spec the user wrote starting with `pipe:`.
+    """
+
+    location: str  # the file's path, or the command line without its "pipe:"
+    command: bool = False
+
+    def __str__(self) -> str:
+        """The spec this shard reads as: "pipe:COMMAND" for a command; for a file its path, with "./" before a
+        relative name that starts with "pipe:" so that the text, if ever read back as a spec, is still a file."""
+        if self.command:
+            return COMMAND_PREFIX + self.location
+        return os.path.join(".", self.location) if self.location.startswith(COMMAND_PREFIX) else self.location
+
+
+def as_shard(shard: Shard | str | os.PathLike) -> Shard:
+    """A Shard as is; a plain string or path is a local file (never a command: see `expand_shards`)."""
+    return shard if isinstance(shard, Shard) else Shard(os.fspath(shard))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -60,43 +93,48 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def _is_shard_path(text: str) -> bool:
-    return text.startswith("pipe:") or text.endswith(SHARD_SUFFIXES)
+    return text.startswith(COMMAND_PREFIX) or text.endswith(SHARD_SUFFIXES)
 
 
-def expand_shards(spec: str | Path | list) -> list[str]:
-    """Turn a shard spec into a list of shard URLs.
+def expand_shards(spec: str | Path | Shard | list) -> list[Shard]:
+    """Turn a shard spec into the shards it names.
 
-    Accepts brace patterns ("data/{00000..00009}.tar"), globs, a folder of tars, "pipe:cmd" URLs (kept as
-    written, braces expanded), or a list of any of these. Local names that match nothing raise DataError.
+    Accepts brace patterns ("data/{00000..00009}.tar"), globs, a folder of tars, "pipe:cmd" URLs (commands,
+    braces expanded), Shards (kept), or a list of any of these. Local names that match nothing raise DataError.
+    Only a spec that starts with "pipe:" gives commands: what a folder listing or a glob finds is a file.
     """
     if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in expand_shards(item)]
+        return [shard for item in spec for shard in expand_shards(item)]
+    if isinstance(spec, Shard):
+        return [spec]
     text = str(spec)
-    if text.startswith("pipe:"):
-        return _expand_braces(text)
+    if text.startswith(COMMAND_PREFIX):
+        return [Shard(command[len(COMMAND_PREFIX):], command=True) for command in _expand_braces(text)]
     if os.path.isdir(text):
-        urls = sorted(str(path) for suffix in SHARD_SUFFIXES for path in Path(text).glob(f"*{suffix}"))
-        if not urls:
+        paths = sorted(str(path) for suffix in SHARD_SUFFIXES for path in Path(text).glob(f"*{suffix}"))
+        if not paths:
             raise DataError(f"shard folder {text} holds no {'/'.join(SHARD_SUFFIXES)} files")
-        return urls
-    urls = []
+        return [Shard(path) for path in paths]
+    shards = []
     for pattern in _expand_braces(text):
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise DataError(f"shard pattern {pattern!r} (from {text!r}) matches no files")
-            urls.extend(matches)
+            shards.extend(Shard(match) for match in matches)
         elif os.path.exists(pattern):
-            urls.append(pattern)
+            shards.append(Shard(pattern))
         else:
             raise DataError(f"shard {pattern!r} (from {text!r}) does not exist")
-    return urls
+    return shards
 
 
-def is_shard_source(source: str | Path | list) -> bool:
-    """Whether `source` names WebDataset shards (a tar, pattern, pipe:, or a folder of tars)."""
+def is_shard_source(source: str | Path | Shard | list) -> bool:
+    """Whether `source` names WebDataset shards (a tar, pattern, pipe:, a folder of tars, or Shards)."""
     if isinstance(source, (list, tuple)):
         return bool(source) and all(is_shard_source(item) for item in source)
+    if isinstance(source, Shard):
+        return True
     text = str(source)
     if _is_shard_path(text) or "{" in text:
         return True
@@ -116,8 +154,8 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _shard_stem(url: str) -> str:
-    name = url.split()[-1] if url.startswith("pipe:") else url
+def _shard_stem(shard: Shard) -> str:
+    name = shard.location.split()[-1] if shard.command else shard.location
     base = os.path.basename(name.rstrip("/"))
     for suffix in SHARD_SUFFIXES:
         if base.endswith(suffix):
@@ -130,7 +168,7 @@ MEMBER_LIMITS = {**{extension: MAX_IMAGE_BYTES for extension in IMAGE_EXTENSIONS
                  "txt": MAX_TEXT_BYTES, "json": MAX_TEXT_BYTES}
 
 
-def _record_from_members(shard: str, key: str, members: dict[str, bytes], error: str | None = None) -> Record:
+def _record_from_members(shard: Shard, key: str, members: dict[str, bytes], error: str | None = None) -> Record:
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     where = f"shard {shard}, sample {key}"
     extra: dict[str, Any] = {}
@@ -162,22 +200,23 @@ def _open_tar_stream(raw: io.BufferedReader) -> tarfile.TarFile:
     return tarfile.open(fileobj=raw, mode="r|*")
 
 
-def iter_shard(url: str) -> Iterator[Record]:
-    """Stream the samples of one WebDataset tar (local path or "pipe:command").
+def iter_shard(shard: Shard | str | os.PathLike) -> Iterator[Record]:
+    """Stream the samples of one WebDataset tar: a Shard from `expand_shards` (a file, or a command that
+    writes the tar), or a plain path, which is always a file.
 
     Members sharing a key (basename before its first dot) form one sample; WebDataset writes them adjacently.
     The caption comes from `.txt`, else from the `.json` sidecar's "caption" or "text". A tar that cannot be
     read raises DataError naming it, after the samples read so far have been yielded.
     """
+    shard = as_shard(shard)
     process = None
     current_key, members, oversized = None, {}, None
     try:
-        if url.startswith("pipe:"):
-            command = url[len("pipe:"):]
-            process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if shard.command:
+            process = subprocess.Popen(shlex.split(shard.location), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             raw = process.stdout
         else:
-            raw = open(url, "rb")
+            raw = open(shard.location, "rb")
         with raw, _open_tar_stream(raw) as stream:
             for member in stream:
                 if not member.isfile():
@@ -185,13 +224,13 @@ def iter_shard(url: str) -> Iterator[Record]:
                 key, extension = _split_member_name(member.name)
                 if key != current_key:
                     if current_key is not None:
-                        yield _record_from_members(url, current_key, members, oversized)
+                        yield _record_from_members(shard, current_key, members, oversized)
                     current_key, members, oversized = key, {}, None
                 limit = MEMBER_LIMITS.get(extension)
                 if limit is None:
                     continue  # not part of an image-text sample: never read
                 if member.size > limit:
-                    oversized = oversized or (f"shard {url}, sample {key}: member {member.name} has {member.size} "
+                    oversized = oversized or (f"shard {shard}, sample {key}: member {member.name} has {member.size} "
                                               f"bytes, above the limit of {limit} for .{extension}")
                     continue  # left unread: the stream skips it block by block
                 handle = stream.extractfile(member)
@@ -201,7 +240,7 @@ def iter_shard(url: str) -> Iterator[Record]:
                 raise tarfile.ReadError("archive ends without its end-of-archive blocks")
     except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
         if process is None or process.poll() in (None, 0):
-            raise DataError(f"shard {url} is truncated or corrupt after sample {current_key!r}: {error}") \
+            raise DataError(f"shard {shard} is truncated or corrupt after sample {current_key!r}: {error}") \
                 from error
     finally:
         if process is not None:
@@ -210,18 +249,21 @@ def iter_shard(url: str) -> Iterator[Record]:
             process.stderr.close()
             returncode = process.wait()
     if process is not None and returncode != 0:
-        raise DataError(f"shard {url}: command exited with status {returncode}: {stderr}")
+        raise DataError(f"shard {shard}: command exited with status {returncode}: {stderr}")
     if current_key is not None:
-        yield _record_from_members(url, current_key, members, oversized)
+        yield _record_from_members(shard, current_key, members, oversized)
 
 
-def count_shard_samples(url: str) -> int:
+def count_shard_samples(shard: Shard | str | os.PathLike) -> int:
     """Number of samples (distinct keys) in a local tar, read from its headers without reading images."""
+    shard = as_shard(shard)
+    if shard.command:
+        raise DataError(f"shard {shard}: the samples of a command's output cannot be counted without running it")
     try:
-        with tarfile.open(url, mode="r:*") as archive:
+        with tarfile.open(shard.location, mode="r:*") as archive:
             return len({_split_member_name(member.name)[0] for member in archive if member.isfile()})
     except (OSError, tarfile.TarError, EOFError) as error:
-        raise DataError(f"shard {url} cannot be read: {error}") from error
+        raise DataError(f"shard {shard} cannot be read: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,30 +281,30 @@ def write_shards(records: Iterable[Record], out_dir: str | Path, *, samples_per_
     """Write records as WebDataset tars in the img2dataset layout: `<key>.<ext>`, `<key>.txt`, `<key>.json`.
 
     Sample keys are running numbers; the `.json` sidecar keeps the record's original key and extra fields.
-    Returns the shard paths, named `<prefix>-00000.tar`, ...
+    Each tar is written under a temporary name and renamed into place when whole, so a kill never leaves half
+    a shard under a shard's name. Returns the shard paths, named `<prefix>-00000.tar`, ...
     """
     if samples_per_shard < 1:
         raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
-    archive = None
-    try:
-        for index, record in enumerate(records):
-            if index % samples_per_shard == 0:
-                if archive is not None:
-                    archive.close()
-                shards.append(out_dir / f"{prefix}-{len(shards):05d}.tar")
-                archive = tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT)
-            key = f"{index:09d}"
-            extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
-                                             if record.image_path is not None else "jpg")
-            _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
-            if record.caption is not None:
-                _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
-            sidecar = {"key": record.key, "caption": record.caption, **record.extra}
-            _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))
-    finally:
-        if archive is not None:
-            archive.close()
+    numbered = enumerate(records)
+    while first := next(numbered, None):
+        path = out_dir / f"{prefix}-{len(shards):05d}.tar"
+        with atomic_open(path, "wb") as handle, \
+                tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for index, record in itertools.chain([first], itertools.islice(numbered, samples_per_shard - 1)):
+                _add_sample(archive, f"{index:09d}", record)
+        shards.append(path)
     return shards
+
+
+def _add_sample(archive: tarfile.TarFile, key: str, record: Record) -> None:
+    extension = record.image_ext or (Path(record.image_path).suffix.lstrip(".").lower()
+                                     if record.image_path is not None else "jpg")
+    _add_member(archive, f"{key}.{extension}", record.open_image_bytes())
+    if record.caption is not None:
+        _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
+    sidecar = {"key": record.key, "caption": record.caption, **record.extra}
+    _add_member(archive, f"{key}.json", json.dumps(sidecar, ensure_ascii=False).encode("utf-8"))

@@ -23,6 +23,7 @@ from typing import Any
 from openalign.data.records import IMAGE_EXTENSIONS, DataError, Record
 from openalign.data.shards import (
     SHARD_SUFFIXES,
+    Shard,
     count_shard_samples,
     expand_shards,
     is_shard_source,
@@ -30,12 +31,13 @@ from openalign.data.shards import (
     write_shards,
 )
 from openalign.errors import InputLimitError
+from openalign.files import atomic_open, atomic_write
 from openalign.untrusted import MAX_LINE_BYTES, MAX_TEXT_BYTES, parse_json, read_text_file
 
 __all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES", "SHARD_SUFFIXES", "DataError",
-           "Record", "count_shard_samples", "expand_shards", "is_caption_file", "is_shard_source",
-           "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard", "write_manifest",
-           "write_shards"]
+           "Record", "Shard", "check_source", "count_shard_samples", "expand_shards", "is_caption_file",
+           "is_shard_source", "iter_caption_file", "iter_image_folder", "iter_manifest", "iter_records", "iter_shard",
+           "write_manifest", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,8 @@ def iter_manifest(path: str | Path, *, image_column: str | None = None,
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     columns, rows = _read_rows(path)
+    if not columns:
+        raise DataError(f"manifest {path} is empty: it holds no rows")
     image_key = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", path)
     caption_key = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", path)
     for row in rows:
@@ -221,13 +225,13 @@ def iter_image_folder(folder: str | Path) -> Iterator[Record]:
 
 
 
-def iter_records(source: str | Path | list) -> Iterator[Record]:
+def iter_records(source: str | Path | Shard | list) -> Iterator[Record]:
     """Stream the records of a manifest file, a shard spec, a folder of images, a caption file, or a list of
     these."""
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, (list, tuple, Shard)):
         if is_shard_source(source):
-            for url in expand_shards(list(source)):
-                yield from iter_shard(url)
+            for shard in expand_shards(source):
+                yield from iter_shard(shard)
         else:
             for item in source:
                 yield from iter_records(item)
@@ -236,8 +240,8 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
     if is_caption_file(text):
         yield from iter_caption_file(text)
     elif is_shard_source(text):
-        for url in expand_shards(text):
-            yield from iter_shard(url)
+        for shard in expand_shards(text):
+            yield from iter_shard(shard)
     elif os.path.isdir(text):
         yield from iter_image_folder(text)
     elif text.lower().endswith(MANIFEST_SUFFIXES):
@@ -249,26 +253,45 @@ def iter_records(source: str | Path | list) -> Iterator[Record]:
                         f"shard spec, folder or caption file ({CAPTION_FILE_SUFFIX})")
 
 
-def count_records(source: str | Path | list) -> int | None:
+def check_source(source: str | Path | Shard | list) -> None:
+    """Raise DataError naming the source when it names nothing that exists or holds no records: what a command
+    checks before it creates its output, so that a mistyped or empty source leaves nothing behind. A source
+    that runs a command (pipe:) is only expanded, not started: its command runs once, when it is read."""
+    for item in source if isinstance(source, (list, tuple)) else [source]:
+        if is_shard_source(item) and any(shard.command for shard in expand_shards(item)):
+            continue
+        records = iter_records(item)
+        try:
+            if next(records, None) is None:
+                raise DataError(f"data source {item} is empty: it holds no image-text pairs or captions")
+        finally:
+            records.close()
+
+
+def count_records(source: str | Path | Shard | list) -> int | None:
     """About how many records `iter_records(source)` yields (a progress bar's total), from what is cheap to read:
     manifest rows, non-blank caption lines, image file names, shard headers. None where counting means reading a
     stream twice (pipe: shards) or the source is not one iter_records knows."""
-    if isinstance(source, (list, tuple)):
-        parts = expand_shards(list(source)) if is_shard_source(source) else list(source)
-        counts = [count_records(item) for item in parts]
+    if isinstance(source, (list, tuple, Shard)):
+        if is_shard_source(source):
+            return _count_shard_records(expand_shards(source))
+        counts = [count_records(item) for item in source]
         return None if None in counts else sum(counts)
     text = str(source)
     if is_caption_file(text) and os.path.isfile(text):
         with open(text, encoding="utf-8", errors="replace") as handle:
             return sum(1 for line in handle if line.strip())
     if is_shard_source(text):
-        urls = expand_shards(text)
-        return None if any(url.startswith("pipe:") for url in urls) else sum(map(count_shard_samples, urls))
+        return _count_shard_records(expand_shards(text))
     if os.path.isdir(text):
         return sum(1 for path in Path(text).rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if text.lower().endswith(MANIFEST_SUFFIXES) and os.path.isfile(text):
         return sum(1 for _ in _read_rows(Path(text))[1])
     return None
+
+
+def _count_shard_records(shards: list[Shard]) -> int | None:
+    return None if any(shard.command for shard in shards) else sum(map(count_shard_samples, shards))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,8 +318,10 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
     """Write records (or plain row dicts) as a manifest; the format follows the suffix.
 
     Image paths are written relative to the manifest's folder. Records holding only bytes get their images
-    written to `<manifest stem>_images/` beside it. JSON lines are written as the records come, so memory
-    does not grow with the manifest; CSV, TSV and Parquet gather the rows first (their columns come first).
+    written to `<manifest stem>_images/` beside it. The manifest is written under a temporary name and renamed
+    into place, so a reader (or a rerun after a kill) finds the previous manifest or the whole new one. JSON
+    lines are written as the records come, so memory does not grow with the manifest; CSV, TSV and Parquet
+    gather the rows first (their columns come first).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -308,7 +333,7 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
     rows = (item if isinstance(item, dict) else _manifest_row(item, path, image_folder, index)
             for index, item in enumerate(records_or_rows))
     if suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as handle:
+        with atomic_open(path, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         return path
@@ -318,9 +343,9 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
         import pyarrow
         import pyarrow.parquet as parquet
 
-        parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        atomic_write(path, lambda temporary: parquet.write_table(pyarrow.Table.from_pylist(rows), temporary))
     else:
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t" if suffix == ".tsv" else ",")
             writer.writeheader()
             for row in rows:
@@ -328,4 +353,3 @@ def write_manifest(records_or_rows: Iterable[Record | dict], path: str | Path) -
                 writer.writerow({key: json.dumps(value) if isinstance(value, (dict, list)) else value
                                  for key, value in row.items()})
     return path
-

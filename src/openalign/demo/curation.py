@@ -36,7 +36,7 @@ CLEAN_LABEL = "clean"
 def oracle_manifest(manifest: Path, folder: Path) -> tuple[Path, dict]:
     """The perfect filter: the pairs of `manifest` whose generator label (`noise`) is "clean", written to
     folder/manifest.jsonl; returns it and a report of the counts."""
-    from openalign.data.filters import write_kept
+    from openalign.data.filter_outputs import write_kept
     from openalign.data.sources import iter_records
 
     counts: dict[str, int] = {}

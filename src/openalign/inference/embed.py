@@ -22,6 +22,8 @@ from openalign.errors import ImageLoadError, OpenAlignError
 from openalign.inference.embedding_folder import (
     KINDS,
     EmbeddingFolderError,
+    NonFiniteEmbeddingError,
+    first_non_finite,
     iter_embedding_parts,
     read_embedding_folder,
     read_summary,
@@ -31,7 +33,7 @@ from openalign.inference.embedding_folder import (
 from openalign.processing.tokenizer import is_unicode_text
 
 # The folder's readers and summary writer, under the names callers have imported from here.
-__all__ = ["EmbeddingFolderError", "MissingCaptionError", "embed_to_folder",
+__all__ = ["EmbeddingFolderError", "MissingCaptionError", "NonFiniteEmbeddingError", "embed_to_folder",
            "iter_embedding_parts", "load_image", "read_embedding_folder", "read_summary", "write_summary"]
 
 
@@ -120,7 +122,7 @@ def _load_or_skip(kinds, item, index, image_loader):
         return None, {"index": index, "source": _describe(item, kinds)["source"], "error": str(error)}
 
 
-def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_loader, batch_size, pool):
+def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_loader, batch_size, pool, model):
     """Load and encode one part's items, consumed from an iterator a batch at a time so only one batch of raw
     items is held (two with a decoding pool: the next one decodes meanwhile). Returns (embeddings per kind,
     metadata rows, skipped items, number of items consumed): what embedding_folder.write_parts commits as the
@@ -156,13 +158,24 @@ def _embed_part(part_items, first_index, advance, *, kinds, encoders, image_load
         if batch_rows:
             for kind in kinds:
                 payloads = [entry[kind] for row, entry in loaded if row is not None]
-                chunks[kind].append(_encode(encoders[kind], payloads))
+                chunks[kind].append(_checked_finite(_encode(encoders[kind], payloads), kind, batch_rows, model))
             rows.extend(batch_rows)
         advance(len(loaded))
     embeddings = {
         kind: np.concatenate(chunks[kind]) if chunks[kind] else np.zeros((0, 0), dtype=np.float16) for kind in kinds
     }
     return embeddings, rows, skipped, consumed
+
+
+def _checked_finite(embeddings: np.ndarray, kind: str, rows: list[dict], model: str | None) -> np.ndarray:
+    """The batch's embeddings, refused (naming the model and the item) when one holds a NaN or an infinity:
+    written, it would be scored, indexed and searched as if it meant something."""
+    if (row := first_non_finite(embeddings)) is not None:
+        raise NonFiniteEmbeddingError(
+            f"the model {model or '(unnamed)'} gives a non-finite {kind} embedding (NaN or infinity) for item "
+            f"{rows[row]['index']} ({rows[row]['source']}): its weights are broken (a run that diverged?); "
+            "embed with a sound checkpoint")
+    return embeddings
 
 
 def embed_to_folder(
@@ -179,6 +192,7 @@ def embed_to_folder(
     num_workers: int = 0,
     progress: bool = True,
     total: int | None = None,
+    model: str | os.PathLike | None = None,
 ) -> dict | None:
     """Embed items into the embedding folder out_dir (see openalign.inference.embedding_folder); returns the
     summary or None.
@@ -191,8 +205,8 @@ def embed_to_folder(
     threads, the next batch's while the current one is encoded. part_size items go to a part, rank r of
     world_size writes the parts p with p % world_size == r, and a rerun resumes. The summary is returned by the
     rank that finds every part done at its end (rank 0 under torch.distributed, after a barrier); other ranks
-    return None. total: the number of
-    items, when known, for the progress bar.
+    return None. total: the number of items, when known, for the progress bar. An embedding holding a NaN or an
+    infinity is a NonFiniteEmbeddingError naming `model` (the checkpoint the encoders come from) and the item.
     """
     kinds = KINDS if kind == "both" else (kind,)
     if kind not in KINDS + ("both",):
@@ -207,7 +221,7 @@ def embed_to_folder(
 
     pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
     fill_part = functools.partial(_embed_part, kinds=kinds, encoders=encoders, image_loader=image_loader,
-                                  batch_size=batch_size, pool=pool)
+                                  batch_size=batch_size, pool=pool, model=None if model is None else str(model))
     try:
         return write_parts(items, out_dir, fill_part, kinds=kinds, part_size=part_size, rank=rank,
                            world_size=world_size, progress=progress, total=total)

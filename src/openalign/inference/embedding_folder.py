@@ -72,6 +72,22 @@ class EmbeddingFolderError(OpenAlignError, ValueError):
     """An embedding folder is incomplete, inconsistent with the requested run, or holds a malformed part."""
 
 
+class NonFiniteEmbeddingError(EmbeddingFolderError):
+    """An embedding holds a NaN or an infinity (a model with broken weights); names the model or part and the
+    item. Such a vector matches nothing, so an index of them answers nothing, and scores of them rank nothing."""
+
+
+def first_non_finite(embeddings: np.ndarray) -> int | None:
+    """The first row of (n, D) embeddings that holds a NaN or an infinity; None when every value is finite.
+    Every reader of a folder calls it on every part, so float16 (the folder's type) is tested on its bits: an
+    exponent of all ones is an infinity or a NaN, and masking it costs a fraction of np.isfinite's float16 path."""
+    if embeddings.dtype == np.float16:
+        bad = (embeddings.view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(embeddings)
+    return int(np.argmax(bad.any(axis=1))) if bad.any() else None
+
+
 def part_name(part_index: int) -> str:
     """File stem of a part's markers: part-00042."""
     return f"part-{part_index:05d}"
@@ -380,6 +396,11 @@ def iter_embedding_parts(out_dir: str | Path, kind: str | None = None):
                 f"{out_dir / part['name']}: {embeddings.shape[0]} embeddings, {metadata.num_rows} metadata rows, "
                 f"summary says {part['count']}"
             )
+        if (row := first_non_finite(embeddings)) is not None:
+            raise NonFiniteEmbeddingError(
+                f"{embeddings_path(out_dir, part_index, kind, layout)}: row {row} "
+                f"({metadata.column('source')[row].as_py()}) is not finite (NaN or infinity): the model that wrote "
+                "it is broken; embed again with a sound checkpoint")
         yield embeddings, metadata
 
 

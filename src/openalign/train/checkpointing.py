@@ -32,12 +32,15 @@ import torch
 from openalign.errors import CheckpointError, ConfigError
 from openalign.files import DiskFullError, reporting_full_disk
 from openalign.model_config import AlignConfig
+from openalign.train.run_log import METRICS_NAME
+from openalign.untrusted import refuse_links
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 TRAINER_STATE_NAME = "trainer_state.pt"
 FILES_NAME = "files.json"
+CONFIG_NAME = "config.yaml"
 # What a run writes into its folder besides checkpoints, removed with them when a fresh run overwrites it.
 RUN_OUTPUTS = ("model", "model-ema", "plots", "tensorboard")
 
@@ -268,6 +271,16 @@ def prepare_fresh_run(run_dir: str | os.PathLike, overwrite: bool = False, remov
         shutil.rmtree(folder)
     for name in RUN_OUTPUTS:
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+
+def refuse_linked_entries(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder in which what a run writes (config.yaml, metrics.jsonl, checkpoints, model/, plots/,
+    ...) is a symbolic link: resuming a received folder would otherwise overwrite or empty files outside it.
+    An InputLimitError names the link."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        checkpoints = [folder.name for _, folder in list_checkpoints(run_dir)]
+        refuse_links(run_dir, [CONFIG_NAME, METRICS_NAME, *RUN_OUTPUTS, *checkpoints], "run folder")
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from openalign.data.shards import COMMAND_PREFIX  # a string value starting so names a command the reader runs
 from openalign.errors import ConfigError
+from openalign.untrusted import refuse_links
 
 try:
     import tomllib
@@ -217,8 +219,6 @@ TRAJECTORY_NEUTRAL = {
     "run.max_minutes", "run.progress", "run.tensorboard", "run.plots", "data.val", "data.val_max_samples",
     "data.num_workers", "data.cache_images", "distributed.backend",
 }
-# A string value starting so is a command that a shard reader runs (WebDataset's "pipe:" URLs).
-COMMAND_PREFIX = "pipe:"
 
 
 @dataclass
@@ -398,6 +398,7 @@ def resolve_run_config(config_path: str | Path | None, resume: str | None, overr
     if config_path is not None or not resume:
         return load_config(config_path, overrides, base)
     run_dir = Path(resume).parent if resume != "latest" else Path(load_config(None, overrides, base).run.out_dir)
+    refuse_links(run_dir, ["config.yaml"], "run folder")  # read from elsewhere, then overwritten there by the run
     run_config = run_dir / "config.yaml"
     return load_config(run_config if run_config.is_file() else None, overrides, base, trusted=trust_run_config)
 

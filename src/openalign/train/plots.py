@@ -11,6 +11,7 @@ from pathlib import Path
 from openalign.errors import ConfigError
 from openalign.figures import pyplot, save_figure
 from openalign.train.run_log import METRICS_NAME, read_metrics
+from openalign.untrusted import refuse_links
 
 PANELS = {  # file stem: (title, y label, [(metric key, legend label)], y limits)
     "loss": ("Loss", "loss", [("loss", "train"), ("val_loss", "validation"),
@@ -33,6 +34,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     plt = pyplot()
 
     run_dir = Path(run_dir)
+    refuse_links(run_dir, [METRICS_NAME] + (["plots"] if out_dir is None else []), "run folder")
     records = read_metrics(run_dir)
     if not records:
         raise ConfigError(f"{run_dir / METRICS_NAME} is missing or empty: nothing to plot")

@@ -181,7 +181,7 @@ def _train(config: TrainConfig, resume: str | None, info: WorldInfo, *, overwrit
     model = build_model(config, tokenizer.vocab_size)
     checkpoint_folder, trainer_state = _read_checkpoint(run, model, resume, force)
     if run.main:  # only once the run is accepted: a refused resume leaves the folder's config as it was
-        config.save(run.run_dir / "config.yaml")
+        config.save(run.run_dir / checkpointing.CONFIG_NAME)
     parts = _build(run, model, tokenizer)
     torch.manual_seed(config.run.seed + 1_000_003 * info.rank)  # dropout differs across ranks
     state = _RunState(total_steps=config.optim.total_steps, last_checkpoint=checkpoint_folder)
@@ -204,7 +204,8 @@ def _check_data(config: TrainConfig) -> None:
 
 
 def _start(config: TrainConfig, info: WorldInfo, fresh: bool, overwrite: bool) -> _Run:
-    """Check what the config asks of the device and, for a fresh run, that the folder holds no other run
+    """Check what the config asks of the device, that nothing the run writes in its folder is a symbolic link
+    (checkpointing.refuse_linked_entries) and, for a fresh run, that the folder holds no other run
     (checkpointing.prepare_fresh_run); create the run folder (rank 0) and seed every generator, so that every
     rank starts from the same initial weights."""
     run = config.run
@@ -217,6 +218,7 @@ def _start(config: TrainConfig, info: WorldInfo, fresh: bool, overwrite: bool) -
     if fsdp and run.ema_decay is not None:
         raise ConfigError("run.ema_decay is not supported with distributed.strategy = 'fsdp'")
     started = _Run(config, Path(run.out_dir), info, device, fsdp)
+    checkpointing.refuse_linked_entries(started.run_dir)
     if fresh:
         checkpointing.prepare_fresh_run(started.run_dir, overwrite, remove=started.main)
     if started.main:
