@@ -119,8 +119,22 @@ def run(args: argparse.Namespace) -> int:
         return run_similarity(args)
     report = run_filter(args.source, args.out, rule_config(args), output=args.output, progress=not args.quiet)
     print(format_report(report), end="")
-    print(f"outputs in {args.out}: {', '.join(sorted(report['outputs']))}, report.json, report.txt")
+    print(written_files(report["outputs"], args.out))
     return 0
+
+
+def written_files(outputs: dict, out: str) -> str:
+    """The closing line: the files a filter wrote, by name (a folder of shards as the folder and its count)."""
+    from pathlib import Path
+
+    names = []
+    for value in outputs.values():
+        if isinstance(value, list):
+            names.append(f"{Path(value[0]).parent if value else Path(out) / 'shards'}/ ({len(value)} shards)")
+        else:
+            names.append(str(value))
+    names += [str(Path(out) / "report.json"), str(Path(out) / "report.txt")]
+    return "wrote " + ", ".join(names)
 
 
 def run_similarity(args: argparse.Namespace) -> int:
@@ -157,5 +171,5 @@ def run_similarity(args: argparse.Namespace) -> int:
             return 0
     report = filter_by_scores(args.source, args.out, config, scores_from=args.scores_from)
     print(format_similarity_report(report), end="")
-    print(f"outputs in {args.out}: {', '.join(sorted(report['outputs']))}, report.json, report.txt")
+    print(written_files(report["outputs"], args.out))
     return 0

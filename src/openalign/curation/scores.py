@@ -4,7 +4,9 @@ Layout of a scoring folder:
 
     scoring.json       the model it was scored with and the part size (a rerun must use the same)
     embeddings/        an embedding folder of kind "both" (openalign.inference.embed): image and text parts
-    scores.parquet     one row per scored pair, in source order: index, key, caption, score (float32)
+    scores.parquet     one row per scored pair, in source order: index, key, caption, score (float32), and
+                       shuffled_score: the same image's cosine with another pair's caption of its part
+                       (openalign.curation.scorer_check: the yardstick of a scorer that has learnt nothing)
 
 `score_corpus` streams a manifest or WebDataset shards through `embed_to_folder`, so scoring has embed's
 guarantees: memory bounded by one part, parts written atomically, a rerun after a kill skips the finished parts
@@ -28,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from openalign.curation.scorer_check import shuffled_partners
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write
 from openalign.inference.embed import embed_to_folder
@@ -37,7 +40,7 @@ SCORES_FILE = "scores.parquet"
 SCORING_FILE = "scoring.json"
 EMBEDDINGS_FOLDER = "embeddings"
 SCORES_SCHEMA = pa.schema([("index", pa.int64()), ("key", pa.string()), ("caption", pa.string()),
-                           ("score", pa.float32())])
+                           ("score", pa.float32()), ("shuffled_score", pa.float32())])
 
 
 class CurationError(OpenAlignError, ValueError):
@@ -120,17 +123,21 @@ def pair_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np
 
 def write_scores(embeddings_folder: str | os.PathLike, path: str | os.PathLike) -> Path:
     """scores.parquet from a finished embedding folder of kind "both": one row group per part, written to a
-    temporary name and renamed into place."""
+    temporary name and renamed into place. Each pair's shuffled score pairs its image with the caption of
+    another pair of the same part (NaN in a part of one pair), so it costs a permutation and dot products."""
     path = Path(path)
 
     def write(temporary: Path) -> None:
         parts = zip(iter_embedding_parts(embeddings_folder, "image"), iter_embedding_parts(embeddings_folder, "text"))
         with pq.ParquetWriter(temporary, SCORES_SCHEMA) as writer:
-            for (image, metadata), (text, _) in parts:
+            for part, ((image, metadata), (text, _)) in enumerate(parts):
                 scores = pair_scores(image, text)
+                shuffled = (pair_scores(image, np.asarray(text)[shuffled_partners(len(text), part)])
+                            if len(text) > 1 else np.full(len(text), np.nan, dtype=np.float32))
                 writer.write_table(pa.table({
                     "index": metadata.column("index"), "key": metadata.column("source"),
                     "caption": metadata.column("caption"), "score": pa.array(scores, type=pa.float32()),
+                    "shuffled_score": pa.array(shuffled, type=pa.float32()),
                 }, schema=SCORES_SCHEMA))
 
     atomic_write(path, write, shared=True)
@@ -159,5 +166,9 @@ def read_scores(folder: str | os.PathLike, columns=("index", "score")) -> dict[s
     path = Path(folder) / SCORES_FILE
     if not path.is_file():
         raise CurationError(f"{path} does not exist: score the corpus first (openalign filter --similarity)")
+    missing = sorted(set(columns) - set(pq.read_schema(path).names))
+    if missing:
+        raise CurationError(f"{path} has no {', '.join(missing)} column (written by an earlier version): score the "
+                            "corpus again into a fresh folder")
     table = pq.read_table(path, columns=list(columns))
     return {name: table.column(name).to_numpy() for name in columns}
