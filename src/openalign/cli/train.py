@@ -117,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if _is_main_process():
         print(describe_run(result, config))
-    return 0
+    return 130 if result.stop_reason == "interrupted" else 0  # 130: the shell's status for Ctrl-C
 
 
 def _is_main_process() -> bool:

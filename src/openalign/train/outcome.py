@@ -15,6 +15,8 @@ def describe_run(result: Any, config: TrainConfig) -> str:
     """Lines for the end of a run: `result` is the trainer's TrainResult of a run of `config`."""
     metrics, settings = result.metrics, config.run
     planned = metrics.get("total_steps", config.optim.total_steps)
+    if result.stop_reason == "interrupted":
+        return describe_interruption(result, planned)
     if result.stop_reason == "time_budget":
         ending = f"stopped by the time budget ({settings.max_minutes:g} min) at step {result.step} of {planned}"
         warmup = config.optim.warmup_steps
@@ -46,3 +48,12 @@ def describe_run(result: Any, config: TrainConfig) -> str:
         f"  openalign plot {shlex.quote(str(result.run_dir))}",
     ]
     return "\n".join(lines)
+
+
+def describe_interruption(result: Any, planned: int) -> str:
+    """What an interrupted run says: the checkpoint it saved and the command that continues it (the run
+    folder's config.yaml holds the settings, so the folder and --resume are all it needs)."""
+    run_dir = shlex.quote(str(result.run_dir))
+    return (f"interrupted at step {result.step} of {planned}: saved {result.last_checkpoint}\n"
+            f"continue with the same command and --resume latest, e.g.:\n"
+            f"  openalign train --run.out_dir {run_dir} --resume latest")
