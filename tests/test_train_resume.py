@@ -102,19 +102,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path, extra):
 
 
 def test_sigint_saves_a_checkpoint_and_the_printed_resume_matches_an_uninterrupted_run(data, tmp_path):
-    """Ctrl-C long before the first checkpoint (every 1000 steps): the run saves one at the end of the step in
-    progress, exits 130 naming it and `--resume latest`, and the printed command continues it bit for bit."""
-    extra = {"run.checkpoint_every": 1000, "optim.total_steps": 12}
+    """Ctrl-C long before the first checkpoint (every 1000 steps), sent as a terminal sends it, to the process
+    group, data-loader workers included: the run saves a checkpoint at the end of the step in progress, exits 130
+    naming it and `--resume latest`, and the printed command continues it bit for bit."""
+    extra = {"run.checkpoint_every": 1000, "optim.total_steps": 12, "data.num_workers": 2}
     reference_dir, interrupted_dir = tmp_path / "reference", tmp_path / "interrupted"
     subprocess.run(_command(_write_config(data, reference_dir, extra)), check=True, env=_environment(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
 
     process = subprocess.Popen(_command(_write_config(data, interrupted_dir, extra)), env=_environment(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if any(record.get("step", 0) >= 3 for record in read_metrics(interrupted_dir)):
-            os.kill(process.pid, signal.SIGINT)
+            os.killpg(process.pid, signal.SIGINT)
             break
         time.sleep(0.02)
     printed, errors = process.communicate(timeout=120)
@@ -125,6 +126,7 @@ def test_sigint_saves_a_checkpoint_and_the_printed_resume_matches_an_uninterrupt
     assert 3 <= stopped_at < 12, "the run ended before it could be interrupted; make it longer"
     assert max(record["step"] for record in read_metrics(interrupted_dir)) == stopped_at  # the step in progress
     assert f"saved {checkpoints[0]}" in printed and "Traceback" not in errors
+    assert errors.count("finishing the step in progress") == 1  # said by the training process, not its workers
     resume = printed.strip().splitlines()[-1].split()
     assert resume[:2] == ["openalign", "train"] and resume[-2:] == ["--resume", "latest"]
 

@@ -11,6 +11,7 @@ removes, and the checkpoints before it intact) and a second SIGTERM terminates a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -23,11 +24,14 @@ class StopRequest:
     """A context that turns the first SIGINT or SIGTERM into a request to stop after the step in progress.
 
     Signal handlers can only be set from the main thread; elsewhere (a run started from a worker thread) the
-    context changes nothing and `requested` stays false."""
+    context changes nothing and `requested` stays false. Data-loader workers forked inside the context inherit
+    the handler, and a terminal's Ctrl-C reaches them too: there it does nothing, so they go on serving batches
+    while the training process decides."""
 
     def __init__(self):
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._process = os.getpid()
 
     @property
     def requested(self) -> bool:
@@ -46,6 +50,8 @@ class StopRequest:
         self._restore()
 
     def _handle(self, number: int, frame) -> None:
+        if os.getpid() != self._process:  # a forked data-loader worker
+            return
         self.signal_name = signal.Signals(number).name
         self._restore()  # a second signal acts at once
         logger.warning("%s: finishing the step in progress and saving a checkpoint; press Ctrl-C again to stop "
