@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from openalign.errors import ConfigError
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend, so figures are written without a display (servers, training nodes).
@@ -16,9 +18,25 @@ def pyplot():
     return plt
 
 
-def save_figure(figure, path: str | Path) -> Path:
-    """Lay out, write as PNG (100 dpi, parent folders created) and close the figure; returns the path."""
+def check_figure_path(path: str | Path) -> Path:
+    """`path` as a Path, after checking that matplotlib writes its extension: a mistyped one ("heat.jpgg") is a
+    ConfigError naming it and the ones that work, which a command can raise before any work rather than a
+    traceback after it. No extension writes PNG."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
+    extension = path.suffix.lower().lstrip(".")
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    if extension and extension not in supported:
+        raise ConfigError(f"{path}: a figure cannot be written as .{extension}; use .png, or one of "
+                          f"{', '.join('.' + name for name in supported)}")
+    return path
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Lay out, write (PNG unless the extension says otherwise; 100 dpi, parent folders created) and close the
+    figure; returns the path."""
+    path = check_figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

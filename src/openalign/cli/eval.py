@@ -95,7 +95,10 @@ def run_retrieval(args: argparse.Namespace) -> int:
 def run_zero_shot(args: argparse.Namespace) -> int:
     """Zero-shot metrics on class folders; per-class accuracy goes to the JSON, the table shows the totals."""
     from openalign.eval.runner import evaluate_zero_shot_folder
+    from openalign.figures import check_figure_path
 
+    if args.confusion:
+        check_figure_path(args.confusion)  # before the model loads
     metrics = evaluate_zero_shot_folder(encoders_from_arguments(args), args.folder, templates=args.templates,
                                         confusion_png=args.confusion)
     result = _report(metrics, f"zero-shot on {args.folder} (accuracy as a fraction of the images)", args)
