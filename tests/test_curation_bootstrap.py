@@ -11,6 +11,7 @@ learns these captions and not the generator's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -239,6 +240,9 @@ def test_each_run_after_the_first_starts_from_the_bootstrap_weights_or_from_scra
     assert (final.optim.total_steps, final.run.max_minutes) == (11, None)
     assert final.data.train == "kept.jsonl" and final.run.out_dir == str(tmp_path / "final")
     assert final.optim.lr == 1e-3
+    assert final.run.progress is False  # CurateConfig.progress is off (--quiet): no training bars either
+    shown = training_config(dataclasses.replace(config, progress=True), "kept.jsonl", "tok", tmp_path, None, True)
+    assert shown.run.progress is True
     with pytest.raises(ConfigError, match="start_from"):
         curate(CurateConfig(source="x", out_dir=str(tmp_path), start_from="halfway",
                             similarity=SimilarityConfig(keep_fraction=0.5)))

@@ -17,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Curate a noisy corpus: the paper's rules, a bootstrap model trained on what they keep, its "
                     "image-text similarity scores, keep the best, and train again; every stage in one folder, "
                     "resumable. Training settings: defaults < --recipe < --config < --set, for every training run.",
-        examples=("openalign curate data/train/manifest.jsonl --recipe cpu-small --keep-fraction 0.7 --out curated",
-                  "openalign curate 'shards/{00000..00999}.tar' --config run.yaml --rounds 2 --keep-fraction 0.5 "
-                  "--out curated"))
+        examples=("openalign curate data/train/manifest.jsonl --recipe cpu-small --min-side 48 "
+                  "--max-images-per-caption 10 --keep-fraction 0.7 --out curated   # rules for 64 px images",
+                  "openalign curate 'data/shards/train-*.tar' --config run.yaml --no-rules --rounds 2 "
+                  "--keep-fraction 0.5 --out curated"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet) or shard spec")
     parser.add_argument("--out", "-o", required=True, help="folder for every stage (rerun the same command to resume)")
     training = parser.add_argument_group("training")

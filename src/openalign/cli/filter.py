@@ -36,10 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Apply the ALIGN paper's data filters (image size and aspect, shared alt-texts, rare tokens, "
                     "caption length, near-duplicates of evaluation images) to a manifest or shards, with a report "
                     "of what each rule dropped; or, with --similarity, keep the pairs a model scores best.",
-        examples=("openalign filter data/train/manifest.jsonl --out filtered",
-                  "openalign filter shards/ --similarity -m runs/first/model --keep-fraction 0.5 --out kept",
-                  "torchrun --nproc-per-node 4 -m openalign filter shards/ --similarity -m ckpt --keep-fraction 0.3 "
-                  "--out kept"))
+        examples=("openalign filter data/train/manifest.jsonl --min-side 48 --max-images-per-caption 10 --out filtered"
+                  "   # thresholds for 64 px images",
+                  "openalign filter 'data/shards/train-*.tar' --similarity -m runs/first/model --keep-fraction 0.5 "
+                  "--out kept",
+                  "torchrun --nproc-per-node 4 -m openalign filter 'data/shards/train-*.tar' --similarity "
+                  "-m runs/first/model --keep-fraction 0.3 --out kept"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet), shard spec, or image folder")
     parser.add_argument("--out", "-o", required=True, help="folder for the kept pairs, dropped.jsonl and reports")
     parser.add_argument("--format", dest="output", choices=("auto", "manifest", "shards"), default="auto",

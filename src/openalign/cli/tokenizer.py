@@ -12,7 +12,7 @@ from openalign.cli._help import add_command
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenizer` command and its `train` sub-command."""
     examples = ("openalign tokenizer train data/train/manifest.jsonl --vocab-size 400 --out tokenizer",
-                "openalign tokenizer train captions.txt 'shards/{00000..00099}.tar' --vocab-size 30000 --out tok")
+                "openalign tokenizer train captions.txt 'data/shards/train-*.tar' --vocab-size 30000 --out tok")
     parser = add_command(subparsers, "tokenizer", help="train a WordPiece vocabulary on captions",
                          examples=examples)
     actions = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION")

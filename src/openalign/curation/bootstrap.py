@@ -209,7 +209,8 @@ def training_config(config: CurateConfig, source: str, tokenizer: str, run_dir: 
 
     init_from = previous_model if config.start_from == "bootstrap" else None
     minutes = config.minutes if final else config.bootstrap_minutes
-    overrides = {**config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
+    quiet = {} if config.progress else {"run.progress": False}  # curate --quiet: no training bars either
+    overrides = {**quiet, **config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
                  "run.out_dir": str(run_dir), "optim.total_steps": config.steps if final else config.bootstrap_steps,
                  "model.init_from": init_from}
     if minutes is not None:  # a limit on a run of the steps asked for, not a budget to fit the steps to
