@@ -108,3 +108,34 @@ def test_retrieval_needs_a_caption_per_row(tmp_path):
     manifest = write_manifest([{"image": str(images[0]), "caption": ""}], tmp_path / "bad.csv")
     with pytest.raises(EvalDataError, match="no caption"):
         read_caption_set(manifest)
+
+
+def test_retrieval_reads_every_source_of_pairs_that_train_reads(checkpoint, tmp_path, capsys):
+    """A manifest, an image folder with .txt captions and shards of the same pairs give the same figures; a
+    caption file (captions without images) is refused in one line."""
+    from openalign.data.sources import Record, write_shards
+
+    folder = tmp_path / "photos"
+    images = make_images(folder, 5)
+    for image, caption in zip(images, CAPTIONS):
+        image.with_suffix(".txt").write_text(caption + "\n")
+    manifest = write_manifest([{"image": str(image), "caption": caption} for image, caption in zip(images, CAPTIONS)],
+                              tmp_path / "pairs.jsonl")
+    records = [Record(key=f"pair-{index}", caption=caption, image_bytes=image.read_bytes(), image_ext="png")
+               for index, (image, caption) in enumerate(zip(images, CAPTIONS))]
+    shards = str(tmp_path / "shards")  # a folder of shards, as train takes it
+    assert len(write_shards(records, shards, samples_per_shard=3)) == 2
+    results = {source: _run_json(capsys, ["eval", "retrieval", source, "-m", str(checkpoint), "--json"])
+               for source in (str(manifest), str(folder), shards)}
+    expected = retrieval_metrics(direct_image_embeddings(checkpoint, images),
+                                 direct_text_embeddings(checkpoint, CAPTIONS[:5]), np.arange(5))
+    for source, metrics in results.items():
+        assert metrics["num_images"] == metrics["num_texts"] == 5, source
+        for key in ("image_to_text_r1", "text_to_image_r1", "image_to_text_mean_rank"):
+            assert metrics[key] == pytest.approx(expected[key]), (source, key)
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS[:5]) + "\n")
+    assert main(["eval", "retrieval", str(captions), "-m", str(checkpoint)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "has no image" in error, error

@@ -112,6 +112,18 @@ def test_compare_matrix_equals_direct_cosines_and_draws_a_heatmap(checkpoint, im
         plot_similarity_heatmap(images, texts[:1], np.zeros((3, 2)), tmp_path / "wrong.png")
 
 
+def test_a_figure_extension_matplotlib_cannot_write_is_one_line_before_any_work(images, tmp_path, capsys):
+    # The model does not exist: the extension is refused first, and nothing is loaded.
+    assert main(["compare", str(images[0]), "-t", "a dog", "-m", str(tmp_path / "no-model"), "--out",
+                 str(tmp_path / "heat.jpgg")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "heat.jpgg: a figure cannot be written as .jpgg" in error, error
+    assert ".png" in error and ".svg" in error and not (tmp_path / "heat.jpgg").exists()
+    assert main(["eval", "zero-shot", str(tmp_path), "-m", str(tmp_path / "no-model"), "--confusion",
+                 str(tmp_path / "confusion.pnj")]) == 1
+    assert "cannot be written as .pnj" in capsys.readouterr().err
+
+
 def test_heatmap_colour_scale_can_be_fixed_so_pictures_compare(images, tmp_path, monkeypatch):
     from openalign.eval import heatmap
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from openalign.cli import main
+from openalign.curation.scorer_check import check_scorer, given_over_shuffled_auc, shuffled_partners
 from openalign.curation.scores import score_corpus
 from openalign.curation.similarity_filter import load_scoring_encoders
 from openalign.data.sources import iter_records, write_manifest
@@ -79,6 +80,38 @@ def test_scores_are_the_dot_products_of_embed_and_of_the_model(scored, checkpoin
     np.testing.assert_allclose(scores, (images * texts).sum(1).numpy(), atol=3e-3)
 
 
+def test_shuffled_scores_pair_each_image_with_another_caption_of_its_part(scored):
+    image, metadata = read_embedding_folder(scored / "embeddings", "image")
+    text, _ = read_embedding_folder(scored / "embeddings", "text")
+    shuffled = pq.read_table(scored / "scores.parquet").column("shuffled_score").to_numpy()
+    for part, start in enumerate(range(0, PAIRS, 7)):  # --part-size 7: parts of 7, 7, 7 and 3 pairs
+        rows = np.arange(start, min(start + 7, PAIRS))
+        partners = shuffled_partners(len(rows), part)
+        assert sorted(partners) == list(range(len(rows))) and not (partners == np.arange(len(rows))).any()
+        expected = (image[rows].astype(np.float32) * text[rows][partners].astype(np.float32)).sum(1)
+        np.testing.assert_allclose(shuffled[rows], expected, atol=1e-6)
+
+
+def test_the_scorer_check_finds_a_random_model_weak_and_says_what_to_do(scored, capsys):
+    report = json.loads((scored / "report.json").read_text())
+    check = report["scorer_check"]  # `checkpoint` is a randomly initialised model: it has learnt nothing
+    assert check["weak"] and check["pairs"] == PAIRS and abs(check["auc"] - 0.5) < 0.15
+    scores = pq.read_table(scored / "scores.parquet").column("score").to_numpy()
+    assert check["spread"] == pytest.approx(float(scores.std()), abs=1e-4)
+    text = (scored / "report.txt").read_text()
+    assert "scorer check: WEAK" in text and "train the scorer longer" in text and "better model" in text
+
+
+def test_the_auc_is_the_share_of_given_shuffled_pairs_in_order():
+    rng = np.random.default_rng(0)
+    given, shuffled = rng.normal(0.2, 1, 50).round(1), rng.normal(0, 1, 40).round(1)  # rounded: ties too
+    brute = np.mean([(g > s) + 0.5 * (g == s) for g in given for s in shuffled])
+    assert given_over_shuffled_auc(given, shuffled) == pytest.approx(brute, abs=1e-12)
+    learnt = check_scorer(given + 3, given)  # every given pair well above its shuffled one
+    assert not learnt["weak"] and learnt["auc"] > 0.9
+    assert check_scorer(np.full(30, 0.3), np.full(30, 0.3))["weak"]  # a collapsed scorer: no spread, no gap
+
+
 def test_kept_and_dropped_pairs_and_the_label_figures_match_the_generator(scored, corpus):
     report = json.loads((scored / "report.json").read_text())
     scores = pq.read_table(scored / "scores.parquet").column("score").to_numpy()
@@ -134,6 +167,21 @@ def test_saved_scores_rethreshold_without_a_model(scored, corpus, tmp_path):
     assert report["kept"] == int((scores >= np.float32(threshold)).sum()) == PAIRS - PAIRS // 3
     assert report["selection"]["rule"] == "min_similarity" and report["selection"]["kept_by_fraction"] == 22
     assert not (tmp_path / "again" / "embeddings").exists() and report["scores_from"] == str(scored)
+
+
+def test_the_closing_line_names_the_files_written_and_scores_read_as_they_matter(scored, corpus, tmp_path,
+                                                                                   capsys):
+    assert _filter(corpus["manifest"], tmp_path / "again", "--scores-from", scored, "--keep-fraction", 0.5) == 0
+    printed = capsys.readouterr().out
+    closing = printed.strip().splitlines()[-1]
+    assert closing.startswith("wrote ")
+    written = closing.removeprefix("wrote ").split(", ")
+    assert {Path(name).name for name in written} == {"manifest.jsonl", "dropped.jsonl", "scores.parquet",
+                                                     "scores.png", "report.json", "report.txt"}
+    assert all(Path(name).is_file() for name in written)
+    lowest = json.loads((tmp_path / "again" / "report.json").read_text())["selection"]["lowest_kept_score"]
+    assert lowest == round(lowest, 6)  # not float32's value widened to 17 digits
+    assert f"lowest kept score {lowest:.4f}\n" in printed
 
 
 def test_an_interrupted_scoring_resumes_to_the_bytes_of_an_uninterrupted_one(checkpoint, corpus, tmp_path):

@@ -58,3 +58,13 @@ def test_counts_match_what_iter_records_yields(tmp_path, records):
     for source in sources:
         assert count_records(source) == len(list(iter_records(source))), source
     assert count_records(f"pipe:cat {tmp_path / 'shards'}/shard-00000.tar") is None  # a stream is read once
+
+
+def test_tokenizer_train_prints_its_lines_and_no_blank_ones(tmp_path, records, capfd):
+    """Off a terminal, tokenizers' progress bars (written to the stdout file, below Python) leave blank lines."""
+    from openalign.cli import main
+
+    manifest = write_manifest(records, tmp_path / "manifest.jsonl")
+    assert main(["tokenizer", "train", str(manifest), "--vocab-size", "60", "--out", str(tmp_path / "tok")]) == 0
+    printed = capfd.readouterr().out
+    assert printed.startswith("wrote a ") and "" not in printed.splitlines(), repr(printed)

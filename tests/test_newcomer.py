@@ -59,6 +59,16 @@ def run(arguments: list[str], cwd: Path, environment: dict) -> subprocess.Comple
     return completed
 
 
+def refused(arguments: list[str], cwd: Path, environment: dict) -> str:
+    """Run a command that must fail: one line on stderr (argparse's usage aside), no traceback; returns it."""
+    arguments = [shutil.which("openalign") or sys.exit("openalign is not installed"), *arguments[1:]]
+    completed = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0 and "traceback" not in completed.stderr.lower(), completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if line.strip() and not line.startswith((" ", "usage:"))]
+    assert len(lines) == 1, completed.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory):
     """The train block, run once: (working folder, environment, {command: its output})."""
@@ -119,3 +129,40 @@ def test_the_same_model_as_a_hub_id_and_the_other_blocks(walked):
     assert json.loads((folder / "model-onnx" / "export.json").read_text())["processor"]["max_length"] == 16
     similarities = [float(line.split()[0]) for line in outputs["onnx: python model-onnx/example.py"].splitlines()]
     assert len(similarities) == 2 and all(-1.0 <= value <= 1.0 for value in similarities)
+
+
+def test_the_second_walk_says_what_each_step_reached_and_what_to_do(walked):
+    """What the second walk found silent or unclear (issue 26), on the walk's own data and model."""
+    folder, environment, outputs = walked
+    assert "" not in outputs["openalign tokenizer"].splitlines()  # no blank lines from the vocabulary's bars
+    trained = outputs["openalign train"]  # how far the run got, and what a usable model takes
+    assert re.search(r"mean R@1 is \d+\.\d times chance", trained)
+    assert "the demo's usable model took about 1,000 steps of 256 over 20,000 pairs" in trained
+
+    # The walk's model trained for seconds: filtering by it says whether it separates anything, and names its files.
+    scored = run(["openalign", "filter", "data/train/manifest.jsonl", "--similarity", "-m", "runs/first/model",
+                  "--keep-fraction", "0.7", "--out", "scored", "--quiet"], folder, environment).stdout
+    assert "scorer check: " in scored and scored.strip().splitlines()[-1].startswith("wrote scored/manifest.jsonl")
+    if "WEAK" in scored:
+        assert "train the scorer longer" in scored
+
+    # An image folder with .txt captions is a source of pairs for eval, as for train and embed.
+    captioned = folder / "captioned"
+    captioned.mkdir()
+    for line in (folder / "data" / "heldout" / "manifest.jsonl").read_text().splitlines()[:10]:
+        row = json.loads(line)
+        shutil.copy(folder / "data" / "heldout" / row["image_path"], captioned / f"{row['key']}.jpg")
+        (captioned / f"{row['key']}.txt").write_text(row["caption"])
+    assert "recall as a fraction" in run(["openalign", "eval", "retrieval", "captioned", "-m", "runs/first/model"],
+                                         folder, environment).stdout
+
+    # train takes the names the other commands use, and a mistyped key gets the nearest one.
+    printed = run(["openalign", "train", "--device", "cpu", "--out", "runs/x", "--print-config"], folder,
+                  environment).stdout
+    assert "device: cpu" in printed and "out_dir: runs/x" in printed
+    error = refused(["openalign", "train", "--optim.learning_rate", "3e-4", "--print-config"], folder, environment)
+    assert "did you mean --optim.lr?" in error
+    # A figure extension that cannot be written: one line naming it, before the model loads.
+    error = refused(["openalign", "compare", "cat.jpg", "-t", "a cat", "-m", "runs/first/model", "--out", "heat.jpgg"],
+                    folder, environment)
+    assert "cannot be written as .jpgg" in error and ".png" in error

@@ -113,3 +113,48 @@ def test_print_config_prints_what_a_run_would_use(capsys, tmp_path, monkeypatch)
     expected = load_config(overrides={"optim.lr": "5e-4", "data.train": "pairs.jsonl"}, base=get_recipe("cpu-small"))
     assert TrainConfig.from_dict(yaml.safe_load(printed)) == expected
     assert not (tmp_path / "runs").exists()  # printed, not run
+
+
+def test_the_names_other_commands_use_are_shorthands_for_their_keys(capsys, tmp_path, monkeypatch):
+    from openalign.cli import main
+    from openalign.cli.train import SHORTHANDS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--device", "cpu", "--out", "runs/x", "-m", "runs/first/model", "--data", "pairs.jsonl",
+                 "--tokenizer", "tok", "--steps", "7", "--minutes", "2", "--batch-size", "8", "--seed", "3",
+                 "--preset", "tiny", "--print-config"]) == 0
+    printed = TrainConfig.from_dict(yaml.safe_load(capsys.readouterr().out))
+    expected = load_config(overrides={
+        "run.device": "cpu", "run.out_dir": "runs/x", "model.init_from": "runs/first/model",
+        "data.train": "pairs.jsonl", "data.tokenizer": "tok", "optim.total_steps": 7, "run.max_minutes": 2.0,
+        "optim.batch_size": 8, "run.seed": 3, "model.preset": "tiny"})
+    assert printed == expected
+    assert set(SHORTHANDS.values()) <= set(field_names())
+    # Where a shorthand and its key are both given, the later one wins, as with any repeated flag.
+    assert main(["train", "--device", "cpu", "--run.device", "cuda", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["device"] == "cuda"
+
+
+@pytest.mark.parametrize("arguments, suggested", [
+    (["--optim.learning_rate", "3e-4"], "did you mean --optim.lr?"),
+    (["--run.out-dir", "x"], "did you mean --run.out_dir?"),
+    (["--lr", "3e-4"], "did you mean --optim.lr?"),
+    (["--optim.batchsize", "8"], "did you mean --optim.batch_size?"),
+    (["--optim.max_steps", "8"], "did you mean --optim.total_steps"),
+])
+def test_a_mistyped_flag_gets_the_nearest_key(arguments, suggested, capsys):
+    from openalign.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", *arguments, "--print-config"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "openalign train: error: unrecognized arguments" in error and suggested in error, error
+
+
+def test_a_mistyped_key_in_set_or_a_file_gets_the_nearest_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean optim\.lr\?"):
+        load_config(overrides=["optim.learning_rate=3e-4"])
+    (tmp_path / "run.yaml").write_text("run:\n  outdir: runs/x\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml.*did you mean run\.out_dir\?"):
+        load_config(tmp_path / "run.yaml")

@@ -80,6 +80,41 @@ def test_plots_draw_temperature_on_a_linear_axis_and_chance_as_a_dashed_line(lea
     assert all(line.get_linestyle() == "-" for line in recall.get_lines() if line is not chance)
 
 
+def test_a_single_validation_is_a_point_at_its_step_on_an_axis_spanning_the_run(tmp_path, monkeypatch):
+    from openalign.train import plots
+
+    records = [{"step": step, "loss": 4 - step / 100, "temperature": 0.07, "lr": 1e-3} for step in range(10, 251, 10)]
+    records.append({"step": 250, "val_loss": 3.9, "val_image_to_text_r1": 0.05, "val_image_to_text_r5": 0.2,
+                    "val_text_to_image_r1": 0.04, "val_text_to_image_r5": 0.18, "val_chance_r1": 1 / 60})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.setdefault(path.stem, figure) and path)
+    plots.plot_run(tmp_path)
+    recall = figures["val_recall"].axes[0]
+    points = [line for line in recall.get_lines() if not line.get_label().startswith("chance")]
+    assert len(points) == 4 and all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in points)
+    assert "(0.05)" in points[0].get_label()  # the value, since there is no curve to read it from
+    left, right = recall.get_xlim()
+    assert left == 0 and right >= 250  # the point sits at the end of the run, not alone in an empty axis
+    loss_lines = figures["loss"].axes[0].get_lines()
+    assert [line.get_linestyle() for line in loss_lines if line.get_label().startswith("validation")] == ["None"]
+
+
+def test_the_end_of_a_run_says_how_far_it_got_and_what_a_usable_model_takes(learned_run):
+    from openalign.train.config import load_config
+    from openalign.train.outcome import describe_run
+
+    config = load_config(learned_run.run_dir / "config.yaml")
+    said = describe_run(learned_run, config)
+    metrics = learned_run.metrics
+    times = (metrics["val_image_to_text_r1"] + metrics["val_text_to_image_r1"]) / 2 / metrics["val_chance_r1"]
+    assert f"mean R@1 is {times:.1f} times chance: it has learnt something" in said
+    assert "this run: 70 steps of 32 over 320 pairs; the demo's usable model took about 1,000 steps of 256" in said
+    at_chance = dataclasses.replace(learned_run, metrics={**metrics, "val_image_to_text_r1": 1 / 128,
+                                                          "val_text_to_image_r1": 1 / 128})
+    assert "1.0 times chance: hardly above it" in describe_run(at_chance, config)
+
+
 def test_model_and_checkpoints_hold_the_processor_the_run_validated_with(learned_run, data):
     """model/ and every checkpoint carry the tokenizer (cutting where training cut) and the image settings; the
     pixels they give are the validation transform's (the oracle: what the run's recall was measured on)."""

@@ -75,10 +75,37 @@ def describe_error(error: BaseException) -> str | None:
     return None
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit with the command's usage and what it did not recognise, each unknown option with the nearest
+    options the command has (train's --optim.learning_rate: did you mean --optim.lr?)."""
+    from openalign.errors import did_you_mean
+
+    command = _find_parser(parser, getattr(args, "command_name", parser.prog)) or parser
+    options = [option for action in command._actions for option in action.option_strings]
+    described = [f"{word}{did_you_mean(word.split('=')[0], options)}" if word.startswith("-") else word
+                 for word in unknown]
+    command.error(f"unrecognized arguments: {' '.join(described)}")
+
+
+def _find_parser(parser: argparse.ArgumentParser, prog: str) -> argparse.ArgumentParser | None:
+    """The (sub-)command parser named `prog` ("openalign eval retrieval") under `parser`."""
+    if parser.prog == prog:
+        return parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                found = _find_parser(subparser, prog)
+                if found is not None:
+                    return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every openalign error is one line on stderr and a non-zero exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

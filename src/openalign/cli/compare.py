@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute the matrix, draw it, print it."""
     from openalign.eval.heatmap import format_matrix, plot_similarity_heatmap, similarity_matrix
+    from openalign.figures import check_figure_path
 
+    check_figure_path(args.out)  # before the model loads: a mistyped extension costs nothing
     encoders = encoders_from_arguments(args)
     matrix = similarity_matrix(encoders, args.images, args.texts)
     path = plot_similarity_heatmap(args.images, args.texts, matrix, args.out, scale=args.scale)

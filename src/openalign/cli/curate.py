@@ -17,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Curate a noisy corpus: the paper's rules, a bootstrap model trained on what they keep, its "
                     "image-text similarity scores, keep the best, and train again; every stage in one folder, "
                     "resumable. Training settings: defaults < --recipe < --config < --set, for every training run.",
-        examples=("openalign curate data/train/manifest.jsonl --recipe cpu-small --keep-fraction 0.7 --out curated",
-                  "openalign curate 'shards/{00000..00999}.tar' --config run.yaml --rounds 2 --keep-fraction 0.5 "
-                  "--out curated"))
+        examples=("openalign curate data/train/manifest.jsonl --recipe cpu-small --min-side 48 "
+                  "--max-images-per-caption 10 --keep-fraction 0.7 --out curated   # rules for 64 px images",
+                  "openalign curate 'data/shards/train-*.tar' --config run.yaml --no-rules --rounds 2 "
+                  "--keep-fraction 0.5 --out curated"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet) or shard spec")
     parser.add_argument("--out", "-o", required=True, help="folder for every stage (rerun the same command to resume)")
     training = parser.add_argument_group("training")
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     similarity.add_argument("--label-field", default="noise", help="record field with noise labels, for the "
                             "report's precision and recall")
     similarity.add_argument("--device", default="auto", help="device that scores (auto, cpu, cuda, ...)")
+    similarity.add_argument("--allow-weak-scorer", action="store_true",
+                            help="train on what a scorer kept even when it tells pairs from shuffled captions no "
+                                 "better than chance (refused otherwise: its kept pairs are about a random draw)")
     rules = parser.add_argument_group("rules", "the paper's filters, applied first")
     rules.add_argument("--no-rules", action="store_true", help="skip the rules: score the source as it is")
     add_rule_arguments(rules)
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         train_overrides=dict(parse_override(text) for text in args.set), tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, bootstrap_steps=args.bootstrap_steps, bootstrap_minutes=args.bootstrap_minutes,
         steps=args.steps, minutes=args.minutes, rounds=args.rounds, start_from=args.start_from, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, allow_weak_scorer=args.allow_weak_scorer,
     )
     report = curate(config)
     print(format_curate_report(report), end="")

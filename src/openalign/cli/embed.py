@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         examples=("openalign embed photos/ -m runs/first/model --out embeddings",
                   "openalign embed data/heldout/manifest.jsonl -m kakaobrain/align-base --kind both --out emb",
                   "openalign embed captions.txt -m runs/first/model --out text-embeddings",
-                  "torchrun --nproc-per-node 4 -m openalign embed 'shards/{00000..00999}.tar' -m ckpt --out emb"))
+                  "torchrun --nproc-per-node 4 -m openalign embed 'data/shards/train-*.tar' -m runs/first/model "
+                  "--out train-embeddings"))
     parser.add_argument("sources", nargs="+", help="image folder, manifest, shard spec, or .txt of captions")
     parser.add_argument("--out", "-o", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--kind", default="auto", choices=("auto", "image", "text", "both"),

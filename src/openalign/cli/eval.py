@@ -1,6 +1,7 @@
 """`openalign eval retrieval|zero-shot|knn --model CKPT ...`: metrics printed as a table, or as JSON.
 
     openalign eval retrieval captions.csv --model ckpt               # Karpathy-protocol R@1/5/10 both ways
+    openalign eval retrieval photos/ --model ckpt                    # or any source of pairs train takes
     openalign eval zero-shot imagenet/val --model ckpt --confusion cm.png
     openalign eval knn --train imagenet/train --test imagenet/val --model ckpt -k 20
 """
@@ -22,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its retrieval / zero-shot / knn sub-commands."""
     examples = {
         "retrieval": ("openalign eval retrieval data/heldout/manifest.jsonl -m runs/first/model",
+                      "openalign eval retrieval photos/ -m runs/first/model   # images with .txt captions",
                       "openalign eval retrieval coco-karpathy-test.csv -m kakaobrain/align-base --out coco.json"),
         "zero-shot": ("openalign eval zero-shot imagenet/val -m runs/first/model --confusion confusion.png",),
         "knn": ("openalign eval knn --train imagenet/train --test imagenet/val -m runs/first/model -k 20",),
@@ -31,13 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tasks = parser.add_subparsers(dest="eval_task", metavar="TASK")
 
     retrieval = add_command(
-        tasks, "retrieval", help="image-text retrieval on a manifest with several captions per image",
-        description="Image-text retrieval on a manifest of (image, caption) rows, several captions per image "
-                    "(Karpathy protocol): recall@1/5/10 both ways as fractions of the queries, and mean and "
-                    "median rank.", examples=examples["retrieval"])
-    retrieval.add_argument("manifest", help="CSV/TSV/JSONL/Parquet manifest, one row per (image, caption)")
-    retrieval.add_argument("--image-column", help="image column (default: detected)")
-    retrieval.add_argument("--caption-column", help="caption column (default: detected)")
+        tasks, "retrieval", help="image-text retrieval on image-caption pairs, one or several captions per image",
+        description="Image-text retrieval on (image, caption) pairs, from any source train takes; rows of a "
+                    "manifest naming the same image are its captions (Karpathy protocol): recall@1/5/10 both "
+                    "ways as fractions of the queries, and mean and median rank.", examples=examples["retrieval"])
+    retrieval.add_argument("source", help="a CSV/TSV/JSONL/Parquet manifest (one row per (image, caption)), an "
+                                          "image folder with .txt captions, shards, or a caption file")
+    retrieval.add_argument("--image-column", help="a manifest's image column (default: detected)")
+    retrieval.add_argument("--caption-column", help="a manifest's caption column (default: detected)")
     add_model_arguments(retrieval)
     _add_output_arguments(retrieval)
     retrieval.set_defaults(func=run_retrieval)
@@ -80,19 +83,22 @@ def _report(metrics: dict, title: str, args: argparse.Namespace) -> int:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    """Retrieval metrics on a caption manifest."""
-    from openalign.eval.runner import evaluate_retrieval_manifest
+    """Retrieval metrics on a source of pairs."""
+    from openalign.eval.runner import evaluate_retrieval_pairs
 
-    metrics = evaluate_retrieval_manifest(encoders_from_arguments(args), args.manifest,
-                                          image_column=args.image_column, caption_column=args.caption_column)
-    return _report(metrics, f"retrieval on {args.manifest} (recall as a fraction of the queries; ties broken at "
+    metrics = evaluate_retrieval_pairs(encoders_from_arguments(args), args.source,
+                                       image_column=args.image_column, caption_column=args.caption_column)
+    return _report(metrics, f"retrieval on {args.source} (recall as a fraction of the queries; ties broken at "
                             "random, expected value)", args)
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
     """Zero-shot metrics on class folders; per-class accuracy goes to the JSON, the table shows the totals."""
     from openalign.eval.runner import evaluate_zero_shot_folder
+    from openalign.figures import check_figure_path
 
+    if args.confusion:
+        check_figure_path(args.confusion)  # before the model loads
     metrics = evaluate_zero_shot_folder(encoders_from_arguments(args), args.folder, templates=args.templates,
                                         confusion_png=args.confusion)
     result = _report(metrics, f"zero-shot on {args.folder} (accuracy as a fraction of the images)", args)

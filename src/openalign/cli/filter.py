@@ -36,10 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Apply the ALIGN paper's data filters (image size and aspect, shared alt-texts, rare tokens, "
                     "caption length, near-duplicates of evaluation images) to a manifest or shards, with a report "
                     "of what each rule dropped; or, with --similarity, keep the pairs a model scores best.",
-        examples=("openalign filter data/train/manifest.jsonl --out filtered",
-                  "openalign filter shards/ --similarity -m runs/first/model --keep-fraction 0.5 --out kept",
-                  "torchrun --nproc-per-node 4 -m openalign filter shards/ --similarity -m ckpt --keep-fraction 0.3 "
-                  "--out kept"))
+        examples=("openalign filter data/train/manifest.jsonl --min-side 48 --max-images-per-caption 10 --out filtered"
+                  "   # thresholds for 64 px images",
+                  "openalign filter 'data/shards/train-*.tar' --similarity -m runs/first/model --keep-fraction 0.5 "
+                  "--out kept",
+                  "torchrun --nproc-per-node 4 -m openalign filter 'data/shards/train-*.tar' --similarity "
+                  "-m runs/first/model --keep-fraction 0.3 --out kept"))
     parser.add_argument("source", help="a manifest (.csv/.tsv/.jsonl/.parquet), shard spec, or image folder")
     parser.add_argument("--out", "-o", required=True, help="folder for the kept pairs, dropped.jsonl and reports")
     parser.add_argument("--format", dest="output", choices=("auto", "manifest", "shards"), default="auto",
@@ -119,8 +121,22 @@ def run(args: argparse.Namespace) -> int:
         return run_similarity(args)
     report = run_filter(args.source, args.out, rule_config(args), output=args.output, progress=not args.quiet)
     print(format_report(report), end="")
-    print(f"outputs in {args.out}: {', '.join(sorted(report['outputs']))}, report.json, report.txt")
+    print(written_files(report["outputs"], args.out))
     return 0
+
+
+def written_files(outputs: dict, out: str) -> str:
+    """The closing line: the files a filter wrote, by name (a folder of shards as the folder and its count)."""
+    from pathlib import Path
+
+    names = []
+    for value in outputs.values():
+        if isinstance(value, list):
+            names.append(f"{Path(value[0]).parent if value else Path(out) / 'shards'}/ ({len(value)} shards)")
+        else:
+            names.append(str(value))
+    names += [str(Path(out) / "report.json"), str(Path(out) / "report.txt")]
+    return "wrote " + ", ".join(names)
 
 
 def run_similarity(args: argparse.Namespace) -> int:
@@ -157,5 +173,5 @@ def run_similarity(args: argparse.Namespace) -> int:
             return 0
     report = filter_by_scores(args.source, args.out, config, scores_from=args.scores_from)
     print(format_similarity_report(report), end="")
-    print(f"outputs in {args.out}: {', '.join(sorted(report['outputs']))}, report.json, report.txt")
+    print(written_files(report["outputs"], args.out))
     return 0

@@ -4,6 +4,7 @@ manifests, caption files, shards or image folders."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from openalign.cli._help import add_command
 
@@ -11,7 +12,7 @@ from openalign.cli._help import add_command
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenizer` command and its `train` sub-command."""
     examples = ("openalign tokenizer train data/train/manifest.jsonl --vocab-size 400 --out tokenizer",
-                "openalign tokenizer train captions.txt 'shards/{00000..00099}.tar' --vocab-size 30000 --out tok")
+                "openalign tokenizer train captions.txt 'data/shards/train-*.tar' --vocab-size 30000 --out tok")
     parser = add_command(subparsers, "tokenizer", help="train a WordPiece vocabulary on captions",
                          examples=examples)
     actions = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION")
@@ -36,8 +37,9 @@ def run_train(args: argparse.Namespace) -> int:
     from openalign.data.sources import is_caption_file
     from openalign.data.vocabulary import train_tokenizer
 
+    # tokenizers draws its bars on stdout, and off a terminal leaves a blank line for each.
     tokenizer = train_tokenizer(args.sources, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                                lowercase=not args.no_lowercase, show_progress=not args.quiet)
+                                lowercase=not args.no_lowercase, show_progress=not args.quiet and sys.stdout.isatty())
     print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.out}")
     if not is_caption_file(args.sources[0]):  # pairs to train on: say how
         print(f"next: openalign train --recipe cpu-small --data.train {args.sources[0]} --data.tokenizer {args.out}")

@@ -15,9 +15,26 @@ EXAMPLES = (
     "openalign train --recipe cpu-small --data.train data/train/manifest.jsonl --data.val "
     "data/heldout/manifest.jsonl --data.tokenizer tokenizer --run.out_dir runs/first --run.max_minutes 5",
     "openalign train --config run.yaml --optim.lr 5e-4 --print-config",
+    "openalign train --config run.yaml --device cuda --out runs/gpu   # shorthands for --run.device, --run.out_dir",
     "openalign train --config run.yaml --resume latest",
     "torchrun --standalone --nproc_per_node 8 -m openalign train --config run.yaml",
 )
+
+
+# The names other commands give these settings, accepted here as the config keys they stand for (the last
+# given wins when a shorthand and its key are both on the line).
+SHORTHANDS = {
+    ("--out", "-o"): "run.out_dir",
+    ("--device",): "run.device",
+    ("--model", "-m"): "model.init_from",
+    ("--preset",): "model.preset",
+    ("--data",): "data.train",
+    ("--tokenizer",): "data.tokenizer",
+    ("--steps",): "optim.total_steps",
+    ("--minutes",): "run.max_minutes",
+    ("--batch-size",): "optim.batch_size",
+    ("--seed",): "run.seed",
+}
 
 
 class _FieldHelpFormatter(HelpFormatter):
@@ -45,14 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "time; the run folder gets config.yaml, metrics.jsonl, checkpoints and model/ (weights, "
                     "tokenizer and image settings), which every other command takes as --model.",
         examples=EXAMPLES, formatter_class=_FieldHelpFormatter,
-        usage="%(prog)s [--recipe NAME] [--config FILE] [--section.key VALUE ...]\n"
+        usage="%(prog)s [--recipe NAME] [--config FILE] [--section.key VALUE ...] [--out DIR] [--device D]\n"
               "                       [--set SECTION.KEY=VALUE] [--resume latest|CHECKPOINT] [--print-config]\n"
               "                       [--trust-run-config] [--overwrite] [--force]")
     parser.add_argument("--config", metavar="FILE", help="a YAML or TOML file of config sections")
     parser.add_argument("--recipe", choices=sorted(RECIPES), metavar="NAME",
                         help="a named recipe to start from: cpu-small (the tiny model in minutes on a CPU), paper, "
                              "coyo-align-base")
-    parser.add_argument("--preset", help="shorthand for --model.preset")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one field (repeatable)")
     parser.add_argument("--resume", metavar="latest|CHECKPOINT",
@@ -67,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "change the updates (the differences are listed)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit without training")
+    shorthands = parser.add_argument_group("shorthands", "the names other commands use, for these config keys")
+    for flags, key in SHORTHANDS.items():
+        shorthands.add_argument(*flags, dest=f"field:{key}", default=None, metavar=field_type_name(key),
+                                help=f"--{key}")
     for section, names in _by_section(field_names()).items():
         group = parser.add_argument_group(f"{section} fields",
                                           f"(config file section `{section}`; --set {section}.KEY=VALUE works too)")
@@ -97,8 +117,6 @@ def run_train(args: argparse.Namespace) -> int:
     from openalign.train.recipes import get_recipe
 
     overrides: dict[str, str] = {}
-    if args.preset:
-        overrides["model.preset"] = args.preset
     for name, value in vars(args).items():
         if name.startswith("field:") and value is not None:
             overrides[name.split(":", 1)[1]] = value
@@ -117,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if _is_main_process():
         print(describe_run(result, config))
-    return 0
+    return 130 if result.stop_reason == "interrupted" else 0  # 130: the shell's status for Ctrl-C
 
 
 def _is_main_process() -> bool:

@@ -10,6 +10,8 @@ Stages, each in its own folder under `out_dir`:
     train-2/ score-2/ ...  with `rounds` > 1: the next scorer trained on what the last one kept, scoring the
                   rules' pairs again (a better scorer can take back a pair an earlier one dropped)
     final/        the last training run, on what the last round kept; final/model is the curated model
+                  (refused after a scorer the scorer check finds no better than chance, unless
+                  `allow_weak_scorer`: its kept pairs are a random draw, openalign.curation.scorer_check)
     report.json, report.txt   every stage's figures and seconds
     curate.json   the configuration; a rerun must ask for the same
 
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openalign.curation.scorer_check import ADVICE
 from openalign.curation.scores import CurationError
 from openalign.curation.similarity_filter import SimilarityConfig, run_similarity_filter
 from openalign.data.filters import FilterConfig
@@ -43,7 +46,8 @@ class CurateConfig:
     (dotted keys) for every run; the bootstrap runs take `bootstrap_steps` steps (and at most
     `bootstrap_minutes`), the final run `steps` (at most `minutes`). `rules`: None skips them. `tokenizer`: a
     folder, or None to train one of `vocab_size` on the rules' captions. `similarity`: how each round keeps
-    pairs (it needs keep_fraction, min_similarity or dedup_similarity). Scoring runs on `device`."""
+    pairs (it needs keep_fraction, min_similarity or dedup_similarity). Scoring runs on `device`.
+    `allow_weak_scorer`: train on what a scorer kept even when the scorer check finds it no better than chance."""
 
     source: str
     out_dir: str
@@ -62,6 +66,7 @@ class CurateConfig:
     start_from: str = "bootstrap"
     device: str = "auto"
     progress: bool = False
+    allow_weak_scorer: bool = False
 
     def validate(self) -> CurateConfig:
         """Raise ConfigError naming the first value that cannot work; return self."""
@@ -83,9 +88,11 @@ class CurateConfig:
         return self
 
     def to_dict(self) -> dict:
-        """The settings a resumed run must share (everything but `progress`), as plain JSON values."""
+        """The settings a resumed run must share (everything but `progress` and `allow_weak_scorer`, which a
+        rerun adds to go on past a weak scorer), as plain JSON values."""
         values = dataclasses.asdict(self)
         values.pop("progress")
+        values.pop("allow_weak_scorer")
         return json.loads(json.dumps(values))
 
 
@@ -114,6 +121,8 @@ def curate(config: CurateConfig) -> dict:
         score_name = f"score-{round_number}"
         stages[score_name] = _stage(out / score_name, _scoring_stage, config, source, previous_model,
                                     stages[name]["max_length"])
+        if stages[score_name]["scorer_check"]["weak"] and not config.allow_weak_scorer:
+            raise CurationError(weak_scorer_message(stages[score_name]["scorer_check"], out / score_name))
         training_source = stages[score_name]["kept_source"]
     report = {"source": config.source, "out_dir": str(out), "model": stages["final"]["model"],
               "start_from": config.start_from, "rounds": config.rounds, "stages": stages,
@@ -121,6 +130,14 @@ def curate(config: CurateConfig) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.txt").write_text(format_curate_report(report))
     return report
+
+
+def weak_scorer_message(check: dict, folder: Path) -> str:
+    """Why curate stops after a weak scorer, and the ways on."""
+    return (f"the scorer of {folder} tells its pairs from the same images with shuffled captions no better than "
+            f"chance ({'; '.join(check['reasons'])}; see {folder / 'report.txt'}), so what it kept is about a random "
+            f"draw of the pairs: {ADVICE}, then rerun the same command (finished stages are kept); or rerun with "
+            "--allow-weak-scorer to train on its pairs anyway")
 
 
 def _check_curate_folder(out: Path, config: CurateConfig) -> None:
@@ -192,7 +209,8 @@ def training_config(config: CurateConfig, source: str, tokenizer: str, run_dir: 
 
     init_from = previous_model if config.start_from == "bootstrap" else None
     minutes = config.minutes if final else config.bootstrap_minutes
-    overrides = {**config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
+    quiet = {} if config.progress else {"run.progress": False}  # curate --quiet: no training bars either
+    overrides = {**quiet, **config.train_overrides, "data.train": source, "data.tokenizer": tokenizer,
                  "run.out_dir": str(run_dir), "optim.total_steps": config.steps if final else config.bootstrap_steps,
                  "model.init_from": init_from}
     if minutes is not None:  # a limit on a run of the steps asked for, not a budget to fit the steps to
@@ -241,7 +259,7 @@ def score_and_keep(source, model: str, folder: Path, similarity: SimilarityConfi
             "dropped_by_score": report["dropped_by_score"], "dropped_as_duplicate": report["dropped_as_duplicate"],
             "unscored": report["unscored"], "rule": report["selection"]["rule"],
             "lowest_kept_score": report["selection"]["lowest_kept_score"],
-            "score_quantiles": report["score_quantiles"], "labels": labels,
+            "score_quantiles": report["score_quantiles"], "scorer_check": report["scorer_check"], "labels": labels,
             "kept_source": _kept_source(report["outputs"], folder)}
 
 
@@ -262,6 +280,8 @@ def format_curate_report(report: dict) -> str:
             noise = (stage["labels"] or {}).get("by_label", {}).get("any noise")
             if noise and noise["precision"] is not None:
                 text += f"; noise dropped at precision {noise['precision']:.3f}, recall {noise['recall']:.3f}"
+            check = stage["scorer_check"]
+            text += f"; {'WEAK scorer' if check['weak'] else 'scorer'}: given vs shuffled captions AUC {check['auc']}"
         else:
             text = f"{stage['steps']} steps ({stage['stop_reason']}) from {stage['init_from'] or 'scratch'}"
         lines.append(f"{name:<10} {text}  [{stage['seconds']:.1f} s]")

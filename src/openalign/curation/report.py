@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from openalign.curation.scorer_check import describe_check
+
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 CLEAN_LABEL = "clean"
 ANY_NOISE = "any noise"
@@ -62,9 +64,10 @@ def label_figures(status: np.ndarray, labels: np.ndarray, vocabulary: list[str],
 
 
 def plot_scores(path: str | Path, scores: np.ndarray, labels: np.ndarray, vocabulary: list[str],
-                lowest_kept: float | None = None, bins: int = 60) -> Path:
-    """Histogram of the scores, one outline per label when there are labels, with the lowest kept score
-    marked; written through openalign.figures."""
+                lowest_kept: float | None = None, bins: int = 60, shuffled: np.ndarray | None = None) -> Path:
+    """Histogram of the scores, one outline per label when there are labels, the kept side shaded from the
+    lowest kept score up, and the scores of the same images with shuffled captions dashed (what a scorer that
+    has learnt nothing gives the real pairs too); written through openalign.figures."""
     from openalign.figures import pyplot, save_figure
 
     plt = pyplot()
@@ -77,8 +80,16 @@ def plot_scores(path: str | Path, scores: np.ndarray, labels: np.ndarray, vocabu
     for name, members in groups:
         if members.any():
             axes.hist(scores[members], bins=edges, histtype="step", linewidth=1.5, label=f"{name} ({members.sum()})")
+    if shuffled is not None and not np.isnan(shuffled).all():
+        axes.hist(shuffled[~np.isnan(shuffled)], bins=edges, histtype="step", linewidth=1, linestyle="--",
+                  color="grey", label="same images, shuffled captions")
     if lowest_kept is not None:
-        axes.axvline(lowest_kept, color="black", linestyle="--", linewidth=1, label=f"lowest kept {lowest_kept:.3f}")
+        right = max(float(edges[-1]), lowest_kept)
+        axes.axvspan(lowest_kept, right, color="tab:green", alpha=0.12, label=f"kept: score >= {lowest_kept:.3f}")
+        axes.axvline(lowest_kept, color="black", linestyle="--", linewidth=1)
+        for text, offset, alignment in (("<- dropped", -4, "right"), ("kept ->", 4, "left")):
+            axes.annotate(text, xy=(lowest_kept, 0.0), xycoords=("data", "axes fraction"), xytext=(offset, 4),
+                          textcoords="offset points", ha=alignment, fontsize=8)
     axes.set_xlabel("image-text cosine")
     axes.set_ylabel("pairs")
     axes.set_title("similarity scores")
@@ -104,7 +115,9 @@ def format_similarity_report(report: dict) -> str:
     lines = [f"similarity filter of {report['source']} with {report['model'] or report['scores_from']}",
              f"{'rule':<16} {'keeps a pair when':<42} {'keeps':>9}"]
     lines += [f"{rule:<16} {condition:<42} {count:>9}{note}" for rule, condition, count, note in rules]
-    lines.append(f"binding rule: {selection['rule']}; lowest kept score {selection['lowest_kept_score']}")
+    lowest = selection["lowest_kept_score"]
+    lines.append(f"binding rule: {selection['rule']}; lowest kept score "
+                 f"{'none' if lowest is None else format(lowest, '.4f')}")
     for name, count in (("kept", report["kept"]), ("dropped by score", report["dropped_by_score"]),
                         ("dropped as dup.", report["dropped_as_duplicate"]), ("scored", report["scored"])):
         lines.append(f"{name:<59} {count:>9} {100 * count / scored:>6.1f}%")
@@ -116,6 +129,8 @@ def format_similarity_report(report: dict) -> str:
     quantiles = report["score_quantiles"]
     if quantiles:
         lines.append("score quantiles: " + "  ".join(f"{name} {value:.3f}" for name, value in quantiles.items()))
+    if report.get("scorer_check") is not None:
+        lines.append(describe_check(report["scorer_check"]))
     labels = report.get("labels")
     if labels:
         lines.append(f"{'label':<16} {'pairs':>8} {'kept':>8} {'by score':>9} {'dup.':>6} {'mean':>7} "

@@ -4,7 +4,9 @@ Layout of a scoring folder:
 
     scoring.json       the model it was scored with and the part size (a rerun must use the same)
     embeddings/        an embedding folder of kind "both" (openalign.inference.embed): image and text parts
-    scores.parquet     one row per scored pair, in source order: index, key, caption, score (float32)
+    scores.parquet     one row per scored pair, in source order: index, key, caption, score (float32), and
+                       shuffled_score: the same image's cosine with another pair's caption of its part
+                       (openalign.curation.scorer_check: the yardstick of a scorer that has learnt nothing)
 
 `score_corpus` streams a manifest or WebDataset shards through `embed_to_folder`, so scoring has embed's
 guarantees: memory bounded by one part, parts written atomically, a rerun after a kill skips the finished parts
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from openalign.data.score_files import SCORES_FILE, SCORES_SCHEMA, SCORING_FILE  # noqa: F401  (re-exported)
+from openalign.curation.scorer_check import shuffled_partners
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write
 from openalign.inference.embed import embed_to_folder
@@ -40,6 +43,8 @@ from openalign.inference.embedding_folder import (
 )
 
 EMBEDDINGS_FOLDER = "embeddings"
+# filter --similarity's scores also hold each image's score against another pair's caption (scorer_check).
+SIMILARITY_SCORES_SCHEMA = SCORES_SCHEMA.append(pa.field("shuffled_score", pa.float32()))
 
 
 class CurationError(OpenAlignError, ValueError):
@@ -125,18 +130,22 @@ def pair_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np
 
 def write_scores(embeddings_folder: str | os.PathLike, path: str | os.PathLike) -> Path:
     """scores.parquet from a finished embedding folder of kind "both": one row group per part, written to a
-    temporary name and renamed into place."""
+    temporary name and renamed into place. Each pair's shuffled score pairs its image with the caption of
+    another pair of the same part (NaN in a part of one pair), so it costs a permutation and dot products."""
     path = Path(path)
 
     def write(temporary: Path) -> None:
         parts = zip(iter_embedding_parts(embeddings_folder, "image"), iter_embedding_parts(embeddings_folder, "text"))
-        with pq.ParquetWriter(temporary, SCORES_SCHEMA) as writer:
-            for (image, metadata), (text, _) in parts:
+        with pq.ParquetWriter(temporary, SIMILARITY_SCORES_SCHEMA) as writer:
+            for part, ((image, metadata), (text, _)) in enumerate(parts):
                 scores = pair_scores(image, text)
+                shuffled = (pair_scores(image, np.asarray(text)[shuffled_partners(len(text), part)])
+                            if len(text) > 1 else np.full(len(text), np.nan, dtype=np.float32))
                 writer.write_table(pa.table({
                     "index": metadata.column("index"), "key": metadata.column("source"),
                     "caption": metadata.column("caption"), "score": pa.array(scores, type=pa.float32()),
-                }, schema=SCORES_SCHEMA))
+                    "shuffled_score": pa.array(shuffled, type=pa.float32()),
+                }, schema=SIMILARITY_SCORES_SCHEMA))
 
     atomic_write(path, write, shared=True)
     return path
@@ -179,6 +188,11 @@ def open_scores(folder: str | os.PathLike) -> pq.ParquetFile:
     return scores_file
 
 
+def score_columns(folder: str | os.PathLike) -> list[str]:
+    """The columns a scoring folder's scores.parquet holds (a training run's estimates have no shuffled_score)."""
+    return list(open_scores(folder).schema_arrow.names)
+
+
 def iter_score_batches(folder: str | os.PathLike, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The columns of scores.parquet, streamed in source order a batch at a time; damage found on the way is a
     CurationError naming the file."""
@@ -195,6 +209,10 @@ def read_scores(folder: str | os.PathLike, columns=("index", "score")) -> dict[s
     that is not finite (a file from elsewhere, or changed since) is a NonFiniteEmbeddingError naming the pair."""
     path = Path(folder) / SCORES_FILE
     scores_file = open_scores(folder)
+    missing = sorted(set(columns) - set(scores_file.schema_arrow.names))
+    if missing:
+        raise CurationError(f"{path} has no {', '.join(missing)} column (written by an earlier version): score the "
+                            "corpus again into a fresh folder")
     try:
         table = scores_file.read(columns=list(columns))
     except (pa.ArrowException, OSError) as error:

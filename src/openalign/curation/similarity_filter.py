@@ -8,9 +8,11 @@
     manifest.jsonl or shards/                    the kept pairs, each with its score as a `similarity` field
     dropped.jsonl                                every other pair: key, caption, score and why ("score",
                                                  "duplicate" with the key it duplicates, or "unreadable")
-    report.json, report.txt, scores.png          counts, quantiles, per-label figures, histogram
+    report.json, report.txt, scores.png          counts, quantiles, per-label figures, histogram, and the
+                                                 scorer check: does the model tell a pair from the same image
+                                                 with a shuffled caption (openalign.curation.scorer_check)
 
-Memory: scoring holds one part; selection about 30 bytes a scored pair (index, score, status, label, the
+Memory: scoring holds one part; selection about 34 bytes a scored pair (index, score, status, label, the
 duplicate it points at), deduplication what openalign.curation.dedup says; the kept pairs are written as the
 source streams past.
 """
@@ -27,12 +29,14 @@ import numpy as np
 
 from openalign.curation import report as reports
 from openalign.curation.dedup import METHODS, FolderRows, deduplicate
+from openalign.curation.scorer_check import check_scorer
 from openalign.curation.scores import (
     EMBEDDINGS_FOLDER,
     CurationError,
     check_scoring_model,
     iter_score_batches,
     read_scores,
+    score_columns,
     score_corpus,
     scoring_summary,
 )
@@ -111,8 +115,9 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
     out = Path(out_dir)
     scoring_folder = Path(scores_from) if scores_from is not None else out
     summary = scoring_summary(scoring_folder)
-    columns = read_scores(scoring_folder)
-    indices, scores = columns["index"], columns["score"]
+    with_shuffled = "shuffled_score" in score_columns(scoring_folder)
+    columns = read_scores(scoring_folder, ("index", "score", "shuffled_score") if with_shuffled else ("index", "score"))
+    indices, scores, shuffled = columns["index"], columns["score"], columns.get("shuffled_score")
     if len(scores) == 0 and summary["skipped"] == 0:
         raise CurationError(f"{source} holds no pairs: nothing to score")
     if len(scores) == 0:
@@ -145,7 +150,8 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
                              summary["skipped_pairs"], config.label_field, labels, vocabulary)
         with writer:
             outputs = write_kept(writer.kept_records(source), out, output)
-        histogram = reports.plot_scores(out / "scores.png", scores, labels, vocabulary, selection.lowest_kept_score)
+        histogram = reports.plot_scores(out / "scores.png", scores, labels, vocabulary, selection.lowest_kept_score,
+                                        shuffled=shuffled)
         report = {
             "source": str(source), "model": summary["model"],
             "scores_from": None if scores_from is None else str(scores_from),
@@ -157,8 +163,10 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
             "selection": {"keep_fraction": config.keep_fraction, "min_similarity": config.min_similarity,
                           "rule": selection.rule, "kept_by_fraction": selection.kept_by_fraction,
                           "kept_by_threshold": selection.kept_by_threshold,
-                          "lowest_kept_score": selection.lowest_kept_score},
+                          "lowest_kept_score": _rounded(selection.lowest_kept_score)},
             "dedup": dedup, "score_quantiles": reports.score_quantiles(scores),
+            # A training run's own estimates (loss.pair_estimates) come without shuffled scores: no check.
+            "scorer_check": None if shuffled is None else check_scorer(scores, shuffled),
             "labels": reports.label_figures(status, labels, vocabulary, scores) if vocabulary else None,
             "config": asdict(config),
             "outputs": {**outputs, "dropped": str(out / DROPPED), "scores": summary["scores"],
@@ -167,6 +175,11 @@ def filter_by_scores(source, out_dir, config: SimilarityConfig | None = None, sc
         }
         write_report(out, report, reports.format_similarity_report(report))
         return report
+
+
+def _rounded(score: float | None) -> float | None:
+    """A float32 score as JSON shows it: the six decimals dropped.jsonl gives, not float64's 17 digits."""
+    return None if score is None else round(score, 6)
 
 
 class _PairWriter:

@@ -123,7 +123,7 @@ def similarity_curation(config, rules_manifest: Path, pairs: int, tokenizer, mod
         rounds.append({"steps": trained_round["steps"], "stop_reason": trained_round["stop_reason"],
                        "trained_on": str(source), **{key: scored[key] for key in (
                            "scored", "kept", "dropped_by_score", "rule", "lowest_kept_score", "score_quantiles",
-                           "labels")},
+                           "scorer_check", "labels")},
                        "seconds": {"train": round(timings[f"bootstrap_{number}"], 1),
                                    "score": round(timings[f"scoring_{number}"], 1)}})
         source, previous_model = Path(scored["kept_source"]), trained_round["model"]

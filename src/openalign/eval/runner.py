@@ -21,36 +21,47 @@ class EvalDataError(OpenAlignError, ValueError):
     """An evaluation dataset is empty or inconsistent (a caption missing, test classes unknown to train)."""
 
 
-def read_caption_set(manifest: str | Path, image_column: str | None = None, caption_column: str | None = None):
-    """(image paths, captions, text_to_image) from a manifest with one row per caption.
+def read_caption_set(source, image_column: str | None = None, caption_column: str | None = None):
+    """(images, captions, text_to_image) from any source of pairs `data.sources.iter_records` reads: a manifest,
+    an image folder with .txt captions, shards or a caption file.
 
-    Rows naming the same image are that image's captions (Karpathy protocol: usually five); images keep the
-    order of their first row.
+    Pairs naming the same image file are that image's captions (Karpathy protocol: usually five manifest rows);
+    images keep the order of their first pair. Images are paths, or a shard sample's bytes. The column names
+    apply to a manifest alone.
     """
-    from openalign.data.sources import iter_manifest
+    from openalign.data.sources import iter_manifest, iter_records
 
+    if image_column or caption_column:
+        records = iter_manifest(source, image_column=image_column, caption_column=caption_column)
+    else:
+        records = iter_records(source)
     image_rows: dict[str, int] = {}
     images, captions, text_to_image = [], [], []
-    for record in iter_manifest(manifest, image_column=image_column, caption_column=caption_column):
+    for record in records:
+        if record.error:
+            raise EvalDataError(f"{source}: {record.key}: {record.error}")
         if not record.caption:
-            raise EvalDataError(f"manifest {manifest}: the row of {record.key} has no caption")
-        image = str(record.image_path) if record.image_path is not None else record.key
-        if image not in image_rows:
-            image_rows[image] = len(images)
-            images.append(image)
+            raise EvalDataError(f"{source}: the pair of {record.key} has no caption")
+        if record.image_path is None and record.image_bytes is None:
+            raise EvalDataError(f"{source}: {record.key} has no image: retrieval needs image-caption pairs (a "
+                                "manifest, an image folder with .txt captions or shards), not captions alone")
+        identity = str(record.image_path) if record.image_path is not None else record.key
+        if identity not in image_rows:
+            image_rows[identity] = len(images)
+            images.append(str(record.image_path) if record.image_path is not None else record.image_bytes)
         captions.append(record.caption)
-        text_to_image.append(image_rows[image])
+        text_to_image.append(image_rows[identity])
     if not images:
-        raise EvalDataError(f"manifest {manifest} holds no row")
+        raise EvalDataError(f"{source} holds no pair")
     return images, captions, np.array(text_to_image, dtype=np.int64)
 
 
-def evaluate_retrieval_manifest(
-    encoders, manifest: str | Path, *, image_column: str | None = None, caption_column: str | None = None,
-    ks=(1, 5, 10),
+def evaluate_retrieval_pairs(
+    encoders, source, *, image_column: str | None = None, caption_column: str | None = None, ks=(1, 5, 10),
 ) -> dict:
-    """Image->text and text->image R@k, mean and median rank on a manifest of (image, caption) rows."""
-    images, captions, text_to_image = read_caption_set(manifest, image_column, caption_column)
+    """Image->text and text->image R@k, mean and median rank on a source of (image, caption) pairs
+    (`read_caption_set`)."""
+    images, captions, text_to_image = read_caption_set(source, image_column, caption_column)
     image_embeds = encoders.encode_images(images)
     text_embeds = encoders.encode_texts(captions)
     return retrieval_metrics(image_embeds, text_embeds, text_to_image, ks=ks)

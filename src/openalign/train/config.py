@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from openalign.data.shards import COMMAND_PREFIX  # a string value starting so names a command the reader runs
-from openalign.errors import ConfigError
+from openalign.errors import ConfigError, did_you_mean
 from openalign.untrusted import refuse_links
 
 try:
@@ -508,10 +508,12 @@ def _field_types(section_class: type) -> dict[str, Any]:
 def _split_key(key: str) -> tuple[str, str]:
     section, _, name = key.partition(".")
     if section not in _section_names():
-        raise ConfigError(f"unknown config section {section!r} in {key!r}; known: {sorted(_section_names())}")
+        raise ConfigError(f"unknown config section {section!r} in {key!r}{did_you_mean(key, field_names())}; "
+                          f"known: {sorted(_section_names())}")
     known = _field_types(_section_class(section))
     if name not in known:
-        raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(known)}")
+        raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, field_names())}; {section} has "
+                          f"{sorted(known)}")
     return section, name
 
 

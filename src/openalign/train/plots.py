@@ -40,6 +40,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         raise ConfigError(f"{run_dir / METRICS_NAME} is missing or empty: nothing to plot")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
+    last_step = max(record.get("step", 0) for record in records)
     written = []
     for stem, (title, ylabel, series, limits) in PANELS.items():
         curves = []
@@ -54,9 +55,12 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             steps, values = zip(*points)
             if key in REFERENCE_LINES:
                 axes.axhline(values[-1], linestyle="--", color="grey", linewidth=1, label=f"{label} ({values[-1]:.3g})")
+            elif len(points) == 1:  # one validation at the end: a marked point, its value in the legend
+                axes.plot(steps, values, marker="o", markersize=7, linestyle="none", label=f"{label} ({values[0]:.3g})")
             else:
                 axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
         axes.set(title=title, xlabel="step", ylabel=ylabel)
+        axes.set_xlim(0, max(last_step, 1) * 1.04)  # every panel spans the run, so a lone point sits at its step
         if limits is not None:
             axes.set_ylim(*limits)
         if len(curves) > 1:

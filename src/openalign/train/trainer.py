@@ -25,11 +25,11 @@ from torch import nn
 from openalign.distributed import (
     WorldInfo,
     all_gather_objects,
-    any_rank,
     barrier,
     broadcast_object,
     destroy_distributed,
     init_distributed,
+    max_over_ranks,
     mean_over_ranks,
     sum_over_ranks,
     wrap_model,
@@ -51,6 +51,7 @@ from openalign.train.checkpointing import (
 from openalign.train.config import TrainConfig, trajectory_differences
 from openalign.train.ema import ModelEma
 from openalign.train.image_ssl import ImageSelfSupervision, build_image_ssl
+from openalign.train.interrupt import StopRequest
 from openalign.train.loop import DualEncoderFeatures, Stepper, StepResult, build_stepper, validate
 from openalign.train.optim import build_optimizer, freeze_tower
 from openalign.train.pair_estimates import SCORES_FOLDER, PairEstimates, write_scores
@@ -68,7 +69,7 @@ class TrainResult:
 
     run_dir: Path
     step: int
-    stop_reason: str  # "finished" or "time_budget"
+    stop_reason: str  # "finished", "time_budget" or "interrupted" (a signal: the last checkpoint resumes it)
     last_checkpoint: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0
@@ -161,7 +162,7 @@ class _RunState:
     window: _Window = field(default_factory=_Window)
     last_record: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: Path | None = None
-    stop_reason: str = "finished"  # or "time_budget"
+    stop_reason: str = "finished"  # or "time_budget", or "interrupted"
 
     def count(self, result: StepResult) -> None:
         """Book one step: its number, whether it was skipped, and its losses into the window."""
@@ -390,13 +391,18 @@ def _save(run: _Run, parts: _Parts, state: _RunState) -> Path:
 
 
 def _train_and_write(run: _Run, parts: _Parts, state: _RunState, resumed: bool) -> TrainResult:
-    """The loop, then the final weights (model/, and model-ema/ with an EMA) and the plots."""
+    """The loop, then the final weights (model/, and model-ema/ with an EMA) and the plots; an interrupted run
+    ends with its checkpoint alone, since it has not finished."""
     settings = run.config.run
     log = MetricsLog(run.run_dir, enabled=run.main, tensorboard=settings.tensorboard,
                      resume_step=state.step if resumed else None)
     progress = Progress(state.total_steps, state.step, enabled=run.main and settings.progress)
     try:
-        _loop(run, parts, state, log, progress)
+        with StopRequest() as stop:
+            _loop(run, parts, state, log, progress, stop)
+        if state.stop_reason == "interrupted":
+            return TrainResult(run.run_dir, state.step, state.stop_reason, state.last_checkpoint, state.last_record,
+                               state.skipped_steps, sum(parts.train_loader.skipped.values()))
         final_weights = gather_model_state(parts.model, parts.fsdp)  # a collective under FSDP: every rank calls it
         if run.main:
             StateDictWriter(parts.model.config, final_weights, parts.processor).save_pretrained(run.run_dir / "model")
@@ -417,9 +423,11 @@ def _train_and_write(run: _Run, parts: _Parts, state: _RunState, resumed: bool) 
                        state.skipped_steps, sum(parts.train_loader.skipped.values()))
 
 
-def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress: Progress) -> None:
-    """Step until the total (which a time fit may move) or the time budget; log, validate and checkpoint on the
-    way. Every decision to stop is taken by all ranks together."""
+def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress: Progress,
+          stop: StopRequest) -> None:
+    """Step until the total (which a time fit may move), the time budget or a stop request (a signal: then
+    checkpoint and stop); log, validate and checkpoint on the way. Every decision to stop is taken by all ranks
+    together."""
     settings = run.config.run
     start_time = time.monotonic()
     state.window = _Window()
@@ -440,8 +448,9 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
                                      state.step)
         if parts.ema is not None and not result.skipped:
             parts.ema.update(parts.model)
-        out_of_time = settings.max_minutes is not None and any_rank(
-            time.monotonic() - start_time > 60 * settings.max_minutes)
+        out_of_time, interrupted = _stop_votes(
+            settings.max_minutes is not None and time.monotonic() - start_time > 60 * settings.max_minutes,
+            stop.requested)
         if fit is not None:
             planned = fit.replan(state.step, state.total_steps, time.monotonic() - start_time)
             if planned != state.total_steps:
@@ -451,7 +460,7 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
                 if parts.pairs is not None:
                     parts.pairs.total_steps = planned
         last_step = state.step == state.total_steps or out_of_time
-        checkpoint_now = state.step % settings.checkpoint_every == 0 or last_step
+        checkpoint_now = state.step % settings.checkpoint_every == 0 or last_step or interrupted
         if state.step % settings.log_every == 0 or checkpoint_now:
             _log_window(run, parts, state, result, learning_rate, time.monotonic() - start_time, log, progress)
         if parts.val_loader is not None and ((settings.val_every and state.step % settings.val_every == 0)
@@ -461,10 +470,20 @@ def _loop(run: _Run, parts: _Parts, state: _RunState, log: MetricsLog, progress:
             state.last_checkpoint = _save(run, parts, state)
         if fit is not None:
             fit.resume_clock()  # validation and checkpoints are not step time
+        if interrupted:
+            state.stop_reason = "interrupted"
+            break
         if out_of_time:
             state.stop_reason = "time_budget"
             logger.info("run.max_minutes = %s reached at step %d; stopping", settings.max_minutes, state.step)
             break
+
+
+def _stop_votes(out_of_time: bool, interrupted: bool) -> tuple[bool, bool]:
+    """(out of time, interrupted) on any rank, in one collective, so that every rank stops at the same step. An
+    interrupt outranks the budget: either way the run checkpoints and stops."""
+    vote = max_over_ranks(2.0 if interrupted else float(out_of_time))
+    return vote == 1.0, vote == 2.0
 
 
 def _log_window(run: _Run, parts: _Parts, state: _RunState, result: StepResult, learning_rate: float,
