@@ -119,6 +119,9 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
     elif filter_report is not None:
         dropped = ", ".join(f"{rule} {count}" for rule, count in filter_report["dropped_by_rule"].items() if count)
         lines.append(f"- filters kept {filter_report['kept']} of {filter_report['total']} (dropped by rule: {dropped})")
+        if curation.get("mode") == "robust":
+            lines.append(f"- robust training (--curation robust): loss {config['robust_loss']}, per-pair weighting "
+                         f"{config['pair_weighting']} after {config['pair_weighting_warmup']:.0%} of the steps")
     else:
         lines.append("- no curation (--curation none): trained on every generated pair")
     lines += _curation_lines(curation)
@@ -140,7 +143,23 @@ def markdown_report(metrics: dict, filter_report: dict | None) -> str:
 
 
 def _curation_lines(curation: dict) -> list[str]:
-    """The similarity stage's line: what the bootstrap scorer kept and, by the generator's labels, how well."""
+    """The similarity stage's line (what the bootstrap scorer kept and, by the generator's labels, how well) and
+    the line on the run's own per-pair estimates (how well they tell mismatched captions from clean pairs)."""
+    return _similarity_lines(curation) + _detection_lines(curation)
+
+
+def _detection_lines(curation: dict) -> list[str]:
+    detection = curation.get("detection")
+    if not detection:
+        return []
+    weighted = " (each pair's loss weighted by them)" if curation.get("mode") == "robust" else ""
+    return [f"- the run's own per-pair estimates{weighted} against the generator's labels: ROC AUC "
+            f"{detection['roc_auc']:.3f} clean vs mismatched over {detection['pairs']} pairs; dropping the "
+            f"{detection['mismatched']} lowest would drop mismatched captions at precision {detection['precision']:.3f} "
+            f"(= recall); in run/pair-scores/ (`openalign filter --scores-from`)"]
+
+
+def _similarity_lines(curation: dict) -> list[str]:
     if curation.get("mode") != "similarity" or not curation.get("rounds"):
         return []
     last, share = curation["rounds"][-1], curation.get("clean_share") or {}
