@@ -155,8 +155,8 @@ def _detection_lines(curation: dict) -> list[str]:
     weighted = " (each pair's loss weighted by them)" if curation.get("mode") == "robust" else ""
     return [f"- the run's own per-pair estimates{weighted} against the generator's labels: ROC AUC "
             f"{detection['roc_auc']:.3f} clean vs mismatched over {detection['pairs']} pairs; dropping the "
-            f"{detection['mismatched']} lowest would drop mismatched captions at precision {detection['precision']:.3f} "
-            f"(= recall); in run/pair-scores/ (`openalign filter --scores-from`)"]
+            f"{detection['mismatched']} lowest would drop mismatched captions at precision "
+            f"{detection['precision']:.3f} (= recall); in run/pair-scores/ (`openalign filter --scores-from`)"]
 
 
 def _similarity_lines(curation: dict) -> list[str]:
