@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from openalign.data.score_files import SCORES_FILE, SCORES_SCHEMA, SCORING_FILE  # noqa: F401  (re-exported)
 from openalign.curation.scorer_check import shuffled_partners
+from openalign.data.score_files import SCORES_FILE, SCORES_SCHEMA, SCORING_FILE  # noqa: F401  (re-exported)
 from openalign.errors import OpenAlignError
 from openalign.files import atomic_write
 from openalign.inference.embed import embed_to_folder
