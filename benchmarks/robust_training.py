@@ -81,7 +81,6 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     from _demo_training import prepare_data
-
     from openalign.runtime import omp_wait_policy
 
     environment = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", omp_wait_policy())}
