@@ -347,6 +347,9 @@ def test_fit_steps_to_time_ends_the_schedule_with_the_budget_when_the_machine_sl
     planned = result.metrics["total_steps"]
     assert planned < 5000
     assert result.stop_reason == "finished" and result.step == planned  # the schedule ended as re-planned
+    from openalign.train.outcome import describe_run
+
+    assert "the schedule ended as planned" in describe_run(result, config).splitlines()[0]
     records = [record for record in read_metrics(result.run_dir) if "lr" in record]
     assert len({record["total_steps"] for record in records}) > 1  # the plan moved with the machine
     assert records[-1]["lr"] <= 0.15 * config.optim.lr  # near the end of the cosine, not cut off at full rate

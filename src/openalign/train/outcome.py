@@ -26,10 +26,17 @@ def describe_run(result: Any, config: TrainConfig) -> str:
         if result.step < warmup:  # the schedule never left its warm-up: the plan could not fit the time
             ending += (f" (within the warm-up of optim.warmup_steps = {warmup}: give run.max_minutes more time or "
                        "the warm-up fewer steps)")
+        elif settings.time_fitted:  # re-planned at every window, yet the last one ran slower than the ones before
+            ending += (f", {planned - result.step} short of the end its schedule was re-planned to: the machine "
+                       f"slowed in the last {settings.log_every} steps; the learning rate was at "
+                       f"{metrics.get('lr', float('nan')) / config.optim.lr:.0%} of its peak")
+        else:
+            ending += " (run.fit_steps_to_time is off: the schedule was cut where the time ran out)"
     else:
         ending = f"finished {result.step} steps"
         if settings.time_fitted:
-            ending += f" (the step count fitted to the {settings.max_minutes:g}-minute budget)"
+            ending += (f", the schedule ended as planned: the step count re-planned to the "
+                       f"{settings.max_minutes:g}-minute budget at every log window")
     if metrics.get("loss") is not None:
         ending += f"; training loss {metrics['loss']:.3f}"
     lines = [ending]
