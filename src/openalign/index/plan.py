@@ -15,58 +15,31 @@ L2-normalised and searched by inner product:
   float16 copy of the vectors kept on disk and memory-mapped. The lists live on disk too (memory-mapped), so
   the budget holds only the lists' codes and ids that the page cache should keep; it is built from the
   embedding parts without loading them all, by several processes if wanted, and merged.
+
+The rule's nprobe and k_factor are starting points only: every build measures recall on the collection's own
+vectors and keeps the cheapest settings that reach the target (openalign.index.tuning).
+
+Sizes of "ivfpq": nlist is the power of two nearest 2 * sqrt(N) (8,192 at 10M), so a list holds about sqrt(N) / 2
+vectors; codes take D/8 bytes (80 at D = 640) plus 8 for the id, the largest of D/8, D/16, D/32 that fits the
+budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
 
-from openalign.errors import OpenAlignError
+from openalign.index.common import IndexBuildError, IndexPlan
 
 EXACT_MAX_VECTORS = 100_000
 EXHAUSTIVE_MAX_VECTORS = 1_000_000
 DEFAULT_K_FACTOR = 32
 INDEX_KINDS = ("auto", "flat", "pq", "ivfpq")
-
-
-class IndexBuildError(OpenAlignError, ValueError):
-    """An index cannot be built or loaded: unknown kind, budget too small, or a malformed index folder."""
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as error:  # a dependency of openalign: only a broken or partial install lacks it
-        raise IndexBuildError("faiss is not installed (a dependency of openalign): pip install faiss-cpu") from error
-    return faiss
-
-
-@dataclass
-class IndexPlan:
-    """What choose_index decided: the FAISS factory string, search defaults and the memory it needs.
-
-    estimated_bytes: what the index holds in memory (for "ivfpq": its inverted lists, which are memory-mapped
-    from disk). rerank_bytes: the float16 copy an "ivfpq" index re-scores from, on disk and memory-mapped.
-    """
-
-    kind: str
-    factory: str
-    num_vectors: int
-    dim: int
-    estimated_bytes: int
-    k_factor: int = 1
-    nlist: int = 0
-    nprobe: int = 0
-    reason: str = ""
-    rerank_bytes: int = 0
-
-    @classmethod
-    def from_json(cls, values: dict) -> IndexPlan:
-        """The plan saved in an index.json (fields added since are left at their defaults)."""
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+# The rule's re-ranking depth for "ivfpq" before tuning: 8-bit codes order candidates roughly, and re-scoring
+# from the float16 copy costs little.
+IVF_K_FACTOR = 64
+IVF_MIN_VECTORS = 10_000  # 39 training points for each of the 256 centroids of an 8-bit sub-quantiser
+ID_BYTES = 8
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -106,8 +79,6 @@ def choose_index(
     exact_max_vectors: int = EXACT_MAX_VECTORS,
 ) -> IndexPlan:
     """Apply the module's rule; memory_budget_bytes=None means no limit."""
-    from openalign.index.ivf import IVF_MIN_VECTORS, ivf_plan
-
     if kind not in INDEX_KINDS:
         raise IndexBuildError(f"index kind {kind!r} is not one of {', '.join(INDEX_KINDS)}")
     budget = math.inf if memory_budget_bytes is None else memory_budget_bytes
@@ -145,3 +116,45 @@ def choose_index(
     if plan is None:
         raise too_small
     return plan
+
+
+def ivf_list_count(num_vectors: int) -> int:
+    """nlist: the power of two nearest 2 * sqrt(N), at most N / 39 (FAISS's minimum of points per centroid)."""
+    target = 2 ** round(math.log2(2 * math.sqrt(num_vectors)))
+    return max(1, min(target, num_vectors // 39))
+
+
+def _code_sizes(dim: int) -> list[int]:
+    """PQ code bytes to try, largest first: D/8, D/16, D/32 (each must divide D), else one byte."""
+    sizes = [dim // parts for parts in (8, 16, 32) if dim // parts >= 1 and dim % (dim // parts) == 0]
+    return sorted(set(sizes), reverse=True) or [1]
+
+
+def ivf_plan(num_vectors: int, dim: int, budget: float, *, reason: str) -> IndexPlan:
+    """The "ivfpq" plan for N x D within budget bytes of inverted lists (ids, codes, centroids, codebooks)."""
+    if num_vectors < IVF_MIN_VECTORS:
+        raise IndexBuildError(
+            f"an ivfpq index trains 256 centroids per sub-quantizer and needs at least {IVF_MIN_VECTORS} vectors; "
+            f"this collection has {num_vectors}: use kind 'flat' or 'pq'"
+        )
+    nlist = ivf_list_count(num_vectors)
+    fixed_bytes = nlist * dim * 4 + 256 * dim * 4
+    for code_bytes in _code_sizes(dim):
+        estimated = num_vectors * (code_bytes + ID_BYTES) + fixed_bytes
+        if estimated <= budget:
+            return IndexPlan(
+                "ivfpq",
+                f"IVF{nlist},PQ{code_bytes}np",  # np: no polysemous training (slow, unused here)
+                num_vectors,
+                dim,
+                estimated,
+                k_factor=IVF_K_FACTOR,
+                nlist=nlist,
+                nprobe=max(1, nlist // 32),
+                reason=f"{reason}; lists and float16 re-ranking copy on disk, memory-mapped",
+                rerank_bytes=2 * num_vectors * dim,
+            )
+    smallest = num_vectors * (_code_sizes(dim)[-1] + ID_BYTES) + fixed_bytes
+    raise IndexBuildError(
+        f"an ivfpq index of {num_vectors} x {dim} needs {smallest} bytes, over the budget of {budget}"
+    )

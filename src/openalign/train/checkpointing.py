@@ -15,7 +15,6 @@ Under FSDP2 the model and the optimiser state are sharded over ranks: `gather_mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from openalign.errors import CheckpointError, ConfigError
-from openalign.files import DiskFullError, reporting_full_disk
+from openalign.files import DiskFullError, describe_files, files_problem, reporting_full_disk
 from openalign.model_config import AlignConfig
 
 logger = logging.getLogger(__name__)
@@ -115,8 +114,7 @@ def save_checkpoint(
         with reporting_full_disk(temporary / TRAINER_STATE_NAME), open(temporary / TRAINER_STATE_NAME, "wb") as handle:
             torch.save(trainer_state, handle)  # to a file object, so that a full disk's OSError reaches us
         files = sorted(path for path in temporary.iterdir() if path.is_file())
-        listing = {"step": step, "sizes": {path.name: path.stat().st_size for path in files},
-                   "sha256": {path.name: file_digest(path) for path in files}}
+        listing = {"step": step, **describe_files(temporary, files)}
         with reporting_full_disk(temporary / FILES_NAME):
             (temporary / FILES_NAME).write_text(json.dumps(listing, indent=1) + "\n")
         for path in temporary.iterdir():
@@ -139,15 +137,6 @@ def save_checkpoint(
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
     return final
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read a megabyte at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -192,18 +181,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
     for required in (TRAINER_STATE_NAME, "config.json"):
         if required not in sizes:
             raise CheckpointError(f"checkpoint {folder}: {FILES_NAME} does not list {required}")
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
-                f"{size} were written (truncated or replaced)"
-            )
-        if name in digests and file_digest(path) != digests[name]:
-            raise CheckpointError(f"checkpoint {folder}: {name} does not match the SHA-256 written with it "
-                                  "(its bytes changed since: a bad disk or copy)")
+    problem = files_problem(folder, sizes, digests)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder}: {problem}")
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, spec: str) -> Path:
