@@ -44,7 +44,10 @@ def _recall(ids, exact_ids):
 
 def test_rule():
     assert choose_index(100_000, 640).kind == "flat"
-    assert choose_index(100_001, 640).factory == "PQ320x4fs,Refine(SQfp16)"
+    assert choose_index(99_999, 640, exact_max_vectors=10).factory == "PQ320x4fs,Refine(SQfp16)"
+    # From 100k vectors on, inverted lists in front of the fast-scan codes: nlist near 4 sqrt(N).
+    listed = choose_index(100_001, 640)
+    assert (listed.factory, listed.nlist) == ("IVF1024,PQ320x4fs,Refine(SQfp16)", 1024)
     # Exact does not fit: approximate even for a small collection, with the best re-ranking store that fits.
     small = choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3)
     assert small.kind == "pq" and small.factory.endswith("Refine(SQfp16)")

@@ -89,7 +89,7 @@ def allocate_file(path: str | os.PathLike, size: int) -> None:
         try:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.ENODEV):
                 raise
             block = bytes(2**20)
             for start in range(0, size, len(block)):

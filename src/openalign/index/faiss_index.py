@@ -67,8 +67,10 @@ def build_index(
     verified = time.perf_counter()
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        # 4-bit PQ has 16 centroids per sub-quantiser: 65,536 points train them well.
-        index.train(training_sample(embed_dir, embed_kind, summary["count"], min(summary["count"], 65_536)))
+        # 4-bit PQ has 16 centroids per sub-quantiser: 65,536 points train them well; k-means of the inverted
+        # lists wants 39 a list.
+        sample_size = min(summary["count"], max(65_536, 39 * plan.nlist))
+        index.train(training_sample(embed_dir, embed_kind, summary["count"], sample_size))
     trained = time.perf_counter()
     for embeddings, _ in iter_embedding_parts(embed_dir, embed_kind):
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))

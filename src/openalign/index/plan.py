@@ -3,12 +3,14 @@ L2-normalised and searched by inner product:
 
 - exact ("flat", IndexFlatIP): N <= 100,000 and the N * D * 4 bytes fit the memory budget. Results are those
   of brute force; a single query scans every vector (about 12 ms for 100k x 640 on one core here).
-- approximate, exhaustive ("pq"): N <= 1,000,000 and it fits the budget. Every vector gets a 4-bit
-  product-quantisation code of D/4 bytes (two dimensions per sub-quantiser), scanned exhaustively with FAISS's
-  SIMD "fast-scan" kernels; the best k_factor * k candidates are re-scored against a second copy of the
-  vectors (IndexRefine). That copy is float16 (2D bytes a vector) when it fits the budget, else 8-bit
-  scalar-quantised (D bytes), else absent. On unclustered data (random vectors, the hardest case) this keeps
-  recall@10 above 0.95 where an inverted-list probe would have to visit most lists.
+- approximate, in memory ("pq"): N <= 1,000,000 and it fits the budget. Every vector gets a 4-bit
+  product-quantisation code of D/4 bytes (two dimensions per sub-quantiser), scanned with FAISS's SIMD
+  "fast-scan" kernels; the best k_factor * k candidates are re-scored against a second copy of the vectors
+  (IndexRefine). That copy is float16 (2D bytes a vector) when it fits the budget, else 8-bit scalar-quantised
+  (D bytes), else absent. From 100,000 vectors on, inverted lists (nlist near 4 sqrt(N)) put the codes in
+  lists, and a query scans the nprobe nearest: at 1M on clustered vectors, a tenth of the exhaustive scan's
+  time for the same recall (docs/search.md). On unclustered data (random vectors, the hardest case) the tuning
+  raises nprobe towards all the lists, the exhaustive scan.
 - approximate with inverted lists ("ivfpq", openalign.index.ivf): past 1,000,000 vectors, or when the "pq"
   kind's float16 copy does not fit the budget. The coarse quantiser sends each vector to one of nlist lists;
   a query scans the nprobe nearest lists of 8-bit PQ codes, then re-scores k_factor * k candidates against a
@@ -39,6 +41,7 @@ INDEX_KINDS = ("auto", "flat", "pq", "ivfpq")
 # from the float16 copy costs little.
 IVF_K_FACTOR = 64
 IVF_MIN_VECTORS = 10_000  # 39 training points for each of the 256 centroids of an 8-bit sub-quantiser
+PQ_LISTS_MIN_VECTORS = 100_000  # below, the exhaustive fast scan takes about a millisecond
 ID_BYTES = 8
 
 
@@ -51,13 +54,17 @@ PQ_CENTROIDS = 16  # 4-bit fast-scan codes
 
 
 def _pq_plan(num_vectors: int, dim: int, budget: float, kind: str, reason: str) -> IndexPlan | None:
-    """The exhaustive fast-scan plan with the most accurate re-ranking store that fits, or None."""
+    """The fast-scan plan with the most accurate re-ranking store that fits, or None. From PQ_LISTS_MIN_VECTORS
+    on, inverted lists in front of the codes let a query scan only the nprobe nearest lists (the tuning raises
+    nprobe up to all of them, the exhaustive scan, where the data needs it)."""
     subquantizers = _pq_subquantizers(dim)
-    code_bytes = num_vectors * subquantizers // 2
+    nlist = fast_scan_list_count(num_vectors) if num_vectors >= PQ_LISTS_MIN_VECTORS else 0
+    code_bytes = num_vectors * (subquantizers // 2 + (ID_BYTES if nlist else 0)) + nlist * dim * 4
     for refine, bytes_per_vector in (("SQfp16", 2 * dim), ("SQ8", dim), (None, 0)):
         estimated = code_bytes + num_vectors * bytes_per_vector
         if estimated <= budget:
-            factory = f"PQ{subquantizers}x4fs" + (f",Refine({refine})" if refine else "")
+            factory = (f"IVF{nlist}," if nlist else "") + f"PQ{subquantizers}x4fs"
+            factory += f",Refine({refine})" if refine else ""
             return IndexPlan(
                 kind,
                 factory,
@@ -65,9 +72,18 @@ def _pq_plan(num_vectors: int, dim: int, budget: float, kind: str, reason: str) 
                 dim,
                 estimated,
                 k_factor=DEFAULT_K_FACTOR if refine else 1,
+                nlist=nlist,
+                nprobe=max(1, nlist // 16) if nlist else 0,
                 reason=f"{reason}; re-ranking store {refine or 'none (budget)'}",
             )
     return None
+
+
+def fast_scan_list_count(num_vectors: int) -> int:
+    """nlist of a "pq" index: the power of two nearest 4 * sqrt(N) (FAISS's guideline: 4 to 16 sqrt(N)), at most
+    N / 39 (FAISS's minimum of training points per centroid)."""
+    target = 2 ** round(math.log2(4 * math.sqrt(num_vectors)))
+    return max(1, min(target, num_vectors // 39))
 
 
 def choose_index(

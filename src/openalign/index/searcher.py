@@ -160,8 +160,11 @@ class Index:
             parameters = faiss.SearchParametersIVF(nprobe=min(nprobe or self.plan.nprobe, self.plan.nlist))
         return base_index.search(np.ascontiguousarray(queries, dtype=np.float32), count, params=parameters)[1]
 
-    def _search_ids(self, queries: np.ndarray, k: int, nprobe, k_factor) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of the top k; an "ivfpq" index re-scores k_factor * k candidates from its float16 copy."""
+    def search_ids(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                   k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top k of (Q, D) unit float32 queries, without metadata (search_vectors checks and
+        normalises its queries, then calls this); an "ivfpq" index re-scores k_factor * k candidates from its
+        float16 copy."""
         parameters = self._search_parameters(nprobe, k_factor)
         if self.rerank_store is None:
             return self.faiss_index.search(queries, k, params=parameters)
@@ -183,7 +186,7 @@ class Index:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise IndexBuildError(f"k must be a positive number of hits, not {k!r}")
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        scores, ids = self._search_ids(np.ascontiguousarray(queries), int(k), nprobe, k_factor)
+        scores, ids = self.search_ids(np.ascontiguousarray(queries), int(k), nprobe, k_factor)
         hit_rows = self.metadata.take(pa.array(np.where(ids >= 0, ids, 0).ravel())).to_pylist()
         rows = []
         for query_index in range(len(queries)):
