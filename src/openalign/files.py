@@ -143,3 +143,18 @@ def files_problem(folder: str | os.PathLike, sizes: dict, digests: dict | None =
         if name in sizes and file_digest(folder / name) != digest:
             return f"{name} does not match the SHA-256 written with it (its bytes changed since: a bad disk or copy)"
     return None
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or folder to disk, so a rename never lands before the data it names (ignored where the
+    platform cannot open folders)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

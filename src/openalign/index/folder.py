@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from openalign.files import describe_files, files_problem, reporting_full_disk
+from openalign.files import describe_files, files_problem, fsync_path, reporting_full_disk
 from openalign.index.common import IndexBuildError, IndexPlan, import_faiss
 from openalign.untrusted import MAX_TEXT_BYTES, parse_json, read_text_file
 
@@ -148,16 +148,6 @@ def _exchange(first: Path, second: Path) -> bool:
     return result == 0
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def publish(work: Path, out_dir: Path) -> None:
     """Record the building folder's files in files.json, then put it in out_dir's place (atomically where the
     system can) and remove what was there."""
@@ -165,7 +155,7 @@ def publish(work: Path, out_dir: Path) -> None:
     with reporting_full_disk(work / FILES_FILE):
         (work / FILES_FILE).write_text(json.dumps(describe_files(work, files), indent=1) + "\n")
     for path in [*files, work / FILES_FILE, work]:
-        _fsync(path)
+        fsync_path(path)
     if not out_dir.exists():
         os.replace(work, out_dir)
     elif _exchange(work, out_dir):
@@ -176,4 +166,4 @@ def publish(work: Path, out_dir: Path) -> None:
         os.replace(out_dir, old)
         os.replace(work, out_dir)
         shutil.rmtree(old)
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from openalign.errors import CheckpointError, ConfigError
-from openalign.files import DiskFullError, describe_files, files_problem, reporting_full_disk
+from openalign.files import DiskFullError, describe_files, files_problem, fsync_path, reporting_full_disk
 from openalign.model_config import AlignConfig
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def save_checkpoint(
         with reporting_full_disk(temporary / FILES_NAME):
             (temporary / FILES_NAME).write_text(json.dumps(listing, indent=1) + "\n")
         for path in temporary.iterdir():
-            _fsync(path)
+            fsync_path(path)
         if final.exists():  # the same step saved again (a resumed run that stops where it resumed)
             stale = run_dir / f".{final.name}.old-{os.getpid()}"
             final.rename(stale)
@@ -126,7 +126,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         else:
             temporary.rename(final)
-        _fsync(run_dir)
+        fsync_path(run_dir)
     except DiskFullError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise DiskFullError(f"{error}; {final.name} was not written, the checkpoints before it are intact") \
@@ -137,21 +137,6 @@ def save_checkpoint(
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
     return final
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a rename never lands before the data it names (ignored where the
-    platform cannot open folders)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
