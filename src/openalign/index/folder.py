@@ -119,6 +119,8 @@ def check_files(folder: str | os.PathLike, *, check_bytes: bool = False) -> None
     every byte (SHA-256; `openalign index --verify`). IndexBuildError naming the folder and the file otherwise."""
     folder = Path(folder)
     listing_path = folder / FILES_FILE
+    if not folder.is_dir():
+        raise IndexBuildError(f"no index folder at {folder} (build one with `openalign index EMBED_DIR`)")
     if not listing_path.exists():
         if check_bytes:
             raise IndexBuildError(f"{listing_path} is missing: the folder was built before indexes recorded their "
