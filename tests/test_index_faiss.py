@@ -44,24 +44,27 @@ def _recall(ids, exact_ids):
 
 def test_rule():
     assert choose_index(100_000, 640).kind == "flat"
-    assert choose_index(99_999, 640, exact_max_vectors=10).factory == "PQ320x4fs,Refine(SQfp16)"
-    # From 100k vectors on, inverted lists in front of the fast-scan codes: nlist near 4 sqrt(N).
+    # Past exact: float16 vectors in inverted lists while they fit the budget, nlist near 4 sqrt(N).
     listed = choose_index(100_001, 640)
-    assert (listed.factory, listed.nlist) == ("IVF1024,PQ320x4fs,Refine(SQfp16)", 1024)
-    # Exact does not fit: approximate even for a small collection, with the best re-ranking store that fits.
-    small = choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3)
-    assert small.kind == "pq" and small.factory.endswith("Refine(SQfp16)")
+    assert (listed.kind, listed.factory, listed.nlist) == ("ivfsq", "IVF1024,SQfp16", 1024)
+    assert listed.estimated_bytes == 100_001 * (2 * 640 + 8) + 1024 * 640 * 4
+    assert choose_index(1_000_000, 640).factory == "IVF4096,SQfp16"
+    assert choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3).kind == "ivfsq"
+    # Requested "pq": 4-bit fast-scan codes with the best re-ranking store that fits; lists from 100k vectors on.
+    assert choose_index(99_999, 640, kind="pq").factory == "PQ320x4fs,Refine(SQfp16)"
+    assert choose_index(100_001, 640, kind="pq").factory == "IVF1024,PQ320x4fs,Refine(SQfp16)"
+    # Below 10,000 vectors, where inverted lists on disk cannot be trained, "pq" fills in under a small budget.
     assert choose_index(1000, 640, memory_budget_bytes=1000 * 800).factory == "PQ320x4fs,Refine(SQ8)"
     assert choose_index(1000, 640, memory_budget_bytes=1000 * 400).factory == "PQ320x4fs"
     with pytest.raises(IndexBuildError, match="over the budget"):
         choose_index(1000, 640, memory_budget_bytes=1000)
-    # Inverted lists: requested, past a million vectors, or when the float16 copy does not fit the budget (the
-    # ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/8 bytes when they fit.
+    # Inverted lists on disk: requested, past a million vectors, or when float16 vectors do not fit the budget
+    # (the ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/8 bytes when they fit.
     ivf = choose_index(1_000_000, 640, kind="ivfpq")
     assert (ivf.nlist, ivf.nprobe, ivf.factory) == (2048, 64, "IVF2048,PQ80np")
     assert ivf.estimated_bytes == 1_000_000 * 88 + 2048 * 640 * 4 + 256 * 640 * 4 and ivf.rerank_bytes == 1.28e9
-    assert choose_index(1_000_000, 640).kind == "pq" and choose_index(1_000_001, 640).kind == "ivfpq"
-    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # pq with a float16 copy would need 0.72 GB
+    assert choose_index(1_000_001, 640).kind == "ivfpq"
+    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # float16 vectors would need 0.64 GB
     assert tight.kind == "ivfpq" and tight.factory == "IVF1024,PQ80np"
     assert choose_index(500_000, 640, memory_budget_bytes=3 * 10**7).factory == "IVF1024,PQ40np"
     with pytest.raises(IndexBuildError, match="at least 10000 vectors"):

@@ -34,15 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers, "index", help="build a FAISS index over an embedding folder",
         description="Build a FAISS index over a finished `openalign embed` folder: exact up to 100k vectors that "
-                    "fit the memory budget, PQ with re-ranking up to 1M, IVF-PQ lists on disk beyond.",
+                    "fit the memory budget, float16 vectors in inverted lists up to 1M, IVF-PQ lists on disk "
+                    "beyond; its search settings are tuned on the collection to reach --target-recall.",
         examples=("openalign index embeddings",
                   "openalign index emb --embed-kind image --out photos-index/image --memory-budget 4GB",
                   "openalign index EMB --out IDX --kind ivfpq --stage train   # then --stage shard, --stage merge",
                   "openalign index --verify embeddings/index"))
     parser.add_argument("embed_dir", help="a finished `openalign embed` folder (with --verify: an index folder)")
     parser.add_argument("--out", "-o", help="index folder (default EMBED_DIR/index)")
-    parser.add_argument("--kind", default="auto", choices=("auto", "flat", "pq", "ivfpq"),
-                        help="auto: exact up to 100k vectors that fit the budget, approximate beyond")
+    parser.add_argument("--kind", default="auto", choices=("auto", "flat", "ivfsq", "pq", "ivfpq"),
+                        help="auto: exact up to 100k vectors that fit the budget; float16 vectors in inverted "
+                             "lists (ivfsq) up to 1M; lists of 8-bit codes on disk (ivfpq) beyond")
     parser.add_argument("--memory-budget", type=parse_bytes,
                         help="most bytes the index may take in memory, e.g. 4GB (default: no limit)")
     parser.add_argument("--target-recall", type=_recall, default=0.95,

@@ -3,16 +3,22 @@ L2-normalised and searched by inner product:
 
 - exact ("flat", IndexFlatIP): N <= 100,000 and the N * D * 4 bytes fit the memory budget. Results are those
   of brute force; a single query scans every vector (about 12 ms for 100k x 640 on one core here).
-- approximate, in memory ("pq"): N <= 1,000,000 and it fits the budget. Every vector gets a 4-bit
+- approximate, float16 vectors in inverted lists ("ivfsq", IndexIVFScalarQuantizer): N <= 1,000,000 and the
+  N * (2D + 8) bytes fit the budget. k-means puts the vectors in nlist lists (the power of two nearest
+  4 sqrt(N)); a query scores every vector of its nprobe nearest lists, exactly to float16. On vectors from
+  clusters of very different sizes and spreads (benchmarks/search.py) it reached recall@10 0.96 at 0.6 ms where
+  4-bit codes, however deeply re-ranked, stopped at 0.86: inside a tight cluster the codes cannot order the
+  neighbours. On unclustered vectors (random, the hardest case) the tuning raises nprobe towards all the
+  lists, a scan of every float16 vector.
+- approximate, codes in memory ("pq"): requested, or below 10,000 vectors when "ivfsq" does not fit the budget
+  (from 10,000 on, "ivfpq" takes that place: its float16 copy is on disk). Every vector gets a 4-bit
   product-quantisation code of D/4 bytes (two dimensions per sub-quantiser), scanned with FAISS's SIMD
   "fast-scan" kernels; the best k_factor * k candidates are re-scored against a second copy of the vectors
   (IndexRefine). That copy is float16 (2D bytes a vector) when it fits the budget, else 8-bit scalar-quantised
   (D bytes), else absent. From 100,000 vectors on, inverted lists (nlist near 4 sqrt(N)) put the codes in
-  lists, and a query scans the nprobe nearest: at 1M on clustered vectors, a tenth of the exhaustive scan's
-  time for the same recall (docs/search.md). On unclustered data (random vectors, the hardest case) the tuning
-  raises nprobe towards all the lists, the exhaustive scan.
-- approximate with inverted lists ("ivfpq", openalign.index.ivf): past 1,000,000 vectors, or when the "pq"
-  kind's float16 copy does not fit the budget. The coarse quantiser sends each vector to one of nlist lists;
+  lists, and a query scans the nprobe nearest.
+- approximate with inverted lists on disk ("ivfpq", openalign.index.ivf): past 1,000,000 vectors, or when
+  "ivfsq" does not fit the budget. The coarse quantiser sends each vector to one of nlist lists;
   a query scans the nprobe nearest lists of 8-bit PQ codes, then re-scores k_factor * k candidates against a
   float16 copy of the vectors kept on disk and memory-mapped. The lists live on disk too (memory-mapped), so
   the budget holds only the lists' codes and ids that the page cache should keep; it is built from the
@@ -36,7 +42,7 @@ from openalign.index.common import IndexBuildError, IndexPlan
 EXACT_MAX_VECTORS = 100_000
 EXHAUSTIVE_MAX_VECTORS = 1_000_000
 DEFAULT_K_FACTOR = 32
-INDEX_KINDS = ("auto", "flat", "pq", "ivfpq")
+INDEX_KINDS = ("auto", "flat", "ivfsq", "pq", "ivfpq")
 # The rule's re-ranking depth for "ivfpq" before tuning: 8-bit codes order candidates roughly, and re-scoring
 # from the float16 copy costs little.
 IVF_K_FACTOR = 64
@@ -79,6 +85,16 @@ def _pq_plan(num_vectors: int, dim: int, budget: float, kind: str, reason: str) 
     return None
 
 
+def ivfsq_plan(num_vectors: int, dim: int, budget: float, *, reason: str) -> IndexPlan | None:
+    """Inverted lists of float16 vectors within budget, or None: nlist as for "pq", 2D + 8 bytes a vector."""
+    nlist = fast_scan_list_count(num_vectors)
+    estimated = num_vectors * (2 * dim + ID_BYTES) + nlist * dim * 4
+    if estimated > budget or num_vectors < 39:
+        return None
+    return IndexPlan("ivfsq", f"IVF{nlist},SQfp16", num_vectors, dim, estimated, nlist=nlist,
+                     nprobe=max(1, nlist // 16), reason=f"{reason}; float16 vectors in {nlist} lists")
+
+
 def fast_scan_list_count(num_vectors: int) -> int:
     """nlist of a "pq" index: the power of two nearest 4 * sqrt(N) (FAISS's guideline: 4 to 16 sqrt(N)), at most
     N / 39 (FAISS's minimum of training points per centroid)."""
@@ -106,6 +122,12 @@ def choose_index(
         return IndexPlan("flat", "Flat", num_vectors, dim, flat_bytes, reason=reason)
     if kind == "ivfpq":
         return ivf_plan(num_vectors, dim, budget, reason="requested")
+    if kind == "ivfsq":
+        plan = ivfsq_plan(num_vectors, dim, budget, reason="requested")
+        if plan is None:
+            raise IndexBuildError(f"an ivfsq index of {num_vectors} x {dim} needs {num_vectors * (2 * dim + 8)} "
+                                  f"bytes (and at least 39 vectors), over the budget of {budget}")
+        return plan
 
     if num_vectors < PQ_CENTROIDS:
         raise IndexBuildError(
@@ -122,10 +144,14 @@ def choose_index(
         if plan is None:
             raise too_small
         return plan
-    # auto: the exhaustive scan while it is fast and keeps its float16 copy in the budget, else inverted lists
-    # (whose float16 copy is on disk), else the exhaustive scan with a smaller re-ranking store.
-    if plan is not None and num_vectors <= EXHAUSTIVE_MAX_VECTORS and plan.factory.endswith("Refine(SQfp16)"):
-        return plan
+    # auto: float16 vectors in inverted lists while they fit the budget (scores of the lists probed are exact to
+    # float16; 4-bit codes, however re-ranked, miss neighbours inside tight clusters), else inverted lists on
+    # disk (whose float16 copy is on disk too), else fast-scan codes with a smaller re-ranking store.
+    if num_vectors <= EXHAUSTIVE_MAX_VECTORS:
+        lists = ivfsq_plan(num_vectors, dim, budget, reason=f"N={num_vectors} > {exact_max_vectors} or exact over "
+                                                             "budget, and float16 vectors fit")
+        if lists is not None:
+            return lists
     if num_vectors >= IVF_MIN_VECTORS:
         with contextlib.suppress(IndexBuildError):
             return ivf_plan(num_vectors, dim, budget, reason=f"N={num_vectors} or the float16 copy over budget")

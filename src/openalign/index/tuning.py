@@ -94,7 +94,7 @@ def _recall_by_k_factor(index, queries, own_ids, exact_ids, nprobe, k_factors, k
 
     A search for k re-scores k_factor * k candidates; the query's own row takes one more place here (it is
     dropped afterwards), so k_factor * k + 1 are re-scored: as many others as a fresh query gets."""
-    if index.rerank_store is None and "Refine" not in index.plan.factory:  # no re-ranking: the codes decide
+    if k_factors == [1]:  # no re-ranking: the scores the lists hold decide
         found = index.search_vectors(queries, k + 1, nprobe=nprobe)[1]
         return {1: _recalls(_without_self(found, own_ids, k), exact_ids)}
     deepest = min(len(index), k * max(k_factors) + 1)
@@ -149,7 +149,8 @@ def tune_search(index: Index, embed_dir, embed_kind: str, *, target_recall: floa
     queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     exact_ids = _without_self(exact_neighbours(embed_dir, embed_kind, queries, k + 1), own_ids, k)
 
-    k_factors = [factor for factor in K_FACTORS if factor == 1 or "Refine" in plan.factory or plan.nlist]
+    reranks = "Refine" in plan.factory or index.rerank_store is not None
+    k_factors = list(K_FACTORS) if reranks else [1]
     nprobes = [2**power for power in range(int(np.log2(plan.nlist)) + 1)] if plan.nlist else [None]
     measured, measured_recalls, feasible, first_reached = [], {}, [], None
     for position, nprobe in enumerate(nprobes):
