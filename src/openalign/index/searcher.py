@@ -187,18 +187,20 @@ class Index:
             raise IndexBuildError(f"k must be a positive number of hits, not {k!r}")
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         scores, ids = self.search_ids(np.ascontiguousarray(queries), int(k), nprobe, k_factor)
-        hit_rows = self.metadata.take(pa.array(np.where(ids >= 0, ids, 0).ravel())).to_pylist()
         rows = []
-        for query_index in range(len(queries)):
-            query_rows = []
-            for rank in range(ids.shape[1]):
-                if ids[query_index, rank] < 0:
-                    continue
-                row = dict(hit_rows[query_index * ids.shape[1] + rank])
-                row.update(id=int(ids[query_index, rank]), score=float(scores[query_index, rank]))
-                query_rows.append(row)
-            rows.append(query_rows)
+        for query_ids, query_scores in zip(ids, scores):
+            found = query_ids >= 0
+            hits = self.metadata_rows(query_ids[found])
+            for hit, item_id, score in zip(hits, query_ids[found], query_scores[found]):
+                hit.update(id=int(item_id), score=float(score))
+            rows.append(hits)
         return scores, ids, rows
+
+    def metadata_rows(self, ids: Sequence[int]) -> list[dict]:
+        """The metadata of ids as dicts, in their order. Row by row: the table is memory-mapped in one chunk a
+        part, and Table.take over chunks reads far more than the rows (70 ms for 10 rows of 200,000 here, 0.1 ms
+        this way)."""
+        return [self.metadata.slice(int(item_id), 1).to_pylist()[0] for item_id in ids]
 
     def stored_vectors(self, ids: Sequence[int]) -> np.ndarray | None:
         """(n, D) float32 vectors the index holds for ids (exact for flat and float16 copies), or None when
