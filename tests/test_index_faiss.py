@@ -47,7 +47,7 @@ def test_rule():
     # Past exact: float16 vectors in inverted lists while they fit the budget, nlist near 4 sqrt(N).
     listed = choose_index(100_001, 640)
     assert (listed.kind, listed.factory, listed.nlist) == ("ivfsq", "IVF1024,SQfp16", 1024)
-    assert listed.estimated_bytes == 100_001 * (2 * 640 + 8) + 1024 * 640 * 4
+    assert listed.estimated_bytes == 100_001 * (2 * 640 + 16) + 1024 * 640 * 4
     assert choose_index(1_000_000, 640).factory == "IVF4096,SQfp16"
     assert choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3).kind == "ivfsq"
     # Requested "pq": 4-bit fast-scan codes with the best re-ranking store that fits; lists from 100k vectors on.
@@ -111,6 +111,16 @@ def test_approximate_index_recall_on_random_vectors(tmp_path, kind="pq"):
     # Without re-ranking candidates (k_factor 1) recall drops: the refine stage is doing the work.
     _, unrefined_ids, _ = index.search_vectors(queries, k=10, k_factor=1)
     assert _recall(unrefined_ids, exact_ids) < _recall(ids, exact_ids)
+
+
+def test_float16_lists_give_back_their_vectors(tmp_path):
+    rng = np.random.default_rng(4)
+    database = _embed_folder(tmp_path / "embeddings", _clustered(rng.standard_normal((16, 24)), 3000, rng))
+    plan = build_index(tmp_path / "embeddings", tmp_path / "index", kind="ivfsq")
+    index = Index.load(tmp_path / "index", memory_map=True)
+    assert plan.factory == "IVF76,SQfp16" and len(index) == 3000  # nlist at most N / 39
+    # What search by an item and the server's de-duplication read: the stored (float16) vectors, by id.
+    np.testing.assert_allclose(index.stored_vectors([5, 2999, 0]), database[[5, 2999, 0]], atol=1e-3)
 
 
 def test_search_with_encoders_and_html(tmp_path):

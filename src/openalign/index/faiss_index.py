@@ -72,6 +72,10 @@ def build_index(
         sample_size = min(summary["count"], max(65_536, 39 * plan.nlist))
         index.train(training_sample(embed_dir, embed_kind, summary["count"], sample_size))
     trained = time.perf_counter()
+    if plan.nlist and "Refine" not in plan.factory:
+        # Inverted lists keep no map from id to list: without one, stored_vectors (search by an item, the
+        # server's de-duplication) cannot read an item's vector back. 8 bytes a vector.
+        faiss.extract_index_ivf(index).make_direct_map()
     for embeddings, _ in iter_embedding_parts(embed_dir, embed_kind):
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     added = time.perf_counter()

@@ -86,9 +86,10 @@ def _pq_plan(num_vectors: int, dim: int, budget: float, kind: str, reason: str) 
 
 
 def ivfsq_plan(num_vectors: int, dim: int, budget: float, *, reason: str) -> IndexPlan | None:
-    """Inverted lists of float16 vectors within budget, or None: nlist as for "pq", 2D + 8 bytes a vector."""
+    """Inverted lists of float16 vectors within budget, or None: nlist as for "pq"; 2D bytes a vector, 8 for its
+    id in its list and 8 for the map from id to list (stored_vectors)."""
     nlist = fast_scan_list_count(num_vectors)
-    estimated = num_vectors * (2 * dim + ID_BYTES) + nlist * dim * 4
+    estimated = num_vectors * (2 * dim + 2 * ID_BYTES) + nlist * dim * 4
     if estimated > budget or num_vectors < 39:
         return None
     return IndexPlan("ivfsq", f"IVF{nlist},SQfp16", num_vectors, dim, estimated, nlist=nlist,
@@ -125,7 +126,7 @@ def choose_index(
     if kind == "ivfsq":
         plan = ivfsq_plan(num_vectors, dim, budget, reason="requested")
         if plan is None:
-            raise IndexBuildError(f"an ivfsq index of {num_vectors} x {dim} needs {num_vectors * (2 * dim + 8)} "
+            raise IndexBuildError(f"an ivfsq index of {num_vectors} x {dim} needs {num_vectors * (2 * dim + 16)} "
                                   f"bytes (and at least 39 vectors), over the budget of {budget}")
         return plan
 
