@@ -82,7 +82,7 @@ def build_index(
     write_faiss_index(index, work / FAISS_FILE)
     del index
     write_metadata(embed_dir, embed_kind, work / METADATA_FILE)
-    stages = {"verify_s": verified - started, "pq_training_s": trained - verified, "add_s": added - trained,
+    stages = {"verify_s": verified - started, "training_s": trained - verified, "add_s": added - trained,
               "write_s": time.perf_counter() - added}
     write_index_json(work, plan, embed_dir, embed_kind, stage="merged")
     config = finish_build(work, out_dir, target_recall=target_recall,
