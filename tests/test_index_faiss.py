@@ -59,13 +59,14 @@ def test_rule():
     with pytest.raises(IndexBuildError, match="over the budget"):
         choose_index(1000, 640, memory_budget_bytes=1000)
     # Inverted lists on disk: requested, past a million vectors, or when float16 vectors do not fit the budget
-    # (the ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/8 bytes when they fit.
+    # (the ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/4 bytes when they fit.
     ivf = choose_index(1_000_000, 640, kind="ivfpq")
-    assert (ivf.nlist, ivf.nprobe, ivf.factory) == (2048, 64, "IVF2048,PQ80np")
-    assert ivf.estimated_bytes == 1_000_000 * 88 + 2048 * 640 * 4 + 256 * 640 * 4 and ivf.rerank_bytes == 1.28e9
+    assert (ivf.nlist, ivf.nprobe, ivf.factory) == (2048, 64, "IVF2048,PQ160np")
+    assert ivf.estimated_bytes == 1_000_000 * 168 + 2048 * 640 * 4 + 256 * 640 * 4 and ivf.rerank_bytes == 1.28e9
     assert choose_index(1_000_001, 640).kind == "ivfpq"
-    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # float16 vectors would need 0.64 GB
-    assert tight.kind == "ivfpq" and tight.factory == "IVF1024,PQ80np"
+    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # float16 vectors would need 0.65 GB
+    assert tight.kind == "ivfpq" and tight.factory == "IVF1024,PQ160np"
+    assert choose_index(500_000, 640, memory_budget_bytes=6 * 10**7).factory == "IVF1024,PQ80np"
     assert choose_index(500_000, 640, memory_budget_bytes=3 * 10**7).factory == "IVF1024,PQ40np"
     with pytest.raises(IndexBuildError, match="at least 10000 vectors"):
         choose_index(5000, 640, kind="ivfpq")

