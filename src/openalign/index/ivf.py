@@ -4,9 +4,10 @@ float16 copy, built from embedding parts by one process or by several and merged
 A build of OUT has three stages, each a function that a separate process, or a machine sharing the folder, can
 run; they work in OUT's building folder (.OUT.partial, openalign.index.folder) and the last publishes it as OUT:
 
-1. train_ivf_index: trains the coarse quantiser (nlist centroids), then the 8-bit PQ codebooks on the residuals,
-   on a sample drawn one part at a time; writes the empty trained index (trained.faiss), allocates vectors.npy
-   (N x D float16, every block reserved on disk) and writes index.json with stage "trained".
+1. train_ivf_index: checks the embedding parts' bytes against their SHA-256, trains the coarse quantiser (nlist
+   centroids), then the 8-bit PQ codebooks on the residuals, on a sample drawn one part at a time; writes the
+   empty trained index (trained.faiss), allocates vectors.npy (N x D float16, every block reserved on disk) and
+   writes index.json with stage "trained".
 2. add_ivf_shard(out_dir, shard, num_shards): adds the parts p with p % num_shards == shard to a copy of the
    trained index under their global ids, writes their rows of vectors.npy (shards touch disjoint rows), and
    saves shards/shard-S-of-N.faiss. Shards run in parallel; each holds only its own codes in memory.

@@ -91,7 +91,7 @@ class Index:
     ) -> Index:
         """Load an index folder written by build_index; the encoders are used by search(texts=, images=).
 
-        memory_map: map the stored vectors and codes of "flat" and "pq" indexes from the file instead of
+        memory_map: map the stored vectors and codes of "flat", "ivfsq" and "pq" indexes from the file instead of
         reading them into memory (pages are read on first touch and can be dropped by the OS). An "ivfpq"
         index always maps its inverted lists and its float16 copy; metadata.arrow is always mapped.
         """
