@@ -13,7 +13,7 @@ from openalign.cli import main
 from openalign.cli.index import parse_bytes
 from openalign.index.faiss_index import Index
 from openalign.inference.encoders import load_encoders
-from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_images
+from tests.cli_fixtures import direct_image_embeddings, direct_text_embeddings, make_checkpoint, make_images
 
 QUERIES = ["a red bicycle", "a dog on the beach"]
 
@@ -80,3 +80,60 @@ def test_approximate_index_under_a_memory_budget(indexed, tmp_path, capsys):
     assert "pq index" in capsys.readouterr().out
     assert Index.load(tmp_path / "pq").plan.kind == "pq"
     assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1e3") == 1000
+
+
+# -- the index knows its model (model.json: fingerprint, a path relative to the index) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def movable(tmp_path_factory):
+    """A project folder holding a model, images, their embeddings and the index: what a user moves together."""
+    root = tmp_path_factory.mktemp("project") / "project"
+    model = make_checkpoint(root / "model")
+    make_images(root / "images", 8)
+    main(["embed", str(root / "images"), "-m", str(model), "--out", str(root / "embeddings"), "--no-progress"])
+    main(["index", str(root / "embeddings")])
+    return root
+
+
+def test_another_model_of_the_same_size_is_refused(movable, tmp_path, capsys):
+    other = make_checkpoint(tmp_path / "other", seed=1)  # same config and vocabulary, other weights
+    index_dir = movable / "embeddings" / "index"
+    capsys.readouterr()
+    assert main(["search", str(index_dir), "a red square", "-m", str(other)]) == 1
+    error = capsys.readouterr().err
+    assert "is not the one" in error and "model.json" in error and "--any-model" in error
+    assert len(error.strip().splitlines()) == 1
+    assert main(["search", str(index_dir), "a red square", "-m", str(other), "--any-model", "--json"]) == 0
+    assert main(["search", str(index_dir), "a red square", "-m", str(movable / "model"), "--json"]) == 0
+    assert Index.load(index_dir).model_mismatch(other) and not Index.load(index_dir).model_mismatch(movable / "model")
+
+
+def test_an_index_moved_with_its_model_keeps_working(movable, tmp_path, capsys):
+    import shutil
+
+    record = json.loads((movable / "embeddings" / "index" / "model.json").read_text())
+    assert record["model"] == "../../model" and len(record["fingerprint"]) == 64
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(movable, moved)
+    shutil.move(movable / "model", tmp_path / "model-away")  # the original place is gone
+    try:
+        capsys.readouterr()
+        assert main(["search", str(moved / "embeddings" / "index"), "a red square", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["hits"]
+        # Moved alone, with its model nowhere: the error names model.json and the option to pass.
+        shutil.rmtree(moved / "model")
+        assert main(["search", str(moved / "embeddings" / "index"), "a red square"]) == 1
+        error = capsys.readouterr().err
+        assert "model.json" in error and "--model (-m)" in error and len(error.strip().splitlines()) == 1
+    finally:
+        shutil.move(tmp_path / "model-away", movable / "model")
+
+
+def test_the_suggested_serve_command_names_the_folder_to_serve(movable, tmp_path, capsys):
+    embeddings = movable / "embeddings"
+    main(["index", str(embeddings), "--out", str(tmp_path / "two halves" / "image")])
+    assert f"openalign serve '{tmp_path / 'two halves' / 'image'}'" in capsys.readouterr().out
+    main(["index", str(embeddings), "--out", str(tmp_path / "two halves" / "text")])
+    # Both halves built: serve the folder that holds them (quoted: the path has a space).
+    assert f"openalign serve '{tmp_path / 'two halves'}')" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from openalign.index.faiss_index import Index, IndexBuildError, build_index, choose_index
+from openalign.index.folder import building_folder
 from openalign.index.html import write_results_html
 from openalign.index.ivf import add_ivf_shard, merge_ivf_shards, plan_ivf_index, train_ivf_index
 from openalign.inference.embed import embed_to_folder
@@ -43,22 +44,29 @@ def _recall(ids, exact_ids):
 
 def test_rule():
     assert choose_index(100_000, 640).kind == "flat"
-    assert choose_index(100_001, 640).factory == "PQ320x4fs,Refine(SQfp16)"
-    # Exact does not fit: approximate even for a small collection, with the best re-ranking store that fits.
-    small = choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3)
-    assert small.kind == "pq" and small.factory.endswith("Refine(SQfp16)")
+    # Past exact: float16 vectors in inverted lists while they fit the budget, nlist near 4 sqrt(N).
+    listed = choose_index(100_001, 640)
+    assert (listed.kind, listed.factory, listed.nlist) == ("ivfsq", "IVF1024,SQfp16", 1024)
+    assert listed.estimated_bytes == 100_001 * (2 * 640 + 16) + 1024 * 640 * 4
+    assert choose_index(1_000_000, 640).factory == "IVF4096,SQfp16"
+    assert choose_index(1000, 640, memory_budget_bytes=1000 * 640 * 3).kind == "ivfsq"
+    # Requested "pq": 4-bit fast-scan codes with the best re-ranking store that fits; lists from 100k vectors on.
+    assert choose_index(99_999, 640, kind="pq").factory == "PQ320x4fs,Refine(SQfp16)"
+    assert choose_index(100_001, 640, kind="pq").factory == "IVF1024,PQ320x4fs,Refine(SQfp16)"
+    # Below 10,000 vectors, where inverted lists on disk cannot be trained, "pq" fills in under a small budget.
     assert choose_index(1000, 640, memory_budget_bytes=1000 * 800).factory == "PQ320x4fs,Refine(SQ8)"
     assert choose_index(1000, 640, memory_budget_bytes=1000 * 400).factory == "PQ320x4fs"
     with pytest.raises(IndexBuildError, match="over the budget"):
         choose_index(1000, 640, memory_budget_bytes=1000)
-    # Inverted lists: requested, past a million vectors, or when the float16 copy does not fit the budget (the
-    # ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/8 bytes when they fit.
+    # Inverted lists on disk: requested, past a million vectors, or when float16 vectors do not fit the budget
+    # (the ivfpq copy is on disk). nlist is the power of two nearest 2 sqrt(N); codes are D/4 bytes when they fit.
     ivf = choose_index(1_000_000, 640, kind="ivfpq")
-    assert (ivf.nlist, ivf.nprobe, ivf.factory) == (2048, 64, "IVF2048,PQ80np")
-    assert ivf.estimated_bytes == 1_000_000 * 88 + 2048 * 640 * 4 + 256 * 640 * 4 and ivf.rerank_bytes == 1.28e9
-    assert choose_index(1_000_000, 640).kind == "pq" and choose_index(1_000_001, 640).kind == "ivfpq"
-    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # pq with a float16 copy would need 0.72 GB
-    assert tight.kind == "ivfpq" and tight.factory == "IVF1024,PQ80np"
+    assert (ivf.nlist, ivf.nprobe, ivf.factory) == (2048, 64, "IVF2048,PQ160np")
+    assert ivf.estimated_bytes == 1_000_000 * 168 + 2048 * 640 * 4 + 256 * 640 * 4 and ivf.rerank_bytes == 1.28e9
+    assert choose_index(1_000_001, 640).kind == "ivfpq"
+    tight = choose_index(500_000, 640, memory_budget_bytes=10**8)  # float16 vectors would need 0.65 GB
+    assert tight.kind == "ivfpq" and tight.factory == "IVF1024,PQ160np"
+    assert choose_index(500_000, 640, memory_budget_bytes=6 * 10**7).factory == "IVF1024,PQ80np"
     assert choose_index(500_000, 640, memory_budget_bytes=3 * 10**7).factory == "IVF1024,PQ40np"
     with pytest.raises(IndexBuildError, match="at least 10000 vectors"):
         choose_index(5000, 640, kind="ivfpq")
@@ -91,7 +99,7 @@ def test_approximate_index_recall_on_random_vectors(tmp_path, kind="pq"):
     rng = np.random.default_rng(1)
     database = _embed_folder(tmp_path / "embeddings", rng.standard_normal((20_000, 64)))
     plan = build_index(tmp_path / "embeddings", tmp_path / "index", kind=kind)
-    assert plan.kind == kind and plan.k_factor == 32
+    assert plan.kind == kind and plan.k_factor > 1  # tuned: re-ranking does work here
     index = Index.load(tmp_path / "index")
     queries = rng.standard_normal((100, 64)).astype(np.float32)
     _, exact_ids = _exact(database, queries, 10)
@@ -104,6 +112,16 @@ def test_approximate_index_recall_on_random_vectors(tmp_path, kind="pq"):
     # Without re-ranking candidates (k_factor 1) recall drops: the refine stage is doing the work.
     _, unrefined_ids, _ = index.search_vectors(queries, k=10, k_factor=1)
     assert _recall(unrefined_ids, exact_ids) < _recall(ids, exact_ids)
+
+
+def test_float16_lists_give_back_their_vectors(tmp_path):
+    rng = np.random.default_rng(4)
+    database = _embed_folder(tmp_path / "embeddings", _clustered(rng.standard_normal((16, 24)), 3000, rng))
+    plan = build_index(tmp_path / "embeddings", tmp_path / "index", kind="ivfsq")
+    index = Index.load(tmp_path / "index", memory_map=True)
+    assert plan.factory == "IVF76,SQfp16" and len(index) == 3000  # nlist at most N / 39
+    # What search by an item and the server's de-duplication read: the stored (float16) vectors, by id.
+    np.testing.assert_allclose(index.stored_vectors([5, 2999, 0]), database[[5, 2999, 0]], atol=1e-3)
 
 
 def test_search_with_encoders_and_html(tmp_path):
@@ -185,9 +203,11 @@ def test_ivf_index_from_parts_merged_from_shards_equals_one_process(tmp_path):
     plan, embed_kind = plan_ivf_index(tmp_path / "embeddings")
     assert plan.kind == "ivfpq" and plan.nlist == 256 and plan.nprobe == 8
     train_ivf_index(tmp_path / "embeddings", tmp_path / "one", plan, embed_kind)
-    shutil.copytree(tmp_path / "one", tmp_path / "sharded")  # both builds from the same trained quantiser
+    # Both builds from the same trained quantiser: stages work in the hidden building folder beside the index.
+    shutil.copytree(building_folder(tmp_path / "one"), building_folder(tmp_path / "sharded"))
+    assert not (tmp_path / "one").exists()
     with pytest.raises(IndexBuildError, match="merge its shards first"):
-        Index.load(tmp_path / "one")
+        Index.load(building_folder(tmp_path / "one"))
     add_ivf_shard(tmp_path / "one", 0, 1)
     merge_ivf_shards(tmp_path / "one", 1)
 
@@ -213,7 +233,7 @@ def test_ivf_index_from_parts_merged_from_shards_equals_one_process(tmp_path):
         np.testing.assert_array_equal(sharded_ids, one_ids)
         np.testing.assert_array_equal(sharded_scores, one_scores)
         assert sharded_rows == one_rows
-    # At the default nprobe (8 of 256 lists) the clustered collection is found; scores are the exact (float16)
+    # At the tuned nprobe the clustered collection is found; scores are the exact (float16)
     # inner products of the ids returned, and metadata rows follow the ids.
     scores, ids, rows = one.search_vectors(queries, k=10)
     assert _recall(ids, exact_ids) >= 0.95

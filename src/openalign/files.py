@@ -1,11 +1,13 @@
 """Atomic file writes: a reader (or a resumed run) never sees half a file; a full disk is said in plain words;
-an output folder written by one process at a time."""
+an output folder written by one process at a time; a folder's record of its files (sizes and SHA-256),
+which checkpoints, index folders and embedding parts keep."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import threading
@@ -129,5 +131,84 @@ def locked_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                                    f"{folder / LOCK_NAME}): wait for it to finish, or choose another folder") \
                 from None
         yield folder
+    finally:
+        os.close(descriptor)
+
+
+def allocate_file(path: str | os.PathLike, size: int) -> None:
+    """Create `path` with `size` bytes whose blocks are reserved on disk, so that filling it later through a memory
+    map cannot fail (a write to a sparse map on a full disk is a SIGBUS that kills the process without a word).
+    A full disk is a DiskFullError naming the file; a file system without fallocate gets the zeros written."""
+    with reporting_full_disk(path), open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.ENODEV):
+                raise
+            block = bytes(2**20)
+            for start in range(0, size, len(block)):
+                handle.write(block[: min(len(block), size - start)])
+
+
+def reserve_space(path: str | os.PathLike, size: int) -> None:
+    """Raise DiskFullError naming `path` unless `size` bytes can be allocated beside it now (a file is reserved
+    there, then removed): for writers that grow a file through a memory map themselves (FAISS's on-disk lists)."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.reserve-{os.getpid()}")
+    try:
+        allocate_file(probe, size)
+    except DiskFullError as error:
+        raise DiskFullError(f"no space left on device for {path}: it needs {size:,} bytes, "
+                            f"{shutil.disk_usage(path.parent).free:,} are free") from error.__cause__
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(folder: str | os.PathLike, paths) -> dict[str, dict[str, int | str]]:
+    """{"sizes": {name: bytes}, "sha256": {name: hex}} of `paths`, named relative to `folder` (POSIX form): the
+    record a folder keeps of its files, checked by `files_problem`."""
+    folder = Path(folder)
+    names = {Path(path).relative_to(folder).as_posix(): Path(path) for path in paths}
+    return {"sizes": {name: path.stat().st_size for name, path in names.items()},
+            "sha256": {name: file_digest(path) for name, path in names.items()}}
+
+
+def files_problem(folder: str | os.PathLike, sizes: dict, digests: dict | None = None) -> str | None:
+    """How the files of `folder` differ from their record, first difference only, or None when they match: a
+    file missing, of another size (truncated or replaced), or, when `digests` are given, of other bytes. Sizes
+    cost a stat; digests a read of every byte, so callers check sizes at every load and digests when asked."""
+    folder = Path(folder)
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or replaced)"
+    for name, digest in (digests or {}).items():
+        if name in sizes and file_digest(folder / name) != digest:
+            return f"{name} does not match the SHA-256 written with it (its bytes changed since: a bad disk or copy)"
+    return None
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or folder to disk, so a rename never lands before the data it names (ignored where the
+    platform cannot open folders)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
     finally:
         os.close(descriptor)

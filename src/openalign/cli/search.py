@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-k", type=int, default=10, help="hits per query")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--html", help="also write a page of the results (query, thumbnails, captions) here")
+    parser.add_argument("--any-model", action="store_true",
+                        help="search even when --model is not the model the index's model.json records")
     add_model_arguments(parser, required=False)
     parser.set_defaults(func=run)
 
@@ -43,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = read_model_reference(args.index)
         if args.model is None:
-            raise SystemExit(f"openalign search: {Path(args.index) / MODEL_FILE} does not exist; pass --model")
-    results = search_index(args.index, encoders_from_arguments(args), args.texts, args.images, args.k)
+            raise SystemExit(f"openalign search: {Path(args.index) / MODEL_FILE} does not exist; pass the model the "
+                             "embeddings were made with as --model (-m)")
+    results = search_index(args.index, encoders_from_arguments(args), args.texts, args.images, args.k,
+                           any_model=args.any_model)
     if args.html:
         write_results_html(results, args.html)
     if args.json:

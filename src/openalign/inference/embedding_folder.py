@@ -21,9 +21,10 @@ embed_config.json) are still read, and a resumed run goes on in the layout its f
 Items are numbered globally in iteration order; part p holds items [p * part_size, (p + 1) * part_size) and
 rank r of world_size writes the parts with p % world_size == r, so ranks never share a file and the result
 is independent of the number of ranks. Every file goes to a temporary name and is renamed into place; the
-.done marker is renamed last (with the size of each of the part's files), so a part without it is redone from
-scratch after a crash, a part with it is skipped, and one whose files were removed or changed since is redone
-(and named by the readers). What fills a part (embedding items, or scoring them) is the caller's: write_parts
+.done marker is renamed last (with the size and SHA-256 of each of the part's files), so a part without it is
+redone from scratch after a crash, a part with it is skipped, and one whose files were removed or changed since
+is redone (and named by the readers: sizes at every read, every byte by verify_embedding_folder, which an index
+build runs first). What fills a part (embedding items, or scoring them) is the caller's: write_parts
 only walks the stream, skips finished and other ranks' parts, and commits the parts it is handed.
 """
 
@@ -43,12 +44,17 @@ import pyarrow.parquet as pq
 import torch
 
 from openalign.errors import OpenAlignError
-from openalign.files import atomic_write, atomic_write_bytes
+from openalign.files import atomic_write, atomic_write_bytes, describe_files, files_problem
+from openalign.inference.model_record import (  # noqa: F401 (the folder's model record, imported from here too)
+    MODEL_FILE,
+    copy_model_reference,
+    read_model_reference,
+    write_model_reference,
+)
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
-MODEL_FILE = "model.json"
 LAYOUT = "clip-retrieval"
 LEGACY_LAYOUT = None  # part-00000.image.npy and part-00000.parquet beside the markers
 _KIND_FOLDERS = {"image": "img_emb", "text": "text_emb"}
@@ -138,7 +144,7 @@ def write_part(out_dir: Path, part_index: int, arrays: dict[str, np.ndarray], ro
     atomic_write_bytes(out_dir / f"{stem}.skipped.json", json.dumps(skipped, indent=1).encode())
     files = _part_files(out_dir, part_index, list(arrays), len(rows), layout)
     done = {"count": len(rows), "skipped": len(skipped), "dims": {k: int(a.shape[1]) for k, a in arrays.items()},
-            "sizes": {path.relative_to(out_dir).as_posix(): path.stat().st_size for path in files}}
+            **describe_files(out_dir, files)}
     atomic_write_bytes(out_dir / f"{stem}.done", json.dumps(done, sort_keys=True).encode())
 
 
@@ -151,9 +157,11 @@ def _part_files(out_dir: Path, part_index: int, kinds: list[str], count: int, la
     return files
 
 
-def verify_part(out_dir: str | Path, part_index: int, layout: str | None = LAYOUT) -> dict:
+def verify_part(out_dir: str | Path, part_index: int, layout: str | None = LAYOUT, *,
+                check_bytes: bool = False, kind: str | None = None) -> dict:
     """The .done marker of a finished part, after checking that every file of the part is there with the size
-    it was written with; EmbeddingFolderError naming the file otherwise (removed, truncated or replaced since)."""
+    it was written with (and with check_bytes, the SHA-256: a flipped byte); EmbeddingFolderError naming the file
+    otherwise (removed, truncated or replaced since). kind: check only that kind's embeddings (and the rest)."""
     out_dir = Path(out_dir)
     marker = out_dir / f"{part_name(part_index)}.done"
     try:
@@ -165,15 +173,26 @@ def verify_part(out_dir: str | Path, part_index: int, layout: str | None = LAYOU
     # Markers written before sizes were recorded list none: then the files must at least exist.
     sizes = done.get("sizes") or {path.relative_to(out_dir).as_posix(): None for path in _part_files(
         out_dir, part_index, list(done.get("dims", {})), done.get("count", 0), layout)}
-    for name, size in sizes.items():
-        path = out_dir / name
-        if not path.is_file():
-            raise EmbeddingFolderError(f"{path} is missing (removed after the run?); rerun the same embed command "
-                                       "to redo its part")
-        if size is not None and path.stat().st_size != size:
-            raise EmbeddingFolderError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or "
-                                       "replaced); rerun the same embed command to redo its part")
+    if kind is not None:
+        others = {embeddings_path(out_dir, part_index, other, layout).relative_to(out_dir).as_posix()
+                  for other in KINDS if other != kind}
+        sizes = {name: size for name, size in sizes.items() if name not in others}
+    problem = files_problem(out_dir, sizes, done.get("sha256") if check_bytes else None)
+    if problem is not None:
+        raise EmbeddingFolderError(f"{out_dir}: {problem}; rerun the same embed command to redo its part")
     return done
+
+
+def verify_embedding_folder(out_dir: str | Path, kind: str | None = None) -> None:
+    """Check every byte of a finished folder's parts (of one kind) against the SHA-256 in their markers: a read
+    of the whole folder, done once by a reader about to rely on all of it (an index build). Markers written
+    before checksums were recorded are checked by size."""
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    kind = _resolve_kind(out_dir, summary, kind)
+    for part in summary["parts"]:
+        verify_part(out_dir, int(part["name"].split("-")[1]), summary.get("layout", LEGACY_LAYOUT),
+                    check_bytes=True, kind=kind)
 
 
 def _part_is_done(out_dir: Path, part_index: int, layout: str | None) -> bool:
@@ -318,37 +337,8 @@ def write_summary(out_dir: str | Path, num_parts: int) -> dict | None:
     return summary
 
 
-def write_model_reference(out_dir: str | Path, model: str | os.PathLike) -> None:
-    """model.json: the checkpoint the embeddings were made with, for index and search: a local folder as an
-    absolute path, a hub id as it is (search resolves it again, from the cache)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reference = str(Path(model).resolve()) if Path(model).exists() else str(model)
-    (out_dir / MODEL_FILE).write_text(json.dumps({"model": reference}) + "\n")
-
-
-def copy_model_reference(from_dir: str | Path, to_dir: str | Path) -> bool:
-    """Copy from_dir's model.json into to_dir (an index built from the folder); False when there is none."""
-    source = Path(from_dir) / MODEL_FILE
-    if not source.is_file():
-        return False
-    (Path(to_dir) / MODEL_FILE).write_bytes(source.read_bytes())
-    return True
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_model_reference(folder: str | Path) -> str | None:
-    """The checkpoint named by folder's model.json (an embedding or index folder); None when it has none."""
-    path = Path(folder) / MODEL_FILE
-    if not path.is_file():
-        return None
-    try:
-        return str(json.loads(path.read_text())["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise EmbeddingFolderError(f"{path} does not name a model ({error})") from None
 
 
 def _resolve_kind(out_dir: Path, summary: dict, kind: str | None) -> str:

@@ -15,7 +15,6 @@ Under FSDP2 the model and the optimiser state are sharded over ranks: `gather_mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from openalign.errors import CheckpointError, ConfigError
-from openalign.files import DiskFullError, reporting_full_disk
+from openalign.files import DiskFullError, describe_files, files_problem, fsync_path, reporting_full_disk
 from openalign.model_config import AlignConfig
 from openalign.train.run_log import METRICS_NAME
 from openalign.untrusted import refuse_links
@@ -124,12 +123,11 @@ def save_checkpoint(
         with reporting_full_disk(temporary / TRAINER_STATE_NAME), open(temporary / TRAINER_STATE_NAME, "wb") as handle:
             torch.save(trainer_state, handle)  # to a file object, so that a full disk's OSError reaches us
         files = sorted(path for path in temporary.iterdir() if path.is_file())
-        listing = {"step": step, "sizes": {path.name: path.stat().st_size for path in files},
-                   "sha256": {path.name: file_digest(path) for path in files}}
+        listing = {"step": step, **describe_files(temporary, files)}
         with reporting_full_disk(temporary / FILES_NAME):
             (temporary / FILES_NAME).write_text(json.dumps(listing, indent=1) + "\n")
         for path in temporary.iterdir():
-            _fsync(path)
+            fsync_path(path)
         if final.exists():  # the same step saved again (a resumed run that stops where it resumed)
             stale = run_dir / f".{final.name}.old-{os.getpid()}"
             final.rename(stale)
@@ -137,7 +135,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         else:
             temporary.rename(final)
-        _fsync(run_dir)
+        fsync_path(run_dir)
     except DiskFullError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise DiskFullError(f"{error}; {final.name} was not written, the checkpoints before it are intact") \
@@ -148,30 +146,6 @@ def save_checkpoint(
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
     return final
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read a megabyte at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a rename never lands before the data it names (ignored where the
-    platform cannot open folders)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -201,18 +175,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
     for required in (TRAINER_STATE_NAME, "config.json"):
         if required not in sizes:
             raise CheckpointError(f"checkpoint {folder}: {FILES_NAME} does not list {required}")
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
-                f"{size} were written (truncated or replaced)"
-            )
-        if name in digests and file_digest(path) != digests[name]:
-            raise CheckpointError(f"checkpoint {folder}: {name} does not match the SHA-256 written with it "
-                                  "(its bytes changed since: a bad disk or copy)")
+    problem = files_problem(folder, sizes, digests)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder}: {problem}")
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, spec: str) -> Path:
