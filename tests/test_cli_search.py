@@ -109,6 +109,19 @@ def test_another_model_of_the_same_size_is_refused(movable, tmp_path, capsys):
     assert Index.load(index_dir).model_mismatch(other) and not Index.load(index_dir).model_mismatch(movable / "model")
 
 
+def test_the_server_refuses_another_model_of_the_same_size_unless_told(movable, tmp_path):
+    from openalign.inference.encoders import load_encoders
+    from openalign.serve.app import create_app
+    from openalign.serve.service import ServerStartError
+
+    other = make_checkpoint(tmp_path / "other", seed=1)  # same config and vocabulary, other weights
+    index_dir = movable / "embeddings" / "index"
+    with pytest.raises(ServerStartError, match="model.json.*--any-model|--any-model"):
+        create_app(index_dir, load_encoders(other, device="cpu", optimize=False))
+    assert create_app(index_dir, load_encoders(other, device="cpu", optimize=False), any_model=True)
+    assert create_app(index_dir, load_encoders(movable / "model", device="cpu", optimize=False))
+
+
 def test_an_index_moved_with_its_model_keeps_working(movable, tmp_path, capsys):
     import shutil
 

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", help="the collection's name in /indices-list (default: the folder's name)")
     parser.add_argument("--no-model", action="store_true",
                         help="load no model: only embedding_input and id queries (no text or image)")
+    parser.add_argument("--any-model", action="store_true",
+                        help="serve with a --model other than the one the index's model.json records (its config "
+                             "and weights are hashed there); refused otherwise, since its hits would mean nothing")
     parser.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST[:PORT]",
                         help="host names requests may name besides 127.0.0.1, localhost, [::1] and --host, e.g. "
                              "the name a reverse proxy is reached by (a guard against DNS rebinding)")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         encoders = encoders_from_arguments(args)
     app = create_app(index_dir, encoders, name=args.name, limits=ServeLimits(max_pixels=args.max_pixels),
                      allowed_hosts=AllowedHosts([args.host, *args.allowed_hosts]), image_root=args.image_root,
-                     model_name=args.model)
+                     model_name=args.model, any_model=args.any_model)
     try:
         run_server(app, host=args.host, port=args.port, threads=args.threads,
                    connection_limit=args.connection_limit, request_seconds=args.request_timeout,

@@ -166,6 +166,7 @@ def create_app(
     allowed_hosts: AllowedHosts | None = None,
     image_root: str | Path | None = None,
     model_name: str | None = None,
+    any_model: bool = False,
 ):
     """The Flask application serving one collection.
 
@@ -174,7 +175,7 @@ def create_app(
     name: the collection's name in /indices-list (default: the folder's name). allowed_hosts: the Host
     headers answered (default: the loopback names). image_root: where relative image paths of the metadata
     start (default: found above the index folder, service.find_image_root). model_name: the model as /healthz
-    names it (default: its folder's name).
+    names it (default: its folder's name). any_model: serve with a model other than the one model.json records.
     """
     index_dir = None
     if isinstance(indexes, (str, Path)):
@@ -182,7 +183,7 @@ def create_app(
         name = name or index_dir.resolve().name
         indexes = load_indexes(index_dir)
     service = SearchService(indexes, encoders, name=name or "openalign", limits=limits, index_dir=index_dir,
-                            image_root=image_root, model_name=model_name)
+                            image_root=image_root, model_name=model_name, any_model=any_model)
     static_folder = resources.files("openalign.serve") / "static"
     app = Flask(__name__, static_folder=str(static_folder), static_url_path="/static")
     # Flask answers a longer body 413 without parsing it; waitress bounds what it reads (server.py).

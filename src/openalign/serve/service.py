@@ -121,7 +121,7 @@ class SearchService:
 
     def __init__(self, indexes: Mapping[str, Index], encoders=None, *, name: str = "openalign", limits=None,
                  index_dir: str | Path | None = None, image_root: str | Path | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, any_model: bool = False):
         if not indexes or set(indexes) - set(MODALITIES):
             raise ServerStartError(f"indexes must be keyed by {' and/or '.join(MODALITIES)}, got {sorted(indexes)}")
         self.indexes = dict(indexes)
@@ -131,6 +131,8 @@ class SearchService:
         self.model_name = model_label(model_name or getattr(encoders, "source", None))
         where = Path(index_dir) if index_dir is not None else None
         self._check_dimensions(where)
+        if not any_model:
+            self._check_model()
         self.image_roots = {
             modality: Path(image_root) if image_root is not None
             else (find_image_root(index, where) if where is not None else None)
@@ -153,6 +155,16 @@ class SearchService:
                     f"index{folder} holds {index.dim}-dimensional vectors: serve it with the model that embedded "
                     "it (its model.json, or --model)"
                 )
+
+    def _check_model(self) -> None:
+        """Refuse a model other than the one the index's model.json records (its config and weights hashed): a
+        model of the same size answers every query, with hits that mean nothing."""
+        source = getattr(self.encoders, "source", None)
+        for index in self.indexes.values() if source else ():
+            mismatch = index.model_mismatch(source)
+            if mismatch:
+                raise ServerStartError(f"{mismatch}. Serve it with the model the embeddings were made with "
+                                       "(--model), or pass --any-model to serve anyway")
 
     def _index(self, modality) -> Index:
         if modality not in MODALITIES:
