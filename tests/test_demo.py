@@ -50,8 +50,9 @@ def test_outputs_are_all_in_the_folder_and_printed(demo):
         assert metrics["chance"][key] < metrics["bayes_ceiling"][key] <= metrics["ceiling"][key] + 1e-9
         assert f"{metrics['bayes_ceiling'][key]:.3f} |" in (out / "report.md").read_text()
     assert set(METRIC_KEYS) <= set(metrics["chance"])
-    # --steps counts the bootstrap scorer's steps (the default curation) with the training's
-    assert metrics["training"]["steps_with_bootstrap"] == 150 and metrics["training"]["stop_reason"] == "finished"
+    # One schedule: no bootstrap scorer in the default curation, every step the training's
+    assert metrics["training"]["steps_with_bootstrap"] == metrics["training"]["steps"] == 150
+    assert metrics["training"]["stop_reason"] == "finished"
     assert metrics["config"]["image_ssl_weight"] == 0.0  # the default turns the image term off in so short a run
     for key in METRIC_KEYS:
         assert f"{metrics[key]:.3f}" in (out / "report.md").read_text()
@@ -250,7 +251,8 @@ def test_the_step_probe_steps_with_the_loss_the_trainer_would_use(loss_name, tmp
     from openalign.demo.pipeline import probe_stepper, training_config
     from openalign.losses import AlignLoss
 
-    config = DemoConfig(train_overrides={"loss.name": loss_name})
+    # Curation "none": the loss as the override names it (the default "robust" keeps the temperature fixed).
+    config = DemoConfig(curation="none", train_overrides={"loss.name": loss_name})
     train_config = training_config(config, tmp_path / "m.jsonl", tmp_path / "tok", tmp_path / "c.json",
                                    tmp_path / "run", total_steps=10, minutes=1.0)
     model, stepper = probe_stepper(config.model_config(vocab_size=50), train_config)
@@ -373,16 +375,26 @@ def test_embed_dim_widens_the_last_block_which_is_the_embedding():
         DemoConfig(embed_dim=161).model_config(100)
 
 
-def test_similarity_curation_raised_the_clean_share_of_what_the_model_trained_on(demo):
-    """The default curation: the rules, then a bootstrap scorer trained inside the budget; what it kept is
-    cleaner than what it scored, by the generator's own labels."""
-    _, metrics, _ = demo
+def test_the_default_run_is_its_own_curation_pass_measured_against_the_labels(demo):
+    """The default curation: the rules, then one schedule that keeps an estimate per pair; the estimates are
+    written as a scoring folder covering every pair trained on, and measured against the generator's labels."""
+    import pyarrow.parquet as pq
+
+    from openalign.demo.curation import detection_figures
+
+    out, metrics, _ = demo
     curation = metrics["curation"]
-    assert curation["mode"] == "similarity" and curation["bootstrap_steps"] > 0
-    share = curation["clean_share"]
-    assert share["kept"] > share["scored"], share
-    assert metrics["training"]["steps_with_bootstrap"] == metrics["training"]["bootstrap_steps"] + metrics[
-        "training"]["steps"]
+    assert curation["mode"] == "robust" and metrics["training"].get("bootstrap_steps", 0) == 0
+    scores = pq.read_table(out / "run" / "pair-scores" / "scores.parquet").to_pydict()
+    kept = metrics["data"]["kept_after_filter"]
+    assert len(scores["score"]) == kept and min(scores["visits"]) >= 1  # 150 x 128 samples cover the kept pairs
+    detection = curation["detection"]
+    assert detection == detection_figures(out / "run" / "pair-scores", out / "filtered" / "manifest.jsonl")
+    labels = [json.loads(line)["noise"] for line in (out / "filtered" / "manifest.jsonl").read_text().splitlines()]
+    assert detection["mismatched"] == labels.count("mismatch") > 0
+    assert detection["pairs"] == labels.count("mismatch") + labels.count("clean")
+    assert 0.0 <= detection["roc_auc"] <= 1.0 and detection["precision"] == detection["recall"]
+    assert "per-pair estimates" in (out / "report.md").read_text()
     for key in ("image_to_text_r5", "text_to_image_r5"):  # every retrieval figure against its best possible
         assert metrics[f"{key}_of_best"] == pytest.approx(metrics[key] / metrics["bayes_ceiling"][key])
 

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--curation", choices=CURATIONS, default=defaults.curation,
                         help="which generated pairs to train on, and how: none (all), rules (the paper's filters), "
                              "similarity (the rules, then a bootstrap scorer's similarity filter; its training and "
-                             "scoring count in --minutes), robust (the rules, then one run with a robust loss and "
+                             "scoring count in --minutes), robust (the rules, then one run in one schedule, "
                              "each pair's loss weighted by the run's own estimate that it is clean) or oracle "
                              "(exactly the generator's clean pairs: the perfect filter, a yardstick) (default "
                              f"{defaults.curation})")
