@@ -52,7 +52,9 @@ def test_folder_embeddings_metadata_and_skipped_files(checkpoint, tmp_path, caps
     np.testing.assert_allclose(embeddings.astype(np.float32), oracle, atol=2e-3)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [entry["source"] for entry in summary["skipped"]] == [str(images / "broken.png")]
-    assert json.loads((tmp_path / "out" / "model.json").read_text())["model"] == str(checkpoint.resolve())
+    record = json.loads((tmp_path / "out" / "model.json").read_text())  # relative, so a moved pair keeps working
+    assert record["absolute"] == str(checkpoint.resolve())
+    assert (tmp_path / "out" / record["model"]).resolve() == checkpoint.resolve()
 
 
 def test_texts_from_a_caption_file_and_both_kinds_from_a_manifest(checkpoint, tmp_path):
