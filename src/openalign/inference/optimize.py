@@ -22,6 +22,7 @@ from torch import nn
 
 from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
 from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
+from openalign.models.fused import spatial_mean
 from openalign.runtime import configure_allocator, native_reduced_precision, warn_slow_precision
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,23 +71,6 @@ def _activate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.ReLU):
         return F.relu(x, inplace=True)
     return module(x)
-
-
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 1, 1), the squeeze of squeeze-excite.
-
-    In bf16 / fp16 channels-last on CPU it is a batched matmul of a row of ones with the (B, H*W, C) view of
-    `x`, divided by H*W: ATen's mean first converts the whole activation to float32 (a copy as large as the
-    activation), and the product measured 2-4x faster on align-base's layers, about a seventh of the bf16
-    image tower's eager time. float32 keeps ATen's mean (no copy there, and the same summation order as the
-    plain model)."""
-    batch, channels, height, width = x.shape
-    reduced = x.dtype in (torch.bfloat16, torch.float16)
-    if not (reduced and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
-        return x.mean(dim=(2, 3), keepdim=True)
-    rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view of channels-last memory
-    ones = torch.ones(batch, 1, height * width, dtype=x.dtype, device=x.device)
-    return torch.bmm(ones, rows).div_(height * width).view(batch, channels, 1, 1)
 
 
 class FoldedStem(nn.Module):
