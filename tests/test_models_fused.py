@@ -116,3 +116,24 @@ def test_backward_twice_through_a_retained_graph():
     output = module(x).square().sum()
     first = torch.autograd.grad(output, x, retain_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(output, x)[0], first, rtol=0, atol=0)
+
+
+def test_nothing_outlives_a_step():
+    """Every tensor of a forward and backward is freed with its graph (a kept gate graph once held itself)."""
+    import gc
+
+    module = randomised(16, torch.float32)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for thing in gc.get_objects() if torch.is_tensor(thing))
+
+    def step():
+        x = torch.randn(4, 16, 3, 3, requires_grad=True)
+        module(x * 2).sum().backward()
+
+    step()
+    before = live_tensors()
+    for _ in range(3):
+        step()
+    assert live_tensors() == before

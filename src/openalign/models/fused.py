@@ -6,9 +6,9 @@ y = x * gate(mean(x)). Autograd differentiates it as three separate operations: 
 first in a further pass; the gate's two 1x1 convolutions run on (B, C, 1, 1) maps, where oneDNN's overhead
 is most of their time. `squeeze_excite` computes the gate with matrix products on (B, C), and its backward
 takes the input gradient in one pass, g * gate + (the mean's gradient) / (H * W), which is the only pass over
-the activation besides the one that sums g * x. The gate's own small graph is differentiated by autograd
-inside that backward, so any gate function works (docs/training.md, "The training step on a CPU", has what it
-saves).
+the activation besides the one that sums g * x. The gate's own small graph is rebuilt and differentiated by
+autograd inside that backward, so any gate function works (docs/training.md, "The training step on a CPU", has
+what it saves).
 """
 
 from __future__ import annotations
@@ -53,38 +53,36 @@ class _SqueezeExcite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, *parameters):
         batch, channels = x.shape[:2]
-        pooled = spatial_mean(x).view(batch, channels).detach().requires_grad_()
-        # The gate's small graph, differentiated in backward. Its (B, C) tensors are kept as they are, outside
-        # any saved-tensor hooks around the call (gradient checkpointing's would recompute the whole block to
-        # unpack them inside this backward).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
-            scale = gate(pooled)  # (B, C)
-        ctx.save_for_backward(x)
-        ctx.gate_graph = (pooled, scale, parameters)
-        return x * scale.detach().view(batch, channels, 1, 1)
+        pooled = spatial_mean(x).view(batch, channels)
+        scale = gate(pooled)  # (B, C)
+        ctx.save_for_backward(x, pooled, scale)
+        # The gate's small graph is rebuilt in backward, under the same autocast. Kept from here instead, its
+        # saved tensors would be packed by gradient checkpointing's hooks (and unpacked by recomputing the whole
+        # block), or, kept outside them, hold their own graph strongly and never be freed.
+        ctx.gate, ctx.parameters = gate, parameters
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        return x * scale.view(batch, channels, 1, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, = ctx.saved_tensors
-        pooled, scale, parameters = ctx.gate_graph
+        x, pooled, scale = ctx.saved_tensors
         batch, channels, height, width = x.shape
         grad_scale = (grad_output * x).sum(dim=(2, 3))  # (B, C)
-        wanted = [pooled, *(p for p in parameters if p.requires_grad)]
-        # Retained, as the outer graph may be (backward(retain_graph=True)); it goes with the outer graph.
-        grads = iter(torch.autograd.grad(scale, wanted, grad_scale.to(scale.dtype), allow_unused=True,
-                                         retain_graph=True))
+        parameters = ctx.parameters
+        wanted = [p for p in parameters if p.requires_grad]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            pooled = pooled.detach().requires_grad_()
+            rebuilt = ctx.gate(pooled)
+        grads = iter(torch.autograd.grad(rebuilt, [pooled, *wanted], grad_scale.to(rebuilt.dtype), allow_unused=True))
         grad_pooled = next(grads)
         grad_parameters = [next(grads) if p.requires_grad else None for p in parameters]
         grad_input = None
         if ctx.needs_input_grad[0]:
-            # One pass: the product's gradient plus the mean's, spread evenly over the map.
-            # Written into x's layout: addcmul would take the layout of its first, (B, C, 1, 1), argument.
+            # One pass: the product's gradient plus the mean's, spread evenly over the map. Written into x's
+            # layout: addcmul would take the layout of its first, (B, C, 1, 1), argument.
             spread = (grad_pooled / (height * width)).to(grad_output.dtype).view(batch, channels, 1, 1)
-            gate = scale.detach().view(batch, channels, 1, 1).to(grad_output.dtype)
+            gate = scale.view(batch, channels, 1, 1).to(grad_output.dtype)
             grad_input = torch.addcmul(spread, grad_output, gate, out=torch.empty_like(x, dtype=grad_output.dtype))
         return (grad_input, None, *grad_parameters)
-
-
-def _as_is(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
