@@ -4,7 +4,7 @@ with --demo, the demo's training against an earlier openalign (a git revision). 
 on the machine and its load.
 
     python benchmarks/train.py [--preset efficientnet-b0+bert-mini] [--image-size 128] [--batch-size 16]
-    python benchmarks/train.py --demo [--baseline REV] [--steps 100] [--repeats 2] [--n 4000]
+    python benchmarks/train.py --demo [--baseline REV] [--steps 100] [--repeats 2] [--n 4000] [--precision auto]
 
 Each measurement runs in a fresh subprocess, so peak memory is that one configuration's: on CUDA
 torch.cuda.max_memory_allocated over the first step, on CPU the growth of the peak resident set (ru_maxrss)
@@ -30,8 +30,9 @@ import time
 # glibc keeps large activations in its heap instead of a fresh mmap per tensor (see ALIGN-REFERENCE.md);
 # applied to both sides alike.
 ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
-# main before the training-step work of docs/training.md ("The training step on a CPU"): what --demo compares with.
-DEMO_BASELINE = "3d73c4c44428fc64d320e4e8786a97e9eff015dc"
+# main before the second round of training-step work in docs/training.md ("The training step on a CPU": fused
+# squeeze-excite, bfloat16): what --demo compares with. The first round's baseline was 3d73c4c.
+DEMO_BASELINE = "9e2290d3961bdb35d1cc53d1122f97ce97132b5f"
 
 
 def _resident_bytes() -> int:
@@ -143,11 +144,14 @@ def main() -> None:
                         help="time the demo's training (its model, batch, data and image term) against --baseline")
     parser.add_argument("--baseline", default=DEMO_BASELINE,
                         help="with --demo: the git revision, or a folder holding an openalign package, to compare "
-                             f"with (default {DEMO_BASELINE[:7]}, the code before the training-step work)")
+                             f"with (default {DEMO_BASELINE[:7]}, before fused squeeze-excite and bfloat16)")
     parser.add_argument("--n", type=int, default=4000, help="with --demo: generated training pairs")
     parser.add_argument("--repeats", type=int, default=2,
                         help="with --demo: runs of each side, alternating (the best counts)")
     parser.add_argument("--threads", type=int, default=2, help="with --demo: torch threads (the demo's 2)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="with --demo: the current side's training precision (default auto: as the demo "
+                             "chooses it, by measuring); the baseline trains as it did")
     parser.add_argument("--no-image-ssl", dest="image_ssl", action="store_false",
                         help="with --demo: without the label-free image term (the demo's runs under 700 steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
