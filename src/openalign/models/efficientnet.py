@@ -20,6 +20,7 @@ from openalign.model_config import AlignVisionConfig, round_filters
 from openalign.models.depthwise import depthwise_conv2d
 from openalign.models.fused import squeeze_excite
 from openalign.models.outputs import AlignVisionOutput
+from openalign.models.pointwise import pointwise_conv2d
 from openalign.models.utils import CheckpointingTower, activation, no_batchnorm_update, normal_init
 from openalign.pretrained import PretrainedMixin
 
@@ -106,7 +107,7 @@ class Expansion(nn.Module):
         self.expand_act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.expand_act(self.expand_bn(self.expand_conv(x)))
+        return self.expand_act(self.expand_bn(pointwise_conv2d(x, self.expand_conv.weight)))
 
 
 class Depthwise(nn.Module):
@@ -163,7 +164,7 @@ class Projection(nn.Module):
         self.project_bn = batch_norm(out_channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_bn(self.project_conv(x))
+        return self.project_bn(pointwise_conv2d(x, self.project_conv.weight))
 
 
 class MBConvBlock(nn.Module):
