@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openalign.models.depthwise import depthwise_conv2d, transposed_as_stride_one
+from openalign.models.depthwise import depthwise_conv2d, phase_weight_gradient, transposed_as_stride_one
 
 
 def padding_of(kernel: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -43,8 +43,9 @@ def test_gradients_equal_autograd_through_pad_and_conv(channels_last):
         for name, got, want in zip(("input", "weight"), grads, expected_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12,
                                        msg=f"{name} gradient, size {size} kernel {kernel} stride {stride} {padding}")
-    # The kernel is wider than the map in these, which is when the tap-by-tap weight gradient is used.
-    assert custom == sum(kernel > size for size, kernel, _, _ in CASES) > 10
+    # The kernel is wider than the map in these (the tap-by-tap weight gradient), or a strided kernel wider than
+    # 3x3 (phase by phase).
+    assert custom == sum(kernel > size or (stride > 1 and kernel > 3) for size, kernel, stride, _ in CASES) > 10
 
 
 def test_plain_convolution_where_the_map_is_wider_than_the_kernel_or_without_gradient():
@@ -102,3 +103,19 @@ def test_bfloat16_autocast_takes_the_fast_gradients_and_stays_exact_to_its_round
             error = float((got.double() - want).abs().max() / want.abs().max())
             their_error = float((reference.double() - want).abs().max() / want.abs().max())
             assert error <= max(2 * their_error, 2**-8), (name, size, kernel, stride, error, their_error)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_gradient_phase_by_phase_equals_autograd(channels_last):
+    """Strides 2 and 3, kernels 3 and 5, maps of several sizes (odd ones leave a phase a row shorter)."""
+    generator = torch.Generator().manual_seed(3)
+    for stride, kernel, size in itertools.product((2, 3), (3, 5), (5, 8, 9, 12)):
+        padded = torch.randn(3, 4, size, size + 1, dtype=torch.float64, generator=generator)
+        weight = torch.randn(4, 1, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
+        if channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        output = F.conv2d(padded, weight, None, stride, 0, 1, 4)
+        grad_output = torch.randn(output.shape, dtype=torch.float64, generator=generator)
+        expected, = torch.autograd.grad(output, weight, grad_output)
+        torch.testing.assert_close(phase_weight_gradient(grad_output, padded, weight, stride), expected,
+                                   rtol=1e-10, atol=1e-12, msg=f"stride {stride} kernel {kernel} size {size}")
