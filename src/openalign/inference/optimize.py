@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openalign.inference.linear import pack_linears
 from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
 from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
 from openalign.models.fused import spatial_mean
@@ -277,7 +278,9 @@ def optimize_for_inference(
     them, where that dtype is slow whatever the layout (a warning says so, see
     `openalign.runtime.warn_slow_precision`) and the contiguous layout was 1.3x less slow (docs/inference.md).
     fuse_activation: conv + SiLU as one oneDNN call; default on for reduced precision on CPU with folded BatchNorm and
-    channels-last, where it measured faster. The text tower always gets fused QKV, SDPA and the [CLS]-only last layer.
+    channels-last, where it measured faster. The text tower always gets fused QKV, SDPA and the [CLS]-only last layer,
+    and on a CPU without compile its linear layers run through oneDNN with packed weights and the feed-forward's
+    GELU fused (`openalign.inference.linear`).
 
     allocator: on a CPU, asking for an inference-optimised model also asks for the process-wide glibc settings
     that keep freed activations in the heap (`openalign.runtime.configure_allocator`): without
@@ -309,6 +312,8 @@ def optimize_for_inference(
         for module in optimized.vision.modules():
             if isinstance(module, (FoldedStem, FoldedMBConv)):
                 module.fuse = True
+    if device.type == "cpu" and not compile:
+        pack_linears(optimized.text)  # oneDNN with packed weights (inference/linear.py); compile fuses its own
     if compile:
         # dynamic=False: a static graph per input shape is what inductor optimises best; a new batch or
         # sequence length recompiles (bounded by torch._dynamo's cache size limit).
