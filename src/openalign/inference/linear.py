@@ -47,9 +47,10 @@ def pack_linears(module: nn.Module) -> None:
 
 
 class PackedLinear(nn.Module):
-    """activation(x @ weight.T + bias) with `linear`'s own parameters (activation: None, "gelu" or "gelu_tanh").
-    The packed copy of the weight is made on first use for each dtype and device, and dropped when the module
-    is copied or pickled (an opaque oneDNN tensor has no storage to copy)."""
+    """activation(x @ weight.T + bias) with `linear`'s own parameters (activation: None, "gelu" or "gelu_tanh"),
+    in the weight's dtype whatever the input's. The packed copy of the weight is made on first use for each
+    dtype and device, and dropped when the module is copied or pickled (an opaque oneDNN tensor has no storage
+    to copy)."""
 
     def __init__(self, linear: nn.Linear, activation: str | None = None):
         super().__init__()
@@ -61,6 +62,7 @@ class PackedLinear(nn.Module):
         self._packed: tuple | None = None  # (what it was packed from, the packed weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)  # a float32 residual stream into reduced-precision weights, as autocast does
         if self._onednn_applies(x):
             attribute, algorithm = POST_OPS[self.activation]
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, attribute, [], algorithm)

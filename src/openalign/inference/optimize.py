@@ -197,8 +197,8 @@ class InferenceText(nn.Module):
         self.projection = projection
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        bias = attention_bias(attention_mask, x.dtype)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H), float32 with reduced-precision matmuls
+        bias = attention_bias(attention_mask, self.projection.weight.dtype)  # the dtype attention runs in
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             x = layer(x, bias, first_token_only=index == last)
@@ -314,6 +314,13 @@ def optimize_for_inference(
                 module.fuse = True
     if device.type == "cpu" and not compile:
         pack_linears(optimized.text)  # oneDNN with packed weights (inference/linear.py); compile fuses its own
+        if dtype != torch.float32:
+            # As autocast runs it: the matrix products in `dtype` (PackedLinear casts its input), the residual
+            # stream, embeddings and LayerNorms in float32; in bfloat16 all through, align-base's text
+            # embeddings fell below a 0.9999 cosine to float32 (docs/inference.md).
+            for module in optimized.text.modules():
+                if isinstance(module, (nn.LayerNorm, nn.Embedding)):
+                    module.float()
     if compile:
         # dynamic=False: a static graph per input shape is what inductor optimises best; a new batch or
         # sequence length recompiles (bounded by torch._dynamo's cache size limit).
