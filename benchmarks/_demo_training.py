@@ -17,6 +17,7 @@ load: it does not count time spent waiting for a core), and the probe's seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -44,10 +45,20 @@ def demo_worker(args: argparse.Namespace) -> dict:
     config = DemoConfig(out_dir=str(data), image_ssl_weight=0.5 if args.image_ssl else 0.0, progress=False)
     model_config_path = data / "model_config.json"
     manifest = data / "filtered" / "manifest.jsonl"
+    precision = {"precision": "fp32", "chosen_by": "an openalign without the choice"}
+    if hasattr(config, "precision"):  # the demo's precision, as `openalign demo` resolves it
+        from openalign.demo.training import resolve_precision
+
+        config, precision = resolve_precision(
+            dataclasses.replace(config, precision=args.precision), manifest,
+            AlignConfig.from_json_file(model_config_path), model_config_path,
+            AlignTokenizer.from_pretrained(data / "tokenizer"), data)
 
     def demo_training(run_dir: Path, steps: int):
         train_config = training_config(config, manifest, data / "tokenizer", model_config_path, run_dir, steps, 600.0)
         train_config.run.plots = False  # not training time
+        # Exactly `steps` steps: the budget is a cap, never a reason to plan more steps (run.fit_steps_to_time).
+        train_config.run.fit_steps_to_time = False
         return train_config
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -67,7 +78,7 @@ def demo_worker(args: argparse.Namespace) -> dict:
     samples_per_s = sum(samples for samples, _ in measured) / sum(seconds for _, seconds in measured)
     return {"steps": result.step, "samples_per_s": samples_per_s, "cpu_s_per_step": cpu / result.step,
             "wall_s_per_step": wall / result.step, "probe": probe, "final_loss": result.metrics.get("loss"),
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0], "precision": precision}
 
 
 def baseline_source(baseline: str, into: Path) -> Path:
@@ -108,7 +119,8 @@ def demo_main(args: argparse.Namespace, script: str) -> None:
         # What `openalign demo` would choose here and now, given to both sides alike; the environment wins.
         environment = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", omp_wait_policy())}
         shared = ["--demo", "--worker", f"--data={scratch / 'data'}", f"--steps={args.steps}",
-                  f"--threads={args.threads}"] + ([] if args.image_ssl else ["--no-image-ssl"])
+                  f"--threads={args.threads}", f"--precision={args.precision}"] + (
+                      [] if args.image_ssl else ["--no-image-ssl"])
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.repeats):
             for side, source in sides.items():
@@ -125,11 +137,14 @@ def demo_main(args: argparse.Namespace, script: str) -> None:
           f"allocator as the demo sets it ({' '.join(f'{key}={value}' for key, value in ENVIRONMENT.items())} "
           f"equivalent), baseline {args.baseline}")
     print(f"{'side':<10}{'samples/s':>11}{'CPU s/step':>12}{'wall s/step':>13}{'probe model':>13}"
-          f"{'probe load':>12}{'load avg':>10}")
+          f"{'probe load':>12}{'load avg':>10}  precision")
     for side, result in best.items():
+        precision = result["precision"]
         print(f"{side:<10}{result['samples_per_s']:>11.1f}{result['cpu_s_per_step']:>12.3f}"
               f"{result['wall_s_per_step']:>13.3f}{result['probe']['model']:>13.3f}{result['probe']['load']:>12.3f}"
-              f"{result['load']:>10.1f}")
+              f"{result['load']:>10.1f}  {precision['precision']} ({precision['chosen_by']}"
+              + "".join(f", {name} {seconds:.3f} s" for name, seconds in precision.get("seconds", {}).items())
+              + ")")
     for side, results in runs.items():
         print(f"  {side} runs: " + ", ".join(f"{result['samples_per_s']:.1f} samples/s, {result['cpu_s_per_step']:.3f}"
                                              f" CPU s/step, loss {result['final_loss']:.4f}" for result in results))

@@ -1,6 +1,6 @@
 """openalign's inference path against transformers' AlignModel: every library and setting alone in a fresh process.
 
-    python benchmarks/inference.py [--preset align-base] [--threads 2] [--repeats 2] [--rounds 1]
+    python benchmarks/inference.py [--preset align-base] [--threads 2] [--repeats 2] [--rounds 1] [--towers image,text]
                                    [--stream-images 1000] [--json out.json] [--onnx] [--device cpu]
 
 Each contender runs in a process of its own, started as a user starts one, with the same re-initialised random
@@ -256,7 +256,7 @@ def run_round(args, output_dir: Path) -> list[dict]:
     for library, setting, dtype_name in CONTENDERS:
         if dtype_name not in args.dtypes.split(","):
             continue
-        for tower in ("image", "text"):
+        for tower in args.towers.split(","):
             name = f"{library}|{setting}|{dtype_name}|{tower}"
             print(f"  {library} {setting} {dtype_name} {tower} ...", file=sys.stderr, flush=True)
             child = subprocess.run(
@@ -279,7 +279,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                     == (library, setting, dtype, tower))
 
     out = []
-    for tower in ("image", "text"):
+    for tower in sorted({row["tower"] for row in rows}):
         for dtype in sorted({row["dtype"] for row in rows}, reverse=True):
             fresh, configured = (time_of("openalign", s, dtype, tower) for s in ("fresh", "allocator env"))
             out.append({"comparison": "openalign fresh vs transformers as shipped (fp32)", "tower": tower,
@@ -328,6 +328,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per process (best is kept)")
     parser.add_argument("--rounds", type=int, default=1, help="times the whole set of processes is run")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--towers", default="image,text", help="comma-separated: image, text")
     parser.add_argument("--compile", action="store_true", help="torch.compile openalign's towers (on CUDA the "
                         "image tower also replays as a CUDA graph)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls and convolutions (CUDA)")

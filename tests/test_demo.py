@@ -417,3 +417,40 @@ def test_the_demo_records_how_the_machine_was_shared(demo):
     machine = metrics["machine"]
     assert 0 < machine["cpu_share"] <= 1 and machine["steps"] == metrics["training"]["steps_with_bootstrap"]
     assert "- machine: " in (demo[0] / "report.md").read_text()
+
+
+def test_the_precision_reaches_the_training_config_and_the_step_probe():
+    from openalign.demo.pipeline import probe_stepper, training_config
+
+    for precision, dtype, autocast in (("auto", "fp32", None), ("fp32", "fp32", None),
+                                       ("bf16", "bf16", torch.bfloat16)):
+        config = DemoConfig(precision=precision)
+        train_config = training_config(config, "m.jsonl", "tok", "c.json", "run", total_steps=10, minutes=1.0)
+        assert train_config.run.dtype == dtype  # "auto" is float32 until resolve_precision decides
+        _, stepper = probe_stepper(config.model_config(vocab_size=50), train_config)
+        assert stepper.autocast_dtype == autocast
+
+
+def test_the_demo_chose_its_precision_by_measuring_and_recorded_it(demo):
+    from openalign.runtime import native_reduced_precision
+
+    _, metrics, _ = demo
+    precision = metrics["training"]["precision"]
+    assert precision["chosen_by"] == "measurement" and precision["precision"] in ("fp32", "bf16")
+    assert metrics["config"]["precision"] == precision["precision"]
+    assert precision["native_bf16"] == native_reduced_precision(torch.bfloat16)
+    if precision["native_bf16"]:  # both measured; bfloat16 only where it was the faster
+        seconds = precision["seconds"]
+        assert set(seconds) == {"fp32", "bf16"} and all(0 < value < 60 for value in seconds.values())
+        assert (precision["precision"] == "bf16") == (seconds["bf16"] * 1.05 <= seconds["fp32"])
+    else:
+        assert precision["precision"] == "fp32" and precision["seconds"] == {}
+
+
+def test_a_precision_given_is_kept_without_measuring(tmp_path):
+    from openalign.demo.pipeline import resolve_precision
+
+    config = DemoConfig(precision="fp32")
+    # Nothing is read: the manifest and the model config do not exist.
+    assert resolve_precision(config, tmp_path / "none.jsonl", None, tmp_path / "none.json", None, tmp_path) == (
+        config, {"precision": "fp32", "chosen_by": "configuration"})

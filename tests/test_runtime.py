@@ -44,3 +44,30 @@ def test_cpu_watch_counts_this_process_and_not_others():
     assert figures["cpu_seconds"] >= 0.3 and figures["wall_seconds"] >= figures["cpu_seconds"] * 0.99
     assert 0 < figures["share"] <= 1.05
     assert figures["others_cores"] is None or 0 <= figures["others_cores"] <= os.cpu_count()
+
+
+def test_bfloat16_is_chosen_only_where_native_and_measured_faster(monkeypatch):
+    import openalign.runtime as runtime
+
+    calls = []
+
+    def timed(seconds):
+        def step_seconds(precision):
+            calls.append(precision)
+            return seconds[precision]
+        return step_seconds
+
+    monkeypatch.setattr(runtime, "native_reduced_precision", lambda dtype: True)
+    faster = runtime.faster_precision(timed({"fp32": 1.0, "bf16": 0.7}), rounds=3)
+    assert faster == {"precision": "bf16", "native_bf16": True, "seconds": {"fp32": 1.0, "bf16": 0.7}}
+    assert calls == ["fp32", "bf16"] * 4  # a warm-up each, then alternating rounds
+    # Within the margin, or slower: float32.
+    assert runtime.faster_precision(timed({"fp32": 1.0, "bf16": 0.97}))["precision"] == "fp32"
+    assert runtime.faster_precision(timed({"fp32": 1.0, "bf16": 3.0}))["precision"] == "fp32"
+    # The best time of each counts: one disturbed bf16 step does not decide.
+    noisy = iter([1.0, 5.0, 1.0, 0.6, 1.0, 9.0])
+    assert runtime.faster_precision(lambda precision: next(noisy), rounds=2)["precision"] == "bf16"
+    # Without native kernels nothing is measured.
+    monkeypatch.setattr(runtime, "native_reduced_precision", lambda dtype: False)
+    calls.clear()
+    assert runtime.faster_precision(timed({"fp32": 1.0, "bf16": 0.1}))["precision"] == "fp32" and not calls

@@ -1,7 +1,7 @@
 """Process-wide settings that openalign applies only when asked: glibc's allocator thresholds and OpenMP's wait
-policy. Each changes the whole host process, so a library must not set it behind its user's back; openalign's
-command-line entry points opt in, and so does `optimize_for_inference` for the allocator; library users of the
-plain model call these themselves.
+policy; and what this CPU does well, measured (reduced precision). Each setting changes the whole host process,
+so a library must not set it behind its user's back; openalign's command-line entry points opt in, and so does
+`optimize_for_inference` for the allocator; library users of the plain model call these themselves.
 
 The allocator. With glibc's defaults every allocation above the mmap threshold (128 KiB, raised dynamically up to
 32 MiB) is a fresh `mmap`, and freeing it `munmap`s it. An EfficientNet forward allocates hundreds of such
@@ -21,7 +21,10 @@ over a stream of 1,000 align-base images). glibc 2.36 accepts both thresholds th
 Reduced precision on a CPU. oneDNN runs bfloat16 (and float16) convolutions and matmuls natively only with
 AVX-512 BF16 / FP16, AMX or AVX-NE-CONVERT; on an AVX2-only CPU it emulates them, and they run 10-25x slower
 than float32 (docs/inference.md, "bfloat16 on a CPU"). `native_reduced_precision` says which case this is,
-and `warn_slow_precision` warns a user who asked for such a dtype there, once per dtype.
+and `warn_slow_precision` warns a user who asked for such a dtype there, once per dtype. Where the kernels are
+native, whether bfloat16 autocast trains a given model faster still depends on the model and the CPU (how much
+of the step is matrix work, AMX or not), so `faster_precision` measures it: a few training steps in each
+precision, alternating.
 
 The OpenMP wait policy. OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime, so
 `set_omp_wait_policy()` must run before `import torch`; it picks ACTIVE (spinning threads) on a quiet machine and
@@ -36,6 +39,7 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -121,6 +125,28 @@ def warn_slow_precision(dtype, device_type: str, setting: str) -> bool:
                       "10-25x slower than float32 (docs/inference.md, 'bfloat16 on a CPU'); use float32 here",
                       stacklevel=3)
     return True
+
+
+def faster_precision(step_seconds: Callable[[str], float], rounds: int = 2, margin: float = 0.05) -> dict:
+    """The autocast precision that trains faster on this CPU: "bf16" where its bfloat16 kernels are native and
+    a training step measured at least `margin` faster in it, else "fp32" (without native kernels nothing is
+    measured: emulated bfloat16 is many times slower). `step_seconds(precision)` runs one training step in
+    "fp32" or "bf16" and returns its seconds; after one warm-up step each, the two alternate `rounds` times and
+    the best of each counts, the time least disturbed by other processes. Returns {"precision": the choice,
+    "native_bf16": whether the kernels are native, "seconds": the best step time of each precision}."""
+    import torch
+
+    if not native_reduced_precision(torch.bfloat16):
+        return {"precision": "fp32", "native_bf16": False, "seconds": {}}
+    candidates = ("fp32", "bf16")
+    for precision in candidates:
+        step_seconds(precision)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for precision in candidates:
+            best[precision] = min(best[precision], step_seconds(precision))
+    chosen = "bf16" if best["bf16"] * (1 + margin) <= best["fp32"] else "fp32"
+    return {"precision": chosen, "native_bf16": True, "seconds": best}
 
 
 def _proc_stat() -> tuple[int, int]:

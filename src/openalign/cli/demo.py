@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
     from openalign.cli.data import add_rendering_arguments
     from openalign.demo.curation import CURATIONS
-    from openalign.demo.pipeline import IMAGE_SSL_MIN_STEPS, IMAGE_SSL_WEIGHT, DemoConfig
+    from openalign.demo.pipeline import IMAGE_SSL_MIN_STEPS, IMAGE_SSL_WEIGHT, PRECISIONS, DemoConfig
     from openalign.train.config import DataSection
 
     defaults = DemoConfig()
@@ -68,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"composition costs (default {defaults.seen_n}; 0: none)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (still capped by --minutes); default: as many as fit")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="training precision: auto (bfloat16 autocast where the CPU has native bfloat16 and a "
+                             "step measured faster in it, else fp32), fp32 or bf16 (default auto)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help=f"training batch (default {defaults.batch_size})")
     parser.add_argument("--image-ssl-weight", type=float, default=defaults.image_ssl_weight,
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         partial_caption_rate=args.partial_caption_rate, grayscale_rate=args.grayscale_rate,
         colour_background_rate=args.colour_background_rate,
         workers=args.threads, progress=not args.quiet,
-        steps=args.steps, batch_size=args.batch_size, image_ssl_weight=args.image_ssl_weight,
+        steps=args.steps, batch_size=args.batch_size, precision=args.precision, image_ssl_weight=args.image_ssl_weight,
         image_ssl_images=args.image_ssl_images, image_ssl_warmup=args.image_ssl_warmup,
         train_overrides={} if args.group_by == "none" else {
             "data.group_by": args.group_by, "data.group_size": args.group_size,

@@ -29,6 +29,7 @@ from openalign.demo.training import (  # noqa: F401  (imported from here by benc
     measure_step_seconds,
     planned_steps,
     probe_stepper,
+    resolve_precision,
     training_config,
 )
 from openalign.errors import ConfigError
@@ -99,6 +100,9 @@ class DemoConfig:
     vocab_size: int = 1000  # at most: the generated captions hold about 320 distinct tokens
     max_length: int = 32
     batch_size: int = 256
+    # "auto": bfloat16 autocast where the CPU has native bfloat16 kernels and a training step measured faster
+    # in it (demo/training.py, resolve_precision), else float32; or "fp32" / "bf16".
+    precision: str = "auto"
     steps: int | None = None  # a fixed number of training steps (still capped by `minutes`); default: from time
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -218,6 +222,8 @@ def train_tokenizer(config: DemoConfig, manifest: Path, folder: Path, timings: d
     return tokenizer
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
 # Other processes keeping at least this many cores busy on average make a run "busy" in the report.
 BUSY_CORES = 0.25
 
@@ -246,6 +252,8 @@ def _validate(config: DemoConfig) -> None:
                           f"{config.image_ssl_warmup}")
     if config.curation not in CURATIONS:
         raise ConfigError(f"curation {config.curation!r} is not one of {', '.join(CURATIONS)}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def plan_training(config: DemoConfig, manifest: Path, kept: int, bootstrap_steps: int, model_config,
@@ -325,6 +333,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     model_config = config.model_config(tokenizer.vocab_size)
     model_config_path = out / "model_config.json"
     model_config.to_json_file(model_config_path)
+    started_precision = time.monotonic()
+    config, precision = resolve_precision(config, manifest, model_config, model_config_path, tokenizer, out)
+    timings["precision_probe"] = time.monotonic() - started_precision
+    _log(config.progress, f"training in {config.precision} ({precision['chosen_by']}"
+                          + "".join(f", {name} {seconds:.2f} s/step" for name, seconds in
+                                    precision.get("seconds", {}).items()) + ")")
 
     heldout_rows = evaluate.read_rows(out / "data" / "heldout" / "manifest.jsonl")
     seen_rows = evaluate.read_rows(out / "data" / "seen" / "manifest.jsonl") if config.seen_n else []
@@ -383,7 +397,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "training": {"steps": result.step, "planned_steps": total_steps, "bootstrap_steps": bootstrap_steps,
                      "steps_with_bootstrap": bootstrap_steps + result.step,
                      "replanned_steps": result.metrics.get("total_steps"), "stop_reason": result.stop_reason,
-                     "probe_seconds_per_step": step_seconds,
+                     "probe_seconds_per_step": step_seconds, "precision": precision,
                      "samples_per_s": result.step * config.batch_size / timings["train"],
                      "samples_seen": result.step * config.batch_size,
                      "final_loss": result.metrics.get("loss"), "temperature": result.metrics.get("temperature")},

@@ -1,9 +1,11 @@
 """The demo's training, as the demo and its curation stage both run it: the TrainConfig (`training_config`), the
-step probe on real batches (`measure_step_seconds`, through `probe_stepper`, the trainer's own step), the steps
-that fit in a time (`planned_steps`) and the image term's weight for a run of a given length."""
+step probe on real batches (`measure_step_seconds`, through `probe_stepper`, the trainer's own step), the
+precision it trains in (`resolve_precision`: bfloat16 autocast where it measured faster), the steps that fit in
+a time (`planned_steps`) and the image term's weight for a run of a given length."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ IMAGE_SSL_MIN_STEPS = 700
 def probe_stepper(model_config: AlignConfig, train_config):
     """(a fresh model in training mode, the Stepper that trains it as `train_config` says): its loss and image
     term, built and wired as the trainer builds them (`build_stepper`), the trainer's optimiser and gradient
-    clipping, channels-last, on the CPU."""
+    clipping and precision, channels-last, on the CPU."""
     import torch
     from torch import nn
 
@@ -30,6 +32,7 @@ def probe_stepper(model_config: AlignConfig, train_config):
     from openalign.train.image_ssl import build_image_ssl
     from openalign.train.loop import build_stepper
     from openalign.train.optim import build_optimizer
+    from openalign.train.trainer import AUTOCAST_DTYPES
 
     model = AlignModel(model_config).train()
     trainable_init(model.vision_model)
@@ -40,7 +43,38 @@ def probe_stepper(model_config: AlignConfig, train_config):
     optim = train_config.optim
     optimizer = build_optimizer(optim.name, holder, optim.lr, optim.weight_decay, optim.betas, optim.eps)
     return model, build_stepper(model, loss, optimizer, image_ssl=image_ssl, channels_last=True,
-                                grad_clip=optim.grad_clip)
+                                grad_clip=optim.grad_clip, autocast_dtype=AUTOCAST_DTYPES[train_config.run.dtype])
+
+
+def resolve_precision(config, manifest: Path, model_config: AlignConfig, model_config_path: Path, tokenizer,
+                      out: Path):
+    """(config with `precision` decided, how it was decided). `config.precision` "fp32" or "bf16" is kept;
+    "auto" takes the faster of the two for the trainer's own step on a real batch of `manifest` (the image term
+    at the weight of a run long enough for it), measured by `runtime.faster_precision`: bfloat16 autocast only
+    on a CPU with native bfloat16 kernels, and only where it measured faster, as the OpenMP wait policy is
+    chosen by measuring the machine."""
+    from openalign.runtime import faster_precision
+    from openalign.train.builders import build_loaders
+    from openalign.train.trainer import AUTOCAST_DTYPES
+
+    if config.precision != "auto":
+        return config, {"precision": config.precision, "chosen_by": "configuration"}
+    long_run = dataclasses.replace(config, image_ssl_weight=image_ssl_weight_for(config, IMAGE_SSL_MIN_STEPS))
+    train_config = training_config(long_run, manifest, out / "tokenizer", model_config_path, out / "run", 1, 1.0)
+    loader, _ = build_loaders(train_config, tokenizer, model_config.vision_config.image_size)
+    batch = next(iter(loader))
+    _, stepper = probe_stepper(model_config, train_config)
+
+    def step_seconds(precision: str) -> float:
+        stepper.autocast_dtype = AUTOCAST_DTYPES[precision]
+        started = time.monotonic()
+        stepper.step(batch, 1)
+        return time.monotonic() - started
+
+    started = time.monotonic()
+    choice = faster_precision(step_seconds)
+    choice.update(chosen_by="measurement", probe_seconds=time.monotonic() - started)
+    return dataclasses.replace(config, precision=choice["precision"]), choice
 
 
 def measure_step_seconds(model_config: AlignConfig, train_config, tokenizer, batches: int = 4) -> dict:
@@ -113,7 +147,8 @@ def robust_overrides(config) -> dict:
 def training_config(config, manifest: Path, tokenizer_dir: Path, model_config_path: Path,
                     run_dir: Path, total_steps: int, minutes: float):
     """The TrainConfig of the demo (`config`: a DemoConfig): the reference's fast CPU recipe (AdamW, warm-up
-    then cosine, fp32, channels-last, temperature 0.07, no flips since captions name left and right)."""
+    then cosine, channels-last, temperature 0.07, no flips since captions name left and right), in
+    `config.precision` (float32 while it is still "auto", before `resolve_precision`)."""
     from openalign.train.config import load_config
     from openalign.train.recipes import get_recipe
 
@@ -134,6 +169,7 @@ def training_config(config, manifest: Path, tokenizer_dir: Path, model_config_pa
         "run.fit_steps_to_time": config.steps is None,  # a run sized by time ends its schedule with the time
         "run.checkpoint_every": 10**9, "run.keep_last": 1, "run.val_every": 0,  # one checkpoint: the last step's
         "run.log_every": 10, "run.progress": config.progress, "run.tensorboard": False,
+        "run.dtype": "fp32" if config.precision == "auto" else config.precision,
         # Every run keeps per-pair estimates, so each reports what its own estimates separate (demo/curation.py).
         "loss.pair_estimates": True,
         **robust_overrides(config),

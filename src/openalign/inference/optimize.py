@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openalign.inference.linear import pack_linears
 from openalign.models.bert import AlignTextModel, TextLayer, attention_bias
 from openalign.models.efficientnet import AlignVisionModel, MBConvBlock
+from openalign.models.fused import spatial_mean
 from openalign.runtime import configure_allocator, native_reduced_precision, warn_slow_precision
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,23 +72,6 @@ def _activate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.ReLU):
         return F.relu(x, inplace=True)
     return module(x)
-
-
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 1, 1), the squeeze of squeeze-excite.
-
-    In bf16 / fp16 channels-last on CPU it is a batched matmul of a row of ones with the (B, H*W, C) view of
-    `x`, divided by H*W: ATen's mean first converts the whole activation to float32 (a copy as large as the
-    activation), and the product measured 2-4x faster on align-base's layers, about a seventh of the bf16
-    image tower's eager time. float32 keeps ATen's mean (no copy there, and the same summation order as the
-    plain model)."""
-    batch, channels, height, width = x.shape
-    reduced = x.dtype in (torch.bfloat16, torch.float16)
-    if not (reduced and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
-        return x.mean(dim=(2, 3), keepdim=True)
-    rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view of channels-last memory
-    ones = torch.ones(batch, 1, height * width, dtype=x.dtype, device=x.device)
-    return torch.bmm(ones, rows).div_(height * width).view(batch, channels, 1, 1)
 
 
 class FoldedStem(nn.Module):
@@ -212,8 +197,8 @@ class InferenceText(nn.Module):
         self.projection = projection
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        bias = attention_bias(attention_mask, x.dtype)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H), float32 with reduced-precision matmuls
+        bias = attention_bias(attention_mask, self.projection.weight.dtype)  # the dtype attention runs in
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             x = layer(x, bias, first_token_only=index == last)
@@ -293,7 +278,9 @@ def optimize_for_inference(
     them, where that dtype is slow whatever the layout (a warning says so, see
     `openalign.runtime.warn_slow_precision`) and the contiguous layout was 1.3x less slow (docs/inference.md).
     fuse_activation: conv + SiLU as one oneDNN call; default on for reduced precision on CPU with folded BatchNorm and
-    channels-last, where it measured faster. The text tower always gets fused QKV, SDPA and the [CLS]-only last layer.
+    channels-last, where it measured faster. The text tower always gets fused QKV, SDPA and the [CLS]-only last layer,
+    and on a CPU without compile its linear layers run through oneDNN with packed weights and the feed-forward's
+    GELU fused (`openalign.inference.linear`).
 
     allocator: on a CPU, asking for an inference-optimised model also asks for the process-wide glibc settings
     that keep freed activations in the heap (`openalign.runtime.configure_allocator`): without
@@ -325,6 +312,15 @@ def optimize_for_inference(
         for module in optimized.vision.modules():
             if isinstance(module, (FoldedStem, FoldedMBConv)):
                 module.fuse = True
+    if device.type == "cpu" and not compile:
+        pack_linears(optimized.text)  # oneDNN with packed weights (inference/linear.py); compile fuses its own
+        if dtype != torch.float32:
+            # As autocast runs it: the matrix products in `dtype` (PackedLinear casts its input), the residual
+            # stream, embeddings and LayerNorms in float32; in bfloat16 all through, align-base's text
+            # embeddings fell below a 0.9999 cosine to float32 (docs/inference.md).
+            for module in optimized.text.modules():
+                if isinstance(module, (nn.LayerNorm, nn.Embedding)):
+                    module.float()
     if compile:
         # dynamic=False: a static graph per input shape is what inductor optimises best; a new batch or
         # sequence length recompiles (bounded by torch._dynamo's cache size limit).

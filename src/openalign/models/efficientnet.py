@@ -18,7 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from openalign.model_config import AlignVisionConfig, round_filters
 from openalign.models.depthwise import depthwise_conv2d
+from openalign.models.fused import squeeze_excite
 from openalign.models.outputs import AlignVisionOutput
+from openalign.models.pointwise import pointwise_conv2d
 from openalign.models.utils import CheckpointingTower, activation, no_batchnorm_update, normal_init
 from openalign.pretrained import PretrainedMixin
 
@@ -105,7 +107,7 @@ class Expansion(nn.Module):
         self.expand_act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.expand_act(self.expand_bn(self.expand_conv(x)))
+        return self.expand_act(self.expand_bn(pointwise_conv2d(x, self.expand_conv.weight)))
 
 
 class Depthwise(nn.Module):
@@ -146,10 +148,13 @@ class SqueezeExcite(nn.Module):
         self.expand = nn.Conv2d(squeezed, channels, 1)
         self.act_reduce = activation(config.hidden_act)
 
+    def gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) channel means -> (B, C) gates in (0, 1): the two 1x1 convolutions as matrix products."""
+        squeezed = self.act_reduce(F.linear(pooled, self.reduce.weight.flatten(1), self.reduce.bias))
+        return torch.sigmoid(F.linear(squeezed, self.expand.weight.flatten(1), self.expand.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        gate = torch.sigmoid(self.expand(self.act_reduce(self.reduce(gate))))
-        return x * gate
+        return squeeze_excite(x, self.gate, [*self.reduce.parameters(), *self.expand.parameters()])
 
 
 class Projection(nn.Module):
@@ -159,7 +164,7 @@ class Projection(nn.Module):
         self.project_bn = batch_norm(out_channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_bn(self.project_conv(x))
+        return self.project_bn(pointwise_conv2d(x, self.project_conv.weight))
 
 
 class MBConvBlock(nn.Module):
