@@ -47,7 +47,8 @@ def worker(args: argparse.Namespace) -> dict:
     from openalign.train.trainer import train
 
     data = Path(args.data)
-    config = DemoConfig(out_dir=str(data), image_ssl_weight=0.0, progress=False)
+    # steps= makes the schedule exactly --steps long (a DemoConfig without steps fits its schedule to the time cap)
+    config = DemoConfig(out_dir=str(data), steps=args.steps, image_ssl_weight=0.0, progress=False)
     with tempfile.TemporaryDirectory() as scratch:
         train_config = training_config(config, data / "filtered" / "manifest.jsonl", data / "tokenizer",
                                        data / "model_config.json", Path(scratch) / "run", args.steps, 600.0)
