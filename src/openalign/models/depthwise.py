@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from openalign.models.utils import is_reduced_precision
+
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int,
                      padding: tuple[int, int, int, int]) -> torch.Tensor:
@@ -62,13 +64,9 @@ def _wants_own_backward(x: torch.Tensor, weight: torch.Tensor, stride: int) -> b
     with the kernel wider than the map, or any gradient in reduced precision (see the module's docstring)."""
     if x.device.type != "cpu" or not torch.is_grad_enabled():
         return False
-    if _reduced_precision(x):
+    if is_reduced_precision(x.dtype):
         return x.requires_grad and stride > 1 or weight.requires_grad
     return weight.requires_grad and (_kernel_wider_than_map(weight, x) or _strided_wide_kernel(weight, stride))
-
-
-def _reduced_precision(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _kernel_wider_than_map(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -100,7 +98,7 @@ class _DepthwiseConvolution(torch.autograd.Function):
         # Padded first (asymmetric): the input is a view of the padded copy, from (top, left).
         crop = (slice(None), slice(None), slice(top, top + height), slice(left, left + width))
         pre_padded = source.shape[-2:] != ctx.input_size
-        reduced = _reduced_precision(source)
+        reduced = is_reduced_precision(source.dtype)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             if reduced and stride > 1:

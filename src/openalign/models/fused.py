@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from openalign.models.utils import is_reduced_precision
+
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, 1, 1), the squeeze of squeeze-excite.
@@ -28,7 +30,7 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     image tower's eager time. float32 keeps ATen's mean (no copy there, and the same summation order as the
     plain model)."""
     batch, channels, height, width = x.shape
-    reduced = x.dtype in (torch.bfloat16, torch.float16)
+    reduced = is_reduced_precision(x.dtype)
     if not (reduced and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
         return x.mean(dim=(2, 3), keepdim=True)
     rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view of channels-last memory

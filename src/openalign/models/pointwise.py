@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from openalign.models.utils import is_reduced_precision
+
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.conv2d(x, weight, bias)` for a (C_out, C, 1, 1) `weight`; as a matrix product on the channels-last
@@ -32,5 +34,5 @@ def _reduced_precision_on_cpu(x: torch.Tensor) -> bool:
     if x.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
-    return x.dtype in (torch.bfloat16, torch.float16)
+        return is_reduced_precision(torch.get_autocast_dtype("cpu"))
+    return is_reduced_precision(x.dtype)

@@ -25,6 +25,11 @@ _ACTIVATIONS = {
 }
 
 
+def is_reduced_precision(dtype: torch.dtype) -> bool:
+    """bfloat16 or float16: the dtypes whose CPU kernels the towers route around where oneDNN's are slow."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def activation(name: str) -> nn.Module:
     """An activation module by its transformers name."""
     try:
