@@ -27,11 +27,10 @@ import torch
 
 def roc_auc(scores: np.ndarray, clean: np.ndarray) -> float:
     """ROC AUC of `scores` ranking the `clean` pairs above the others (ties count half)."""
-    from openalign.demo.curation import _average_ranks
+    from openalign.curation.scorer_check import mann_whitney_auc
 
-    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
-    positives, negatives = int(clean.sum()), int((~clean).sum())
-    return float((ranks[clean].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    scores = np.asarray(scores, dtype=np.float64)
+    return mann_whitney_auc(scores[clean], scores[~clean])
 
 
 def embeddings(checkpoint: Path, records) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from openalign.cli import main
-from openalign.curation.scorer_check import check_scorer, given_over_shuffled_auc, shuffled_partners
+from openalign.curation.scorer_check import check_scorer, mann_whitney_auc, shuffled_partners
 from openalign.curation.scores import score_corpus
 from openalign.curation.similarity_filter import load_scoring_encoders
 from openalign.data.sources import iter_records, write_manifest
@@ -106,7 +106,7 @@ def test_the_auc_is_the_share_of_given_shuffled_pairs_in_order():
     rng = np.random.default_rng(0)
     given, shuffled = rng.normal(0.2, 1, 50).round(1), rng.normal(0, 1, 40).round(1)  # rounded: ties too
     brute = np.mean([(g > s) + 0.5 * (g == s) for g in given for s in shuffled])
-    assert given_over_shuffled_auc(given, shuffled) == pytest.approx(brute, abs=1e-12)
+    assert mann_whitney_auc(given, shuffled) == pytest.approx(brute, abs=1e-12)
     learnt = check_scorer(given + 3, given)  # every given pair well above its shuffled one
     assert not learnt["weak"] and learnt["auc"] > 0.9
     assert check_scorer(np.full(30, 0.3), np.full(30, 0.3))["weak"]  # a collapsed scorer: no spread, no gap

@@ -41,14 +41,14 @@ def shuffled_partners(count: int, part: int) -> np.ndarray:
     return partners
 
 
-def given_over_shuffled_auc(given: np.ndarray, shuffled: np.ndarray) -> float:
-    """P(a given score > a shuffled score), ties counted half: the Mann-Whitney statistic over n x m, by sorting
-    (n log n), not by comparing every pair."""
-    ordered = np.sort(np.asarray(shuffled, dtype=np.float64))
-    given = np.asarray(given, dtype=np.float64)
-    below = np.searchsorted(ordered, given, side="left")
-    at_or_below = np.searchsorted(ordered, given, side="right")
-    return float((below + at_or_below).sum() / (2.0 * len(given) * len(ordered)))
+def mann_whitney_auc(higher: np.ndarray, lower: np.ndarray) -> float:
+    """P(a score of `higher` > a score of `lower`), ties counted half: the Mann-Whitney statistic over n x m
+    (ROC AUC with `higher` the positives), by sorting (n log n), not by comparing every pair."""
+    ordered = np.sort(np.asarray(lower, dtype=np.float64))
+    higher = np.asarray(higher, dtype=np.float64)
+    below = np.searchsorted(ordered, higher, side="left")
+    at_or_below = np.searchsorted(ordered, higher, side="right")
+    return float((below + at_or_below).sum() / (2.0 * len(higher) * len(ordered)))
 
 
 def check_scorer(scores: np.ndarray, shuffled: np.ndarray) -> dict:
@@ -68,7 +68,7 @@ def check_scorer(scores: np.ndarray, shuffled: np.ndarray) -> dict:
         gaps = given - other
         standard_error = float(gaps.std(ddof=1) / np.sqrt(pairs))
         gap_errors = float(gaps.mean() / standard_error) if standard_error > 0 else 0.0
-        auc = given_over_shuffled_auc(given, other)
+        auc = mann_whitney_auc(given, other)
         check.update(given_mean=round(float(given.mean()), 4), shuffled_mean=round(float(other.mean()), 4),
                      gap=round(float(gaps.mean()), 4), gap_standard_errors=round(gap_errors, 1), auc=round(auc, 3))
         if auc < WEAK_AUC:

@@ -153,6 +153,7 @@ def detection_figures(scores_folder: Path, manifest: Path) -> dict | None:
     other by construction). Pairs of other noise kinds are left out. None without scores or without both kinds."""
     import numpy as np
 
+    from openalign.curation.scorer_check import mann_whitney_auc
     from openalign.curation.scores import read_scores
     from openalign.data.sources import iter_records
 
@@ -166,25 +167,11 @@ def detection_figures(scores_folder: Path, manifest: Path) -> dict | None:
     if not mismatched.any() or not clean.any():
         return None
     both = mismatched | clean
-    ranks = _average_ranks(scores[both])
     positives = clean[both]  # clean pairs should score higher
-    n_clean, n_mismatched = int(positives.sum()), int((~positives).sum())
-    auc = (ranks[positives].sum() - n_clean * (n_clean + 1) / 2) / (n_clean * n_mismatched)
+    n_mismatched = int((~positives).sum())
+    auc = mann_whitney_auc(scores[clean], scores[mismatched])
     dropped = np.argsort(scores[both], kind="stable")[:n_mismatched]
     caught = int((~positives[dropped]).sum())
     return {"pairs": int(both.sum()), "mismatched": n_mismatched, "roc_auc": float(auc),
             "precision": caught / n_mismatched, "recall": caught / n_mismatched}
 
-
-def _average_ranks(values):
-    """1-based ranks, ties given their average rank (as the Mann-Whitney statistic needs)."""
-    import numpy as np
-
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    ranks = np.empty(len(values), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    return ranks
